@@ -1,0 +1,57 @@
+# plexus — everything the project needs is installed from here (Debian packages + .venv).
+#   make demo    build a small topology in a sandbox, prove it with traffic, report, tear down
+#   make test    unit tests, then integration tests inside a throw-away sandbox
+#   make bench   side-by-side benchmarks against the reference tools
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 containernetworking-plugins util-linux procps psmisc conntrack iputils-ping
+SANDBOX := tests/sandbox
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv test unit integration demo bench lint clean
+
+all: venv
+
+deps: $(STAMPS)/deps
+$(STAMPS)/deps: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+unit: venv
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+integration: deps venv
+	$(SANDBOX) $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+test: deps venv lint unit integration
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src
+
+demo: deps venv
+	$(SANDBOX) $(PY) -m plexus.demo
+
+bench: deps venv
+	$(SANDBOX) $(PY) bench/attach.py
+	$(SANDBOX) $(PY) bench/throughput.py
+	$(SANDBOX) $(PY) bench/memory.py
+
+clean:
+	rm -rf $(VENV) $(STAMPS) .mypy_cache .ruff_cache

@@ -1,0 +1,83 @@
+"""What every service of one agent shares: the datastore, the kernel seams, and a cache.
+
+The cache mirrors the datastore's networks and this node's endpoints. The datastore stays the
+truth; the cache exists so that rendering the firewall after a change does not re-read every key.
+Services update it only after their transaction committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from plexus.dataplane.driver import Dataplane
+from plexus.dataplane.nft.firewall import Firewall
+from plexus.dataplane.nft.state import FirewallState, firewall_state
+from plexus.model import keys
+from plexus.model.types import Container, Endpoint, IPNetwork, Network
+from plexus.store.base import Datastore
+
+log = logging.getLogger("plexus.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    socket: Path
+    node: str
+    store_url: str = ""
+    pool4: IPNetwork = ipaddress.ip_network("10.89.0.0/16")
+    pool4_prefix: int = 24
+    pool6: IPNetwork = ipaddress.ip_network("fd89:7c00::/48")
+    pool6_prefix: int = 64
+    reconcile_interval: float = 10.0
+    txn_retries: int = 50
+
+
+@dataclass
+class Core:
+    config: AgentConfig
+    store: Datastore
+    dataplane: Dataplane
+    firewall: Firewall
+    networks: dict[str, Network] = field(default_factory=dict)
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    fw_applied: FirewallState | None = None
+    fw_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ready: bool = False
+
+    @property
+    def node(self) -> str:
+        return self.config.node
+
+    async def load(self) -> None:
+        """Fill the cache from the datastore."""
+        nets, _ = await self.store.list(keys.NETWORKS)
+        self.networks = {n.name: n for n in (Network.from_json(kv.value) for kv in nets)}
+        eps, _ = await self.store.list(keys.endpoints(self.node))
+        self.endpoints = {e.key: e for e in (Endpoint.from_json(kv.value) for kv in eps)}
+
+    async def containers(self) -> list[Container]:
+        kvs, _ = await self.store.list(keys.containers(self.node))
+        return [Container.from_json(kv.value) for kv in kvs]
+
+    def desired_firewall(self) -> FirewallState:
+        live = [e for e in self.endpoints.values() if e.state == "ready"]
+        return firewall_state(self.networks.values(), live)
+
+    async def sync_firewall(self, full: bool = False) -> None:
+        """Make the kernel's table match the cache: element deltas normally, the whole table
+        (one atomic batch) at start-up or when asked."""
+        async with self.fw_lock:
+            desired = self.desired_firewall()
+            if full or self.fw_applied is None:
+                await self.firewall.sync(desired)
+            elif desired != self.fw_applied:
+                await self.firewall.update(self.fw_applied, desired)
+            self.fw_applied = desired
+
+    def endpoints_on(self, network: str) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.network == network]

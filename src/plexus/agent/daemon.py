@@ -1,0 +1,81 @@
+"""`plexus agent`: wire the pieces together and run until told to stop.
+
+Stopping the agent leaves the network as it is (like dockerd's live-restore): containers keep
+their links, addresses and firewall elements, and the next agent adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import IO
+
+from plexus.agent.core import AgentConfig, Core, log
+from plexus.agent.reconcile import Reconciler
+from plexus.api.server import Api, serve
+from plexus.dataplane.driver import NetlinkDataplane
+from plexus.dataplane.nft.firewall import NftFirewall
+from plexus.dataplane.nft.libnft import open_nft
+from plexus.errors import PlexusError
+from plexus.store import open_store
+
+
+def _lock(state_dir: Path) -> IO[str]:
+    """One agent per state directory: a second one would fight the first over the kernel."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = open(state_dir / "agent.lock", "a+")  # noqa: SIM115 - held for the agent's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise PlexusError(f"another agent is running with state directory {state_dir}") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+async def run_agent(config: AgentConfig) -> None:
+    lock = _lock(config.state_dir)
+    store = open_store(config.store_url or str(config.state_dir / "plexus.db"))
+    core = Core(config=config, store=store, dataplane=NetlinkDataplane(), firewall=NftFirewall(open_nft()))
+    api = Api(core)
+    runner = await serve(core, api, config.socket)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    periodic: asyncio.Task[None] | None = None
+    try:
+        reconciler = Reconciler(core, api.containers)
+        report = await reconciler.recover()
+        log.info("recovered: %s", report if report else "nothing to repair")
+        core.ready = True
+        log.info("agent ready on %s (node %s)", config.socket, config.node)
+        periodic = asyncio.create_task(reconciler.run_forever())
+        await stop.wait()
+    finally:
+        if periodic is not None:
+            periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await periodic
+        await runner.cleanup()
+        await core.dataplane.close()
+        await core.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            config.socket.unlink()
+        lock.close()
+        log.info("agent stopped")
+
+
+def main(config: AgentConfig, verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(run_agent(config))

@@ -1,0 +1,176 @@
+"""Creating, listing and removing networks."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from plexus.agent.core import Core, log
+from plexus.errors import AlreadyExists, Conflict, InUse, InvalidArgument, NotFound, PlexusError
+from plexus.ipam import allocator
+from plexus.model import keys, parse
+from plexus.model.types import Endpoint, IPNetwork, Network, Subnet
+from plexus.store.base import Compare, Delete, Put
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A request to create a network, as front doors hand it in (strings, unvalidated)."""
+
+    name: str
+    driver: str = "bridge"
+    subnets: Sequence[str] = ()
+    gateways: Sequence[str] = ()
+    ip_ranges: Sequence[str] = ()
+    ipv6: bool = False
+    internal: bool = False
+    mtu: int = 1500
+    labels: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
+    cidrs = [parse.cidr("subnet", s) for s in spec.subnets]
+    gateways = [parse.address("gateway", g) for g in spec.gateways]
+    ranges = [parse.cidr("ip-range", r) for r in spec.ip_ranges]
+    for i, a in enumerate(cidrs):
+        for b in cidrs[i + 1 :]:
+            if a.overlaps(b):
+                raise InvalidArgument("subnet", str(b), f"overlaps {a} of the same network")
+    subnets = []
+    for cidr in cidrs:
+        gw = next((g for g in gateways if g in cidr), None)
+        rng = next((r for r in ranges if r.version == cidr.version and r.subnet_of(cidr)), None)  # type: ignore[arg-type]
+        if gw is not None and gw in allocator.unusable(cidr):
+            raise InvalidArgument("gateway", str(gw), f"reserved address of {cidr}")
+        subnets.append(Subnet(cidr, gw or allocator.first_host(cidr), rng))
+    for gw in gateways:
+        if not any(gw in c for c in cidrs):
+            raise InvalidArgument("gateway", str(gw), "not inside any --subnet")
+    for rng in ranges:
+        if not any(s.ip_range == rng for s in subnets):
+            raise InvalidArgument("ip-range", str(rng), "not inside any --subnet")
+    return subnets
+
+
+class NetworkService:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def list(self) -> list[Network]:
+        return sorted(self.core.networks.values(), key=lambda n: n.name)
+
+    def get(self, name: str) -> Network:
+        net = self.core.networks.get(name)
+        if net is None:
+            raise NotFound(f"network {name!r} not found")
+        return net
+
+    async def create(self, spec: NetworkSpec) -> Network:
+        net = await self._build(spec)
+        claims = [keys.subnet(s.cidr) for s in net.subnets]
+        result = await self.core.store.txn(
+            [Compare.absent(keys.network(net.name)), *map(Compare.absent, claims)],
+            [Put(keys.network(net.name), net.to_json()), *(Put(c, net.name) for c in claims)],
+        )
+        if not result.succeeded:
+            if net.name in self.core.networks or await self.core.store.get(keys.network(net.name)):
+                raise AlreadyExists(f"network {net.name!r} already exists")
+            raise Conflict(f"a subnet of {net.name!r} was claimed meanwhile; try again")
+        self.core.networks[net.name] = net
+        try:
+            await self.core.dataplane.ensure_network(net)
+            await self.core.sync_firewall()
+        except PlexusError:
+            await self._forget(net)
+            raise
+        log.info("network %s created (%s)", net.name, ", ".join(str(s.cidr) for s in net.subnets))
+        return net
+
+    async def _build(self, spec: NetworkSpec) -> Network:
+        parse.name("name", spec.name)
+        driver = parse.driver(spec.driver)
+        parse.mtu(spec.mtu)
+        if spec.name in self.core.networks:
+            raise AlreadyExists(f"network {spec.name!r} already exists")
+        subnets: list[Subnet] = []
+        if driver == "bridge":
+            subnets = _explicit_subnets(spec)
+            await self._check_overlaps(subnets)
+            subnets += await self._auto_subnets(spec, subnets)
+        elif spec.subnets:
+            raise InvalidArgument("subnet", spec.subnets[0], f"driver {driver} takes no subnets")
+        return Network(
+            name=spec.name, id=secrets.token_hex(16), driver=driver, subnets=tuple(subnets),
+            ipv6=spec.ipv6 or any(s.version == 6 for s in subnets), internal=spec.internal,
+            mtu=spec.mtu, labels=dict(spec.labels), options=dict(spec.options), created=time.time(),
+        )
+
+    async def _taken(self) -> list[tuple[IPNetwork, str]]:
+        taken = [(s.cidr, f"network {n.name}") for n in self.core.networks.values() for s in n.subnets]
+        own = {n.bridge for n in self.core.networks.values()}
+        local = await self.core.dataplane.local_prefixes()
+        return taken + [(p, w) for p, w in local if not any(b in w for b in own)]
+
+    async def _check_overlaps(self, subnets: list[Subnet]) -> None:
+        taken = await self._taken()
+        for s in subnets:
+            for cidr, where in taken:
+                if s.cidr.version == cidr.version and s.cidr.overlaps(cidr):  # type: ignore[arg-type]
+                    raise Conflict(f"subnet {s.cidr} overlaps {cidr} ({where})")
+
+    async def _auto_subnets(self, spec: NetworkSpec, have: list[Subnet]) -> list[Subnet]:
+        cfg = self.core.config
+        wanted = [] if any(s.version == 4 for s in have) else [(cfg.pool4, cfg.pool4_prefix)]
+        if spec.ipv6 and not any(s.version == 6 for s in have):
+            wanted.append((cfg.pool6, cfg.pool6_prefix))
+        avoid = [cidr for cidr, _ in await self._taken()]
+        out = []
+        for pool, prefix in wanted:
+            cidr = allocator.pick_subnet(pool, prefix, avoid)
+            out.append(Subnet(cidr, allocator.first_host(cidr)))
+        return out
+
+    async def remove(self, name: str, force: bool = False) -> None:
+        net = self.get(name)
+        users = await self._users(name)
+        if users and not force:
+            raise InUse(
+                f"network {name!r} has {len(users)} endpoint(s) ({', '.join(users[:5])}); "
+                "remove them first or use --force"
+            )
+        if users:
+            from plexus.agent.endpoints import EndpointService
+
+            eps = EndpointService(self.core)
+            for ep in self.core.endpoints_on(name):
+                await eps.detach(ep.container_id, network=name)
+        await self._forget(net)
+        log.info("network %s removed", name)
+
+    async def _users(self, name: str) -> list[str]:
+        """Endpoints on every node, not only this one: a network is shared by all hosts."""
+        kvs, _ = await self.core.store.list(keys.ENDPOINTS)
+        eps = (Endpoint.from_json(kv.value) for kv in kvs)
+        return [f"{e.node}/{e.name or e.container_id}" for e in eps if e.network == name]
+
+    async def _forget(self, net: Network) -> None:
+        """Remove every trace of ``net``: rows, claims, addresses, bridge, firewall sets."""
+        ops = [
+            Delete(keys.network(net.name)),
+            *(Delete(keys.subnet(s.cidr)) for s in net.subnets),
+            Delete(keys.ipam_prefix(net.name), prefix=True),
+            Delete(f"{keys.IPAM_CURSOR}{net.name}/", prefix=True),
+        ]
+        await self.core.store.txn([], ops)
+        self.core.networks.pop(net.name, None)
+        errors: list[str] = []
+        for step in (self.core.dataplane.delete_network(net), self.core.sync_firewall()):
+            try:
+                await step
+            except PlexusError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise PlexusError("; ".join(errors))

@@ -1,0 +1,208 @@
+"""The Dataplane seam: what the agent asks of the kernel's links, addresses and routes.
+
+``NetlinkDataplane`` programs the namespace the agent runs in (the "host") and, through sockets
+opened inside them, the containers' namespaces. ``FakeDataplane`` records the same calls in memory
+for unit tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from pyroute2 import AsyncIPRoute
+
+from plexus.dataplane import links, netns
+from plexus.errors import DataplaneError
+from plexus.model.types import Endpoint, IPNetwork, Network
+
+
+def host_ifname(ep: Endpoint) -> str:
+    """Deterministic host-side veth name, so every ensure/delete finds the same link."""
+    digest = hashlib.sha256(f"{ep.container_id}/{ep.ifname}".encode()).hexdigest()
+    return f"pxv{digest[:12]}"
+
+
+def owner_alias(ep: Endpoint) -> str:
+    return f"ep:{ep.container_id}/{ep.ifname}"
+
+
+def network_alias(net: Network) -> str:
+    return f"net:{net.name}"
+
+
+class Dataplane(Protocol):
+    async def ensure_network(self, net: Network) -> None: ...
+
+    async def delete_network(self, net: Network) -> None: ...
+
+    async def ensure_endpoint(self, net: Network, ep: Endpoint) -> Endpoint:
+        """Programs the endpoint; returns it with ``host_ifname`` and ``mac`` filled in."""
+        ...
+
+    async def delete_endpoint(self, ep: Endpoint) -> None: ...
+
+    async def owned_links(self) -> dict[str, str]:
+        """Links plexus made in the host namespace: name → owner alias."""
+        ...
+
+    async def delete_link(self, name: str) -> None: ...
+
+    async def local_prefixes(self) -> list[tuple[IPNetwork, str]]: ...
+
+    async def close(self) -> None: ...
+
+
+class NetlinkDataplane:
+    def __init__(self) -> None:
+        self._host: AsyncIPRoute | None = None
+        self._forwarding: set[int] = set()
+
+    async def _ipr(self) -> AsyncIPRoute:
+        if self._host is None:
+            self._host = AsyncIPRoute()
+            await self._host.setup_endpoint()
+        return self._host
+
+    async def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+
+    async def ensure_network(self, net: Network) -> None:
+        if net.driver != "bridge":
+            return
+        ipr = await self._ipr()
+        index = await links.ensure_bridge(ipr, net.bridge, net.mtu, network_alias(net))
+        gateways = [
+            ipaddress.ip_interface(f"{s.gateway}/{s.cidr.prefixlen}")
+            for s in net.subnets
+            if s.gateway is not None
+        ]
+        await links.ensure_addresses(ipr, index, gateways)
+        # Localhost publishing DNATs 127.0.0.1 to a container; the kernel drops such packets as
+        # martians on their way out of the bridge unless route_localnet is set on it.
+        netns.write_sysctl(None, f"net.ipv4.conf.{net.bridge}.route_localnet", "1")
+        for version in {s.version for s in net.subnets}:
+            self._ensure_forwarding(version)
+
+    def _ensure_forwarding(self, version: int) -> None:
+        if version in self._forwarding:
+            return
+        key = "net.ipv4.ip_forward" if version == 4 else "net.ipv6.conf.all.forwarding"
+        if netns.read_sysctl(key) != "1":
+            netns.write_sysctl(None, key, "1")
+        self._forwarding.add(version)
+
+    async def delete_network(self, net: Network) -> None:
+        if net.driver == "bridge":
+            await links.delete_link(await self._ipr(), net.bridge)
+
+    async def ensure_endpoint(self, net: Network, ep: Endpoint) -> Endpoint:
+        if net.driver == "host":
+            return replace(ep, host_ifname="", mac="")
+        async with _container(ep.netns) as ctr:
+            await links.set_up(ctr, "lo")
+            if net.driver == "none":
+                return ep
+            name = host_ifname(ep)
+            await self._ensure_veth(net, ep, name, ctr)
+            index = await links.link_index(ctr, ep.ifname)
+            if index is None:
+                raise DataplaneError(f"{ep.ifname} missing in {ep.netns} after creation")
+            await links.ensure_addresses(ctr, index, ep.addresses)
+            await ctr.link("set", index=index, state="up")
+            await links.ensure_default_routes(ctr, ep.gateways)
+            mac = (await links.get_link(ctr, index)).get("address")
+        return replace(ep, host_ifname=name, mac=mac)
+
+    async def _ensure_veth(
+        self, net: Network, ep: Endpoint, name: str, ctr: AsyncIPRoute
+    ) -> None:
+        host = await self._ipr()
+        bridge = await links.link_index(host, net.bridge)
+        if bridge is None:
+            raise DataplaneError(f"bridge {net.bridge} of network {net.name} is missing")
+        have_host = await links.link_index(host, name) is not None
+        have_ctr = await links.link_index(ctr, ep.ifname) is not None
+        if have_host and not have_ctr:
+            await links.delete_link(host, name)  # half a pair: start again
+            have_host = False
+        if not have_host:
+            await links.create_veth(host, name, ep.netns, ep.ifname, net.mtu, ep.mac)
+        await links.attach_to_bridge(host, name, bridge, owner_alias(ep))
+
+    async def delete_endpoint(self, ep: Endpoint) -> None:
+        # Deleting the host end removes the peer too; if the container's namespace is already
+        # gone, the kernel destroyed the pair with it and there is nothing to do.
+        await links.delete_link(await self._ipr(), ep.host_ifname or host_ifname(ep))
+
+    async def owned_links(self) -> dict[str, str]:
+        return await links.owned_links(await self._ipr())
+
+    async def delete_link(self, name: str) -> None:
+        await links.delete_link(await self._ipr(), name)
+
+    async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:
+        found = await links.local_prefixes(await self._ipr())
+        return [(ipaddress.ip_network(p, strict=False), where) for p, where in found]
+
+
+@contextlib.asynccontextmanager
+async def _container(path: str) -> AsyncIterator[AsyncIPRoute]:
+    sock = netns.netlink_socket(path)
+    ipr = AsyncIPRoute(fileno=sock.detach())
+    try:
+        await ipr.setup_endpoint()
+        yield ipr
+    finally:
+        ipr.close()
+
+
+@dataclass
+class FakeDataplane:
+    """In-memory double: records what would be in the kernel."""
+
+    bridges: dict[str, Network] = field(default_factory=dict)
+    veths: dict[str, Endpoint] = field(default_factory=dict)
+    prefixes: list[tuple[IPNetwork, str]] = field(default_factory=list)
+    fail_endpoint: bool = False
+
+    async def ensure_network(self, net: Network) -> None:
+        if net.driver == "bridge":
+            self.bridges[net.bridge] = net
+
+    async def delete_network(self, net: Network) -> None:
+        self.bridges.pop(net.bridge, None)
+
+    async def ensure_endpoint(self, net: Network, ep: Endpoint) -> Endpoint:
+        if self.fail_endpoint:
+            raise DataplaneError("fake: endpoint programming failed")
+        if net.driver != "bridge":
+            return ep
+        name = host_ifname(ep)
+        done = replace(ep, host_ifname=name, mac="02:00:00:00:00:01")
+        self.veths[name] = done
+        return done
+
+    async def delete_endpoint(self, ep: Endpoint) -> None:
+        self.veths.pop(ep.host_ifname or host_ifname(ep), None)
+
+    async def owned_links(self) -> dict[str, str]:
+        owned = {name: network_alias(net) for name, net in self.bridges.items()}
+        owned.update({name: owner_alias(ep) for name, ep in self.veths.items()})
+        return owned
+
+    async def delete_link(self, name: str) -> None:
+        self.bridges.pop(name, None)
+        self.veths.pop(name, None)
+
+    async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:
+        return list(self.prefixes)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,134 @@
+"""What the firewall must hold, as plain values: the input of the renderers.
+
+``firewall_state`` turns model objects into a ``FirewallState``; ``NftFirewall.current`` reads one
+back from the kernel. Both return the *canonical* form (sorted, deduplicated, flags that cannot
+matter cleared), so a reconciler can compare the two with ``==``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network, PortMapping, Protocol
+
+# Docker's network option, and our own shorter spelling; both default to "true".
+MASQUERADE_OPTIONS = ("com.docker.network.bridge.enable_ip_masquerade", "masquerade")
+
+
+@dataclass(frozen=True, slots=True)
+class NetRule:
+    """One bridge network as the firewall sees it."""
+
+    bridge: str
+    subnets: tuple[IPNetwork, ...]
+    internal: bool = False
+    masquerade: bool = True
+
+    def canonical(self) -> NetRule:
+        # An internal network never reaches the outside, and a network without subnets has
+        # nothing to masquerade: the flag cannot be observed (nor read back), so clear it.
+        masq = self.masquerade and not self.internal and bool(self.subnets)
+        return NetRule(self.bridge, _sorted_nets(self.subnets), self.internal, masq)
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One published (host port → container port) pair of one address family.
+
+    ``host_ip`` None means every local address of ``container_ip``'s family.
+    """
+
+    protocol: Protocol
+    host_ip: IPAddress | None
+    host_port: int
+    container_ip: IPAddress
+    container_port: int
+
+    @property
+    def version(self) -> int:
+        return self.container_ip.version
+
+    @property
+    def key(self) -> PublicationKey:
+        """What the kernel looks up: two publications with one key cannot both be installed."""
+        return _key(self)
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallState:
+    nets: tuple[NetRule, ...] = ()
+    pubs: frozenset[Publication] = frozenset()
+
+    def canonical(self) -> FirewallState:
+        nets = {n.bridge: n.canonical() for n in self.nets}
+        return FirewallState(tuple(nets[b] for b in sorted(nets)), unique_by_key(self.pubs))
+
+
+PublicationKey = tuple[IPAddress | None, Protocol, int, int]  # host ip, proto, port, version
+# attrgetter: this runs for every publication of every update, and a property costs twice as much
+_key = operator.attrgetter("host_ip", "protocol", "host_port", "container_ip.version")
+
+
+def unique_by_key(pubs: Iterable[Publication]) -> frozenset[Publication]:
+    """Keep one publication per kernel key; the smallest (deterministic) wins.
+
+    The kernel refuses a second map element with the same key, so a conflict that slipped past
+    validation must not make the whole batch fail. Without conflicts the input set itself is
+    returned (building a new one would re-hash every publication).
+    """
+    pubs = pubs if isinstance(pubs, frozenset) else frozenset(pubs)
+    chosen: dict[PublicationKey, Publication] = {}
+    for pub in pubs:
+        other = chosen.setdefault(_key(pub), pub)
+        if other is not pub and _pub_order(pub) < _pub_order(other):
+            chosen[_key(pub)] = pub
+    return pubs if len(chosen) == len(pubs) else frozenset(chosen.values())
+
+
+def firewall_state(networks: Iterable[Network], endpoints: Iterable[Endpoint]) -> FirewallState:
+    """The firewall for these networks and (this host's) endpoints, in canonical form.
+
+    Only bridge networks are filtered or NATed by plexus; endpoints of other networks and
+    publications on internal networks (which never receive outside traffic) are ignored.
+    """
+    bridges = {n.name: n for n in networks if n.driver == "bridge"}
+    nets = tuple(_net_rule(n) for n in bridges.values())
+    pubs: list[Publication] = []
+    for ep in endpoints:
+        net = bridges.get(ep.network)
+        if net is not None and not net.internal:
+            pubs.extend(publications(ep))
+    return FirewallState(nets, frozenset(pubs)).canonical()
+
+
+def publications(ep: Endpoint) -> Iterator[Publication]:
+    """Every (port pair, address family) of an endpoint's port mappings."""
+    for pm in ep.ports:
+        for version in (4, 6):
+            container_ip = ep.address_of(version)
+            if container_ip is not None and _serves_family(pm, version):
+                host_ip = None if pm.host_ip is None or pm.host_ip.is_unspecified else pm.host_ip
+                for host_port, container_port in pm.pairs():
+                    yield Publication(pm.protocol, host_ip, host_port, container_ip, container_port)
+
+
+def _serves_family(pm: PortMapping, version: int) -> bool:
+    # A host address (including 0.0.0.0 or ::, "every address of that family") pins the family.
+    return pm.host_ip is None or pm.host_ip.version == version
+
+
+def _net_rule(net: Network) -> NetRule:
+    masq = all(net.options.get(k, "true").lower() != "false" for k in MASQUERADE_OPTIONS)
+    return NetRule(net.bridge, tuple(s.cidr for s in net.subnets), net.internal, masq)
+
+
+def _sorted_nets(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    return tuple(sorted(set(nets), key=lambda n: (n.version, n)))
+
+
+def _pub_order(p: Publication) -> tuple[int, int, str, int, int, int]:
+    host = -1 if p.host_ip is None else int(p.host_ip)
+    return (p.version, host, p.protocol, p.host_port, int(p.container_ip), p.container_port)
+

@@ -1,0 +1,119 @@
+"""Parse and validate user input. Every failure is one InvalidArgument naming field and value."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from typing import cast
+
+from plexus.errors import InvalidArgument
+from plexus.model.types import DRIVERS, Driver, IPAddress, IPNetwork, PortMapping, Protocol
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
+_PORT_RE = re.compile(
+    r"^(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?"
+    r"(?P<h1>\d+)(?:-(?P<h2>\d+))?:(?P<c1>\d+)(?:-(?P<c2>\d+))?(?:/(?P<proto>[a-z]+))?$"
+)
+MAX_PORT_RANGE = 1024
+
+
+def name(field: str, value: str, max_len: int = 64) -> str:
+    if not value or len(value) > max_len or not NAME_RE.match(value):
+        raise InvalidArgument(
+            field, value, f"must match {NAME_RE.pattern} and be at most {max_len} characters"
+        )
+    return value
+
+
+def ifname(value: str) -> str:
+    if value in (".", "..") or not IFNAME_RE.match(value):
+        raise InvalidArgument("ifname", value, "1-15 characters, no '/', ':' or whitespace")
+    return value
+
+
+def driver(value: str) -> Driver:
+    if value not in DRIVERS:
+        raise InvalidArgument("driver", value, f"one of {', '.join(DRIVERS)}")
+    return cast(Driver, value)
+
+
+def cidr(field: str, value: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise InvalidArgument(field, value, str(exc)) from None
+
+
+def address(field: str, value: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise InvalidArgument(field, value, "not an IP address") from None
+
+
+def mtu(value: int) -> int:
+    if not 68 <= value <= 65535:
+        raise InvalidArgument("mtu", value, "must be between 68 and 65535")
+    return value
+
+
+def labels(items: Iterable[str], field: str = "label") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(field, item, "expected KEY=VALUE")
+        out[key] = val
+    return out
+
+
+def _port(field: str, spec: str, text: str | None) -> int:
+    if text is None:
+        return 0
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise InvalidArgument(field, spec, f"port {value} is outside 1-65535")
+    return value
+
+
+def port_mapping(spec: str) -> PortMapping:
+    """``[HOSTIP:]HPORT[-HPORT2]:CPORT[-CPORT2][/tcp|udp]``; IPv6 host addresses in brackets."""
+    m = _PORT_RE.match(spec)
+    if m is None:
+        raise InvalidArgument("publish", spec, "expected [HOSTIP:]HPORT[-HPORT2]:CPORT[/tcp|udp]")
+    proto = m["proto"] or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise InvalidArgument("publish", spec, f"protocol {proto!r} is not tcp or udp")
+    host_ip = None
+    if m["ip"]:
+        try:
+            host_ip = ipaddress.ip_address(m["ip"].strip("[]"))
+        except ValueError:
+            raise InvalidArgument("publish", spec, "host address is not an IP") from None
+        if host_ip.is_unspecified:
+            host_ip = None
+    h1, h2 = _port("publish", spec, m["h1"]), _port("publish", spec, m["h2"])
+    c1, c2 = _port("publish", spec, m["c1"]), _port("publish", spec, m["c2"])
+    if (h2 and h2 < h1) or (c2 and c2 < c1):
+        raise InvalidArgument("publish", spec, "a range must go from low to high")
+    if h2 - h1 >= MAX_PORT_RANGE:
+        raise InvalidArgument("publish", spec, f"ranges are limited to {MAX_PORT_RANGE} ports")
+    if c2 and c2 - c1 != (h2 or h1) - h1:
+        raise InvalidArgument("publish", spec, "host and container ranges differ in length")
+    return PortMapping(
+        host_port=h1, container_port=c1, protocol=cast(Protocol, proto), host_ip=host_ip,
+        host_port_end=h2 if h2 != h1 else 0, container_port_end=c2 if c2 != c1 else 0,
+    )
+
+
+def port_overlap(a: PortMapping, b: PortMapping) -> bool:
+    """Would the two mappings claim the same host port?"""
+    if a.protocol != b.protocol:
+        return False
+    if a.host_ip is not None and b.host_ip is not None and a.host_ip != b.host_ip:
+        return False
+    if a.host_ip is not None and b.host_ip is not None and a.host_ip.version != b.host_ip.version:
+        return False
+    return a.host_port <= b.host_last and b.host_port <= a.host_last

@@ -1,0 +1,231 @@
+"""Pure data types: what the datastore holds and the dataplane renders.
+
+Every type round-trips through ``to_json``/``from_json`` (the datastore's value format) and is
+immutable; services build new values with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+Driver = Literal["bridge", "host", "none"]
+Protocol = Literal["tcp", "udp"]
+EndpointState = Literal["pending", "ready"]
+ContainerState = Literal["creating", "running", "exited"]
+
+DRIVERS: tuple[Driver, ...] = ("bridge", "host", "none")
+
+
+def _ip(value: str | None) -> IPAddress | None:
+    return None if value is None else ipaddress.ip_address(value)
+
+
+def _net(value: str | None) -> IPNetwork | None:
+    return None if value is None else ipaddress.ip_network(value)
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True, default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class Subnet:
+    cidr: IPNetwork
+    gateway: IPAddress | None = None
+    ip_range: IPNetwork | None = None  # allocate only from here (inside cidr)
+
+    @property
+    def version(self) -> int:
+        return self.cidr.version
+
+    @property
+    def pool(self) -> IPNetwork:
+        return self.ip_range or self.cidr
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cidr": str(self.cidr),
+            "gateway": None if self.gateway is None else str(self.gateway),
+            "ip_range": None if self.ip_range is None else str(self.ip_range),
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Subnet:
+        cidr = ipaddress.ip_network(d["cidr"])
+        return Subnet(cidr, _ip(d.get("gateway")), _net(d.get("ip_range")))
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    name: str
+    id: str
+    driver: Driver = "bridge"
+    subnets: tuple[Subnet, ...] = ()
+    ipv6: bool = False
+    internal: bool = False
+    mtu: int = 1500
+    labels: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+
+    @property
+    def bridge(self) -> str:
+        """Kernel name of the network's bridge (IFNAMSIZ is 16, so at most 15 characters)."""
+        return f"pxbr-{self.id[:10]}"
+
+    def subnets_of(self, version: int) -> list[Subnet]:
+        return [s for s in self.subnets if s.version == version]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["subnets"] = [s.to_dict() for s in self.subnets]
+        return _dumps(d)
+
+    @staticmethod
+    def from_json(text: str) -> Network:
+        d = json.loads(text)
+        d["subnets"] = tuple(Subnet.from_dict(s) for s in d["subnets"])
+        return Network(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class PortMapping:
+    """``[HOSTIP:]HPORT[-HPORT2]:CPORT[-CPORT2][/PROTO]``.
+
+    A host range maps element-wise onto an equally long container range, or entirely onto one
+    container port (as Docker does).
+    """
+
+    host_port: int
+    container_port: int
+    protocol: Protocol = "tcp"
+    host_ip: IPAddress | None = None  # None: every address of the host
+    host_port_end: int = 0  # 0: same as host_port
+    container_port_end: int = 0
+
+    @property
+    def host_last(self) -> int:
+        return self.host_port_end or self.host_port
+
+    @property
+    def container_last(self) -> int:
+        return self.container_port_end or self.container_port
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(host port, container port) for every port in the mapping."""
+        hosts = range(self.host_port, self.host_last + 1)
+        if self.container_last == self.container_port:
+            return [(h, self.container_port) for h in hosts]
+        return list(zip(hosts, range(self.container_port, self.container_last + 1), strict=True))
+
+    def __str__(self) -> str:
+        host = f"{self.host_port}" + (f"-{self.host_port_end}" if self.host_port_end else "")
+        cont = f"{self.container_port}" + (
+            f"-{self.container_port_end}" if self.container_port_end else ""
+        )
+        ip = ""
+        if self.host_ip is not None:
+            ip = f"[{self.host_ip}]:" if self.host_ip.version == 6 else f"{self.host_ip}:"
+        return f"{ip}{host}:{cont}/{self.protocol}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["host_ip"] = None if self.host_ip is None else str(self.host_ip)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> PortMapping:
+        return PortMapping(**{**d, "host_ip": _ip(d.get("host_ip"))})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One attachment of a container (a network namespace) to one network on one node."""
+
+    container_id: str
+    ifname: str
+    network: str  # network name
+    node: str
+    netns: str  # path of the network namespace ("" for driver host)
+    addresses: tuple[IPInterface, ...] = ()
+    gateways: tuple[IPAddress, ...] = ()  # default routes (only on the container's first network)
+    mac: str = ""
+    host_ifname: str = ""
+    ports: tuple[PortMapping, ...] = ()
+    name: str = ""  # container name, for DNS and listings
+    aliases: tuple[str, ...] = ()
+    namespace: str = ""  # the policy namespace (Kubernetes-style), not the netns
+    labels: dict[str, str] = field(default_factory=dict)
+    state: EndpointState = "pending"
+    created: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.container_id}/{self.ifname}"
+
+    def address_of(self, version: int) -> IPAddress | None:
+        return next((a.ip for a in self.addresses if a.version == version), None)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["addresses"] = [str(a) for a in self.addresses]
+        d["gateways"] = [str(g) for g in self.gateways]
+        d["ports"] = [p.to_dict() for p in self.ports]
+        return _dumps(d)
+
+    @staticmethod
+    def from_json(text: str) -> Endpoint:
+        d = json.loads(text)
+        d["addresses"] = tuple(ipaddress.ip_interface(a) for a in d["addresses"])
+        d["gateways"] = tuple(ipaddress.ip_address(g) for g in d["gateways"])
+        d["ports"] = tuple(PortMapping.from_dict(p) for p in d["ports"])
+        d["aliases"] = tuple(d["aliases"])
+        return Endpoint(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    """A lightweight container started by ``plexus run``: a named netns and a process in it."""
+
+    id: str
+    name: str
+    node: str
+    netns_name: str
+    networks: tuple[str, ...]
+    command: tuple[str, ...]
+    ports: tuple[PortMapping, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    namespace: str = ""
+    aliases: tuple[str, ...] = ()
+    static_ips: tuple[IPAddress, ...] = ()
+    pid: int = 0
+    pid_start: int = 0  # /proc/PID/stat start time, so a reused pid is not mistaken for ours
+    state: ContainerState = "creating"
+    exit_code: int | None = None
+    created: float = 0.0
+
+    @property
+    def netns(self) -> str:
+        return f"/run/netns/{self.netns_name}" if self.netns_name else ""
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["ports"] = [p.to_dict() for p in self.ports]
+        d["static_ips"] = [str(a) for a in self.static_ips]
+        return _dumps(d)
+
+    @staticmethod
+    def from_json(text: str) -> Container:
+        d = json.loads(text)
+        d["ports"] = tuple(PortMapping.from_dict(p) for p in d["ports"])
+        d["static_ips"] = tuple(ipaddress.ip_address(a) for a in d["static_ips"])
+        for k in ("networks", "command", "aliases"):
+            d[k] = tuple(d[k])
+        return Container(**d)

@@ -1,0 +1,259 @@
+"""A small world of simulated hosts, built of network namespaces, for tests, the demo and bench.
+
+It must run inside ``tests/sandbox`` (fresh net, mount and pid namespaces with a private
+/run/netns), so whatever it creates dies with the sandbox even if a test is killed. The world
+itself also cleans up after itself in ``close()``.
+
+Layout (addresses are documentation ranges, reachable only inside the sandbox):
+
+    outside  (192.0.2.100, "internet" address 198.51.100.1 on lo)
+       │ veth
+    HOST     (192.0.2.N, default route via outside) ── agent, bridges, containers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plexus.dataplane.netns import run_in_netns
+
+VENV_BIN = Path(sys.executable).parent
+OUTSIDE_ADDR = "192.0.2.100"
+INTERNET_ADDR = "198.51.100.1"
+
+
+def in_sandbox() -> bool:
+    return os.environ.get("PLEXUS_SANDBOX") == "1" and os.geteuid() == 0
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def nsexec(ns: str, *argv: str, check: bool = True, timeout: float = 30,
+           ) -> subprocess.CompletedProcess[str]:
+    """Run argv in namespace ``ns``: a name under /run/netns or a path."""
+    return sh("nsenter", f"--net={netns_path(ns)}", "--", *argv, check=check, timeout=timeout)
+
+
+def netns_path(ns: str) -> str:
+    return ns if ns.startswith("/") else f"/run/netns/{ns}"
+
+
+def tcp_request(ns: str, ip: str, port: int, timeout: float = 2.0, payload: bytes = b"") -> str:
+    """Connect from namespace ``ns`` and return the server's first line ("" if it fails)."""
+
+    def go() -> str:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect((ip, port))
+                if payload:
+                    s.sendall(payload)
+                return s.recv(4096).decode().strip()
+            except OSError:
+                return ""
+
+    return run_in_netns(netns_path(ns), go)
+
+
+def udp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> str:
+    def go() -> str:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.sendto(b"ping", (ip, port))
+                return s.recv(4096).decode().strip()
+            except OSError:
+                return ""
+
+    return run_in_netns(netns_path(ns), go)
+
+
+def ping(ns: str, ip: str, count: int = 1, timeout: float = 1) -> bool:
+    argv = ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout), ip]
+    return nsexec(ns, *argv, check=False, timeout=count * timeout + 5).returncode == 0
+
+
+def ping_rtt_ms(ns: str, ip: str, count: int = 5) -> float | None:
+    out = nsexec(ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "1", ip,
+                 check=False, timeout=count + 10).stdout
+    for line in out.splitlines():
+        if "min/avg/max" in line:
+            return float(line.split("=")[1].split("/")[1])
+    return None
+
+
+@dataclass
+class Agent:
+    host: str
+    state_dir: Path
+    socket: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(default_factory=Path)
+
+    def start(self, timeout: float = 20.0, extra: Sequence[str] = ()) -> None:
+        self.log = self.state_dir.parent / f"agent-{self.host}.log"
+        argv = [
+            "nsenter", f"--net={netns_path(self.host)}", "--",
+            str(VENV_BIN / "plexus"), "--socket", str(self.socket), "agent",
+            "--state-dir", str(self.state_dir), "--node", self.host, *extra,
+        ]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited early:\n{self.log.read_text()[-3000:]}")
+            r = self.cli("status", "--json", check=False)
+            if r.returncode == 0 and json.loads(r.stdout)["ready"]:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"agent on {self.host} not ready after {timeout}s")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60,
+            ) -> subprocess.CompletedProcess[str]:
+        argv = [str(VENV_BIN / "plexus"), "--socket", str(self.socket), *args]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"plexus {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+        return r
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def container(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.cli("inspect", name).stdout))
+
+    def address(self, name: str, network: str | None = None, version: int = 4) -> str:
+        for ep in self.container(name)["endpoints"]:
+            if network in (None, ep["network"]):
+                for a in ep["addresses"]:
+                    if (":" in a) == (version == 6):
+                        return str(a.split("/")[0])
+        raise KeyError(f"{name} has no IPv{version} address on {network}")
+
+    def netns(self, name: str) -> str:
+        return str(self.container(name)["netns"])
+
+    def run_echo(self, name: str, network: str | Sequence[str], *opts: str,
+                 ports: Sequence[int] = (80,)) -> None:
+        nets = [network] if isinstance(network, str) else list(network)
+        args = ["run", "-d", "--name", name]
+        for n in nets:
+            args += ["--network", n]
+        self.cli(*args, *opts, "--", sys.executable, "-m", "plexus.testing.echo", name,
+                 *map(str, ports))
+
+    def wait_listening(self, name: str, port: int = 80, timeout: float = 10) -> None:
+        ns, ip = self.netns(name), "127.0.0.1"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if tcp_request(ns, ip, port, timeout=0.5):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{name} is not listening on {port}")
+
+
+class World:
+    """Hosts and an outside namespace. Use as a context manager."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not in_sandbox():
+            raise RuntimeError("plexus.testing.World must run inside tests/sandbox")
+        self.workdir = workdir
+        self.namespaces: list[str] = []
+        self.agents: dict[str, Agent] = {}
+        self._hosts = 0
+        self.add_ns("outside")
+        nsexec("outside", "ip", "addr", "add", f"{INTERNET_ADDR}/32", "dev", "lo")
+
+    def add_ns(self, name: str) -> str:
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        nsexec(name, "ip", "link", "set", "lo", "up")
+        return name
+
+    def add_host(self, name: str, start_agent: bool = True) -> Agent:
+        """A simulated host on the outside's segment, with an agent of its own."""
+        self._hosts += 1
+        n = self._hosts
+        self.add_ns(name)
+        addr = f"192.0.2.{n}"
+        sh("ip", "link", "add", "up0", "netns", name, "type", "veth", "peer", "name", f"to-{name}",
+           "netns", "outside")
+        nsexec(name, "ip", "addr", "add", f"{addr}/24", "dev", "up0")
+        nsexec(name, "ip", "link", "set", "up0", "up")
+        nsexec(name, "ip", "route", "add", "default", "via", OUTSIDE_ADDR)
+        if n == 1:
+            sh("ip", "link", "add", "br-out", "netns", "outside", "type", "bridge")
+            nsexec("outside", "ip", "addr", "add", f"{OUTSIDE_ADDR}/24", "dev", "br-out")
+            nsexec("outside", "ip", "link", "set", "br-out", "up")
+        nsexec("outside", "ip", "link", "set", f"to-{name}", "master", "br-out", "up")
+        state = self.workdir / name
+        state.mkdir(parents=True, exist_ok=True)
+        agent = Agent(name, state / "state", state / "plexus.sock")
+        self.agents[name] = agent
+        if start_agent:
+            agent.start()
+        return agent
+
+    def host_addr(self, name: str) -> str:
+        return f"192.0.2.{list(self.agents).index(name) + 1}"
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.kill(signal.SIGTERM)
+        # Containers' processes were started in their own sessions by the agent.
+        for ns in sh("ip", "netns", "list").stdout.split("\n"):
+            name = ns.split(" ")[0]
+            if name:
+                for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+                sh("ip", "netns", "del", name, check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> World:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def world(workdir: Path) -> Iterator[World]:
+    w = World(workdir)
+    try:
+        yield w
+    finally:
+        w.close()
