@@ -1,9 +1,9 @@
 """`make demo`: a small topology in a sandbox, proven with real traffic, then torn down.
 
-    outside (198.51.100.1 "internet", 192.0.2.100) ── host1 (agent)
-                                                         ├─ frontend (dual stack): web, api
-                                                         ├─ backend:               api, db
-                                                         └─ vault (--internal):    secret
+outside (198.51.100.1 "internet", 192.0.2.100) ── host1 (agent)
+                                                     ├─ frontend (dual stack): web, api
+                                                     ├─ backend:               api, db
+                                                     └─ vault (--internal):    secret
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def build(world: World) -> None:
     a = world.agents["host1"]
     steps = [
         ("network create frontend --ipv6", ["network", "create", "frontend", "--ipv6"]),
-        ("network create backend --subnet 10.90.0.0/24",
-         ["network", "create", "backend", "--subnet", "10.90.0.0/24"]),
+        (
+            "network create backend --subnet 10.90.0.0/24",
+            ["network", "create", "backend", "--subnet", "10.90.0.0/24"],
+        ),
         ("network create vault --internal", ["network", "create", "vault", "--internal"]),
     ]
     for label, args in steps:
@@ -67,8 +69,20 @@ def build(world: World) -> None:
     for name, _, _ in runs:
         a.wait_listening(name)
     # An "internet" server in the outside namespace, to see what source address arrives.
-    subprocess.Popen(["ip", "netns", "exec", "outside", sys.executable, "-m",
-                      "plexus.testing.echo", "internet", "80"], start_new_session=True)
+    subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            "outside",
+            sys.executable,
+            "-m",
+            "plexus.testing.echo",
+            "internet",
+            "80",
+        ],
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 10
     while not tcp_request("outside", INTERNET_ADDR, 80, 0.3) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -94,32 +108,54 @@ def checks(world: World) -> list[Check]:
     check("api → db (backend, UDP)", True, lambda: udp_request(ns["api"], a.address("db"), 80))
     check("web → db (other network)", False, lambda: tcp_request(ns["web"], ip["db"], 80, 1))
     check("db → web (other network)", False, lambda: tcp_request(ns["db"], ip["web"], 80, 1))
-    check("db → api's frontend address", False,
-          lambda: tcp_request(ns["db"], ip["api"], 80, 1))
+    check("db → api's frontend address", False, lambda: tcp_request(ns["db"], ip["api"], 80, 1))
     check("api → db via backend", True, lambda: tcp_request(ns["api"], a.address("db"), 80))
-    check("web → internet (masqueraded)", True,
-          lambda: tcp_request(ns["web"], INTERNET_ADDR, 80), f"internet {host}")
-    check("secret (internal) → internet", False,
-          lambda: tcp_request(ns["secret"], INTERNET_ADDR, 80, 1))
+    check(
+        "web → internet (masqueraded)",
+        True,
+        lambda: tcp_request(ns["web"], INTERNET_ADDR, 80),
+        f"internet {host}",
+    )
+    check(
+        "secret (internal) → internet",
+        False,
+        lambda: tcp_request(ns["secret"], INTERNET_ADDR, 80, 1),
+    )
     check("secret (internal) → web", False, lambda: tcp_request(ns["secret"], ip["web"], 80, 1))
-    check("outside → host:8080 (published, source kept)", True,
-          lambda: tcp_request("outside", host, 8080), f"web {OUTSIDE_ADDR}")
+    check(
+        "outside → host:8080 (published, source kept)",
+        True,
+        lambda: tcp_request("outside", host, 8080),
+        f"web {OUTSIDE_ADDR}",
+    )
     check("outside → host:8053/udp (published)", True, lambda: udp_request("outside", host, 8053))
-    check("outside → web's address directly", False,
-          lambda: _routed_probe(world, ip["web"]))
+    check("outside → web's address directly", False, lambda: _routed_probe(world, ip["web"]))
     check("host localhost:8080 → web", True, lambda: tcp_request("host1", "127.0.0.1", 8080))
-    check("web → host:8080 (hairpin to itself)", True,
-          lambda: tcp_request(ns["web"], host, 8080), "web")
-    check("api → host:8080 (hairpin to neighbour)", True,
-          lambda: tcp_request(ns["api"], host, 8080), "web")
-    check("host localhost:9090 → api (127.0.0.1 publish)", True,
-          lambda: tcp_request("host1", "127.0.0.1", 9090), "api")
-    check("outside → host:9090 (127.0.0.1 publish)", False,
-          lambda: tcp_request("outside", host, 9090, 1))
-    check("host → web (host reaches containers)", True,
-          lambda: tcp_request("host1", ip["web"], 80))
-    check("web → api over IPv6 ping", True,
-          lambda: "ok" if _ping6(ns["web"], api6) else "")
+    check(
+        "web → host:8080 (hairpin to itself)",
+        True,
+        lambda: tcp_request(ns["web"], host, 8080),
+        "web",
+    )
+    check(
+        "api → host:8080 (hairpin to neighbour)",
+        True,
+        lambda: tcp_request(ns["api"], host, 8080),
+        "web",
+    )
+    check(
+        "host localhost:9090 → api (127.0.0.1 publish)",
+        True,
+        lambda: tcp_request("host1", "127.0.0.1", 9090),
+        "api",
+    )
+    check(
+        "outside → host:9090 (127.0.0.1 publish)",
+        False,
+        lambda: tcp_request("outside", host, 9090, 1),
+    )
+    check("host → web (host reaches containers)", True, lambda: tcp_request("host1", ip["web"], 80))
+    check("web → api over IPv6 ping", True, lambda: "ok" if _ping6(ns["web"], api6) else "")
     del api_backend, web6
     return out
 
@@ -157,9 +193,11 @@ def report(world: World, results: list[Check]) -> bool:
     lat = Table(title="latency (ping, average of 10)")
     lat.add_column("path")
     lat.add_column("rtt")
-    paths = [("web → api (same bridge)", a.netns("web"), a.address("api")),
-             ("host → web", "host1", a.address("web")),
-             ("web → internet (via NAT)", a.netns("web"), INTERNET_ADDR)]
+    paths = [
+        ("web → api (same bridge)", a.netns("web"), a.address("api")),
+        ("host → web", "host1", a.address("web")),
+        ("web → internet (via NAT)", a.netns("web"), INTERNET_ADDR),
+    ]
     for label, src, dst in paths:
         rtt = ping_rtt_ms(src, dst, 10)
         lat.add_row(label, "-" if rtt is None else f"{rtt:.3f} ms")
@@ -176,11 +214,16 @@ def teardown(world: World) -> bool:
     links = json.loads(nsexec("host1", "ip", "-j", "link").stdout)
     left = [link["ifname"] for link in links if link["ifname"].startswith(("px", "pxbr"))]
     table = nsexec("host1", "nft", "-j", "list", "table", "inet", "plexus").stdout
-    elements = sum(len(s.get("set", s.get("map", {})).get("elem", []))
-                   for s in json.loads(table)["nftables"] if "set" in s or "map" in s)
+    elements = sum(
+        len(s.get("set", s.get("map", {})).get("elem", []))
+        for s in json.loads(table)["nftables"]
+        if "set" in s or "map" in s
+    )
     rows = a.cli("network", "ls", "--json").stdout.strip()
-    console.print(f"teardown: links left {left or 'none'}, set elements left {elements}, "
-                  f"networks left {json.loads(rows) or 'none'}")
+    console.print(
+        f"teardown: links left {left or 'none'}, set elements left {elements}, "
+        f"networks left {json.loads(rows) or 'none'}"
+    )
     return not left and elements == 0 and json.loads(rows) == []
 
 

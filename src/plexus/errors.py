@@ -95,7 +95,17 @@ class DataplaneError(PlexusError):
 ERROR_KINDS: dict[str, type[PlexusError]] = {
     cls.kind: cls
     for cls in (
-        PlexusError, NotFound, AlreadyExists, Conflict, InUse, Exhausted, NotReady,
-        Unsupported, StoreError, TxnConflict, RevisionCompacted, DataplaneError,
+        PlexusError,
+        NotFound,
+        AlreadyExists,
+        Conflict,
+        InUse,
+        Exhausted,
+        NotReady,
+        Unsupported,
+        StoreError,
+        TxnConflict,
+        RevisionCompacted,
+        DataplaneError,
     )
 }

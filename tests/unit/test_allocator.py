@@ -48,8 +48,9 @@ def test_static_address_checks() -> None:
     with pytest.raises(InvalidArgument, match="reserved"):
         allocator.check_static(NET, ipaddress.ip_address("10.0.0.7"), [])
     with pytest.raises(InvalidArgument, match="already in use"):
-        allocator.check_static(NET, ipaddress.ip_address("10.0.0.2"),
-                               [ipaddress.ip_address("10.0.0.2")])
+        allocator.check_static(
+            NET, ipaddress.ip_address("10.0.0.2"), [ipaddress.ip_address("10.0.0.2")]
+        )
 
 
 def test_pick_subnet_avoids_everything_taken() -> None:
@@ -90,4 +91,4 @@ def test_picked_subnets_never_overlap(order: list[int]) -> None:
     picked: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for _ in order:
         picked.append(allocator.pick_subnet(pool, 24, picked))
-    assert all(not a.overlaps(b) for i, a in enumerate(picked) for b in picked[i + 1:])
+    assert all(not a.overlaps(b) for i, a in enumerate(picked) for b in picked[i + 1 :])

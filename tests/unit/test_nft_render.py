@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +24,7 @@ from plexus.dataplane.nft import (
     render_update,
 )
 from plexus.dataplane.nft.render import PUB_MAPS, SPECS
+from plexus.errors import InvalidArgument
 from plexus.model.types import Endpoint, Network, PortMapping, Protocol, Subnet
 
 ip, net = ipaddress.ip_address, ipaddress.ip_network
@@ -360,3 +363,16 @@ def _apply_elements(listing: Json, cmds: list[Json]) -> None:
                 assert not found or found[0] == e, f"conflicting element {e}"
                 if not found:
                     target.append(e)
+
+
+def test_a_publication_cannot_mix_address_families() -> None:
+    with pytest.raises(InvalidArgument, match="host_ip"):
+        pub(80, "fd01::2", "127.0.0.1")
+
+
+def test_a_state_changed_with_replace_is_canonicalised_again() -> None:
+    canonical = STATE.canonical()
+    assert canonical.canonical() is canonical
+    clash = pub(8080, "10.1.0.1")  # same key as an existing publication, and smaller
+    changed = dataclasses.replace(canonical, pubs=canonical.pubs | {clash})
+    assert changed.canonical().pubs == (canonical.pubs - {pub(8080, "10.1.0.2")}) | {clash}

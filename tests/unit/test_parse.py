@@ -28,8 +28,18 @@ def test_port_specs_that_parse(spec: str, expected: PortMapping) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["80", "x:80", "8080:80/sctp", "70000:80", "0:80", "9-8:80", "8000-8002:90-91",
-             "1.2.3:80:80", "1-2000:80"],
+    "spec",
+    [
+        "80",
+        "x:80",
+        "8080:80/sctp",
+        "70000:80",
+        "0:80",
+        "9-8:80",
+        "8000-8002:90-91",
+        "1.2.3:80:80",
+        "1-2000:80",
+    ],
 )
 def test_malformed_port_specs_name_the_field_and_value(spec: str) -> None:
     with pytest.raises(InvalidArgument) as err:

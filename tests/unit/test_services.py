@@ -107,14 +107,23 @@ async def test_two_hundred_parallel_attaches_never_share_an_address(
 
 async def test_static_ip_errors(nets: NetworkService, eps: EndpointService) -> None:
     await nets.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
-    await eps.attach(AttachSpec(container_id="a", network="n", netns="/x",
-                                ips=[ipaddress.ip_address("10.8.0.10")]))
+    await eps.attach(
+        AttachSpec(
+            container_id="a", network="n", netns="/x", ips=[ipaddress.ip_address("10.8.0.10")]
+        )
+    )
     with pytest.raises(InvalidArgument, match="'10.8.0.10': already in use"):
-        await eps.attach(AttachSpec(container_id="b", network="n", netns="/x",
-                                    ips=[ipaddress.ip_address("10.8.0.10")]))
+        await eps.attach(
+            AttachSpec(
+                container_id="b", network="n", netns="/x", ips=[ipaddress.ip_address("10.8.0.10")]
+            )
+        )
     with pytest.raises(InvalidArgument, match="not in network n"):
-        await eps.attach(AttachSpec(container_id="b", network="n", netns="/x",
-                                    ips=[ipaddress.ip_address("10.9.0.10")]))
+        await eps.attach(
+            AttachSpec(
+                container_id="b", network="n", netns="/x", ips=[ipaddress.ip_address("10.9.0.10")]
+            )
+        )
 
 
 async def test_exhaustion(nets: NetworkService, eps: EndpointService) -> None:
@@ -131,8 +140,11 @@ async def test_failed_programming_rolls_back_everything(
     assert isinstance(core.dataplane, FakeDataplane)
     core.dataplane.fail_endpoint = True
     with pytest.raises(DataplaneError):
-        await eps.attach(AttachSpec(container_id="a", network="n", netns="/x",
-                                    ports=[parse.port_mapping("8080:80")]))
+        await eps.attach(
+            AttachSpec(
+                container_id="a", network="n", netns="/x", ports=[parse.port_mapping("8080:80")]
+            )
+        )
     assert (await core.store.list(keys.ENDPOINTS))[0] == []
     assert (await core.store.list(keys.ipam_prefix("n")))[0] == []
     assert (await core.store.list(keys.PORTS))[0] == []
@@ -141,14 +153,22 @@ async def test_failed_programming_rolls_back_everything(
 
 async def test_published_port_conflicts(nets: NetworkService, eps: EndpointService) -> None:
     await nets.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
-    await eps.attach(AttachSpec(container_id="a", network="n", netns="/x",
-                                ports=[parse.port_mapping("8000-8010:80")]))
+    await eps.attach(
+        AttachSpec(
+            container_id="a", network="n", netns="/x", ports=[parse.port_mapping("8000-8010:80")]
+        )
+    )
     with pytest.raises(Conflict, match="already published by a"):
-        await eps.attach(AttachSpec(container_id="b", network="n", netns="/x",
-                                    ports=[parse.port_mapping("8005:80")]))
+        await eps.attach(
+            AttachSpec(
+                container_id="b", network="n", netns="/x", ports=[parse.port_mapping("8005:80")]
+            )
+        )
 
 
-async def test_network_in_use_needs_force(core: Core, nets: NetworkService, eps: EndpointService) -> None:
+async def test_network_in_use_needs_force(
+    core: Core, nets: NetworkService, eps: EndpointService
+) -> None:
     await nets.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
     await eps.attach(AttachSpec(container_id="a", network="n", netns="/x"))
     with pytest.raises(InUse, match="network 'n' has 1 endpoint"):
@@ -157,7 +177,9 @@ async def test_network_in_use_needs_force(core: Core, nets: NetworkService, eps:
     assert (await core.store.list("/plexus/"))[0] == []
 
 
-async def test_detach_is_strict_unless_missing_ok(nets: NetworkService, eps: EndpointService) -> None:
+async def test_detach_is_strict_unless_missing_ok(
+    nets: NetworkService, eps: EndpointService
+) -> None:
     await nets.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
     with pytest.raises(NotFound):
         await eps.detach("nobody", network="n")
@@ -173,11 +195,17 @@ async def test_recovery_rolls_back_pending_and_collects_garbage(
     ep = await eps.attach(AttachSpec(container_id="a", network="n", netns=str(alive)))
     # Simulate a crash between the pending write and the ready write of another attach, and
     # a stray address claim whose endpoint row is gone.
-    pending = ep.__class__(**{**{f: getattr(ep, f) for f in ep.__dataclass_fields__},
-                              "container_id": "b", "state": "pending"})
+    pending = ep.__class__(
+        **{
+            **{f: getattr(ep, f) for f in ep.__dataclass_fields__},
+            "container_id": "b",
+            "state": "pending",
+        }
+    )
     await core.store.put(keys.endpoint("n1", "b", "eth0"), pending.to_json())
-    await core.store.put(keys.ipam_addr("n", "10.8.0.0/24", "10.8.0.99"),
-                         keys.endpoint("n1", "ghost", "eth0"))
+    await core.store.put(
+        keys.ipam_addr("n", "10.8.0.0/24", "10.8.0.99"), keys.endpoint("n1", "ghost", "eth0")
+    )
     # The stale copy names a's address: rolling it back must not free what a owns.
     report = await Reconciler(core, ContainerService(core)).recover()
     assert "endpoint b/eth0" in report.rolled_back

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ class ContainerService:
     def _logs(self) -> Path:
         return self.core.config.state_dir / "logs"
 
-    async def list(self) -> list[Container]:
+    async def all(self) -> list[Container]:
         return [self._observed(c) for c in await self.core.containers()]
 
     def _observed(self, c: Container) -> Container:
@@ -100,6 +101,14 @@ class ContainerService:
         for n in spec.networks:
             if n not in self.core.networks:
                 raise NotFound(f"network {n!r} not found")
+        if shutil.which(spec.command[0]) is None:
+            raise InvalidArgument("command", spec.command[0], "executable file not found in $PATH")
+        subnets = [s.cidr for n in spec.networks for s in self.core.networks[n].subnets]
+        for ip in spec.ips:
+            if not any(ip in cidr for cidr in subnets):
+                raise InvalidArgument(
+                    "ip", str(ip), f"not in any subnet of {', '.join(spec.networks)}"
+                )
         drivers = {self.core.networks[n].driver for n in spec.networks}
         if "host" in drivers and len(spec.networks) > 1:
             raise InvalidArgument("network", ",".join(spec.networks), "host excludes others")
@@ -107,10 +116,18 @@ class ContainerService:
         # driver host: the process shares the agent's namespace, so there is none to make.
         ns_name = "" if "host" in drivers else f"plexus-{cid[:12]}"
         return Container(
-            id=cid, name=spec.name, node=self.core.node, netns_name=ns_name,
-            networks=tuple(spec.networks), command=tuple(spec.command), ports=tuple(spec.ports),
-            labels=dict(spec.labels), namespace=spec.namespace, aliases=tuple(spec.aliases),
-            static_ips=tuple(spec.ips), created=time.time(),
+            id=cid,
+            name=spec.name,
+            node=self.core.node,
+            netns_name=ns_name,
+            networks=tuple(spec.networks),
+            command=tuple(spec.command),
+            ports=tuple(spec.ports),
+            labels=dict(spec.labels),
+            namespace=spec.namespace,
+            aliases=tuple(spec.aliases),
+            static_ips=tuple(spec.ips),
+            created=time.time(),
         )
 
     @staticmethod
@@ -123,11 +140,20 @@ class ContainerService:
         for i, network in enumerate(c.networks):
             await self.endpoints.attach(
                 AttachSpec(
-                    container_id=c.id, network=network, netns=c.netns, ifname=f"eth{i}",
-                    ips=[a for a in spec.ips if any(a in s.cidr for s in
-                                                    self.core.networks[network].subnets)],
-                    ports=spec.ports if i == 0 else (), name=c.name, aliases=spec.aliases,
-                    namespace=spec.namespace, labels=spec.labels,
+                    container_id=c.id,
+                    network=network,
+                    netns=c.netns,
+                    ifname=f"eth{i}",
+                    ips=[
+                        a
+                        for a in spec.ips
+                        if any(a in s.cidr for s in self.core.networks[network].subnets)
+                    ],
+                    ports=spec.ports if i == 0 else (),
+                    name=c.name,
+                    aliases=spec.aliases,
+                    namespace=spec.namespace,
+                    labels=spec.labels,
                 )
             )
         c = await self._spawn(c)
@@ -143,7 +169,10 @@ class ContainerService:
         with open(self._logs / f"{c.name}.log", "ab") as out:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
                     start_new_session=True,
                 )
             except OSError as exc:

@@ -22,6 +22,10 @@ from plexus.store.base import Datastore
 
 log = logging.getLogger("plexus.agent")
 
+# Podman's default range (10.89.0.0/24 upwards), cut into /24s; a fixed ULA /48 for IPv6.
+DEFAULT_POOL4: IPNetwork = ipaddress.ip_network("10.89.0.0/16")
+DEFAULT_POOL6: IPNetwork = ipaddress.ip_network("fd89:7c00::/48")
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -29,9 +33,9 @@ class AgentConfig:
     socket: Path
     node: str
     store_url: str = ""
-    pool4: IPNetwork = ipaddress.ip_network("10.89.0.0/16")
+    pool4: IPNetwork = DEFAULT_POOL4
     pool4_prefix: int = 24
-    pool6: IPNetwork = ipaddress.ip_network("fd89:7c00::/48")
+    pool6: IPNetwork = DEFAULT_POOL6
     pool6_prefix: int = 64
     reconcile_interval: float = 10.0
     txn_retries: int = 50

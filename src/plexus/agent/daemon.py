@@ -43,7 +43,9 @@ def _lock(state_dir: Path) -> IO[str]:
 async def run_agent(config: AgentConfig) -> None:
     lock = _lock(config.state_dir)
     store = open_store(config.store_url or str(config.state_dir / "plexus.db"))
-    core = Core(config=config, store=store, dataplane=NetlinkDataplane(), firewall=NftFirewall(open_nft()))
+    core = Core(
+        config=config, store=store, dataplane=NetlinkDataplane(), firewall=NftFirewall(open_nft())
+    )
     api = Api(core)
     runner = await serve(core, api, config.socket)
     stop = asyncio.Event()

@@ -56,11 +56,11 @@ class EndpointService:
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    def list(self) -> list[Endpoint]:
+    def all(self) -> list[Endpoint]:
         return sorted(self.core.endpoints.values(), key=lambda e: (e.container_id, e.ifname))
 
     def of_container(self, container_id: str) -> list[Endpoint]:
-        return [e for e in self.list() if e.container_id == container_id]
+        return [e for e in self.all() if e.container_id == container_id]
 
     async def attach(self, spec: AttachSpec) -> Endpoint:
         net, ep = self._validate(spec)
@@ -98,10 +98,18 @@ class EndpointService:
             raise InvalidArgument("publish", str(spec.ports[0]), f"driver {net.driver} has no NAT")
         self._check_ports(spec.ports)
         ep = Endpoint(
-            container_id=spec.container_id, ifname=ifname, network=net.name, node=self.core.node,
-            netns=spec.netns if net.driver != "host" else "", ports=tuple(spec.ports),
-            mac=spec.mac, name=spec.name, aliases=tuple(spec.aliases),
-            namespace=spec.namespace, labels=dict(spec.labels), created=time.time(),
+            container_id=spec.container_id,
+            ifname=ifname,
+            network=net.name,
+            node=self.core.node,
+            netns=spec.netns if net.driver != "host" else "",
+            ports=tuple(spec.ports),
+            mac=spec.mac,
+            name=spec.name,
+            aliases=tuple(spec.aliases),
+            namespace=spec.namespace,
+            labels=dict(spec.labels),
+            created=time.time(),
         )
         return net, ep
 
@@ -134,8 +142,11 @@ class EndpointService:
             owner = json.dumps({"endpoint": self._key(pending)})
             result = await self.core.store.txn(
                 [Compare.absent(self._key(pending)), *plan.compares, *map(Compare.absent, claims)],
-                [Put(self._key(pending), pending.to_json()), *plan.ops,
-                 *(Put(c, owner) for c in claims)],
+                [
+                    Put(self._key(pending), pending.to_json()),
+                    *plan.ops,
+                    *(Put(c, owner) for c in claims),
+                ],
             )
             if result.succeeded:
                 self.core.endpoints[pending.key] = pending
@@ -165,14 +176,14 @@ class EndpointService:
         except PlexusError as exc:
             errors.append(f"store: {exc}")
         self.core.endpoints.pop(ep.key, None)
-        for step, what in (
-            (self.core.sync_firewall, "firewall"),
-            (lambda: self.core.dataplane.delete_endpoint(ep), "link"),
-        ):
-            try:
-                await step()
-            except PlexusError as exc:
-                errors.append(f"{what}: {exc}")
+        try:
+            await self.core.sync_firewall()
+        except PlexusError as exc:
+            errors.append(f"firewall: {exc}")
+        try:
+            await self.core.dataplane.delete_endpoint(ep)
+        except PlexusError as exc:
+            errors.append(f"link: {exc}")
         return errors
 
     async def _forget(self, ep: Endpoint) -> None:
@@ -223,7 +234,8 @@ def _gateways(net: Network, ep: Endpoint) -> tuple[IPAddress, ...]:
     if net.internal or net.driver != "bridge":
         return ()
     return tuple(
-        s.gateway for s in net.subnets
+        s.gateway
+        for s in net.subnets
         if s.gateway is not None and ep.address_of(s.version) in s.cidr
     )
 

@@ -59,7 +59,7 @@ class NetworkService:
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    def list(self) -> list[Network]:
+    def all(self) -> list[Network]:
         return sorted(self.core.networks.values(), key=lambda n: n.name)
 
     def get(self, name: str) -> Network:
@@ -103,13 +103,22 @@ class NetworkService:
         elif spec.subnets:
             raise InvalidArgument("subnet", spec.subnets[0], f"driver {driver} takes no subnets")
         return Network(
-            name=spec.name, id=secrets.token_hex(16), driver=driver, subnets=tuple(subnets),
-            ipv6=spec.ipv6 or any(s.version == 6 for s in subnets), internal=spec.internal,
-            mtu=spec.mtu, labels=dict(spec.labels), options=dict(spec.options), created=time.time(),
+            name=spec.name,
+            id=secrets.token_hex(16),
+            driver=driver,
+            subnets=tuple(subnets),
+            ipv6=spec.ipv6 or any(s.version == 6 for s in subnets),
+            internal=spec.internal,
+            mtu=spec.mtu,
+            labels=dict(spec.labels),
+            options=dict(spec.options),
+            created=time.time(),
         )
 
     async def _taken(self) -> list[tuple[IPNetwork, str]]:
-        taken = [(s.cidr, f"network {n.name}") for n in self.core.networks.values() for s in n.subnets]
+        taken = [
+            (s.cidr, f"network {n.name}") for n in self.core.networks.values() for s in n.subnets
+        ]
         own = {n.bridge for n in self.core.networks.values()}
         local = await self.core.dataplane.local_prefixes()
         return taken + [(p, w) for p, w in local if not any(b in w for b in own)]
@@ -118,7 +127,7 @@ class NetworkService:
         taken = await self._taken()
         for s in subnets:
             for cidr, where in taken:
-                if s.cidr.version == cidr.version and s.cidr.overlaps(cidr):  # type: ignore[arg-type]
+                if s.cidr.version == cidr.version and s.cidr.overlaps(cidr):
                     raise Conflict(f"subnet {s.cidr} overlaps {cidr} ({where})")
 
     async def _auto_subnets(self, spec: NetworkSpec, have: list[Subnet]) -> list[Subnet]:

@@ -22,7 +22,6 @@ from plexus.agent.endpoints import _owner
 from plexus.dataplane.driver import host_ifname, network_alias, owner_alias
 from plexus.errors import PlexusError
 from plexus.model import keys
-from plexus.model.types import Endpoint
 
 
 @dataclass
@@ -101,8 +100,9 @@ class Reconciler:
             try:
                 fixed = await self.core.dataplane.ensure_endpoint(net, ep)
                 self.core.endpoints[ep.key] = fixed
-                await self.core.store.put(keys.endpoint(ep.node, ep.container_id, ep.ifname),
-                                          fixed.to_json())
+                await self.core.store.put(
+                    keys.endpoint(ep.node, ep.container_id, ep.ifname), fixed.to_json()
+                )
                 report.repaired.append(ep.key)
             except PlexusError as exc:
                 report.errors.append(f"endpoint {ep.key}: {exc}")
@@ -122,8 +122,9 @@ class Reconciler:
     async def _collect_garbage(self, report: Report) -> None:
         """Address and port claims whose owning endpoint (on this node) no longer exists."""
         mine = keys.endpoints(self.core.node)
-        live = {keys.endpoint(e.node, e.container_id, e.ifname) for e in
-                self.core.endpoints.values()}
+        live = {
+            keys.endpoint(e.node, e.container_id, e.ifname) for e in self.core.endpoints.values()
+        }
         stale: list[str] = []
         for prefix in (keys.IPAM, keys.ports(self.core.node)):
             kvs, _ = await self.core.store.list(prefix)

@@ -51,15 +51,19 @@ class Client:
                 raw = resp.read()
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 raise ApiError(
-                    503, "not-ready", f"cannot reach the plexus agent at {self.socket_path}: "
-                    f"{exc.strerror}"
+                    503,
+                    "not-ready",
+                    f"cannot reach the plexus agent at {self.socket_path}: {exc.strerror}",
                 ) from None
         finally:
             conn.close()
         payload = json.loads(raw) if raw else {}
         if resp.status >= 400:
-            raise ApiError(resp.status, payload.get("kind", "internal"),
-                           payload.get("error", raw.decode(errors="replace")))
+            raise ApiError(
+                resp.status,
+                payload.get("kind", "internal"),
+                payload.get("error", raw.decode(errors="replace")),
+            )
         return payload
 
     def get(self, path: str) -> Any:

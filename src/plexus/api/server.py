@@ -108,16 +108,21 @@ class Api:
             raise NotReady("the agent is still starting (recovering state)")
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "ready": self.core.ready, "node": self.core.node, "version": __version__,
-            "networks": len(self.core.networks), "endpoints": len(self.core.endpoints),
-            "pid": os.getpid(),
-        })
+        return web.json_response(
+            {
+                "ready": self.core.ready,
+                "node": self.core.node,
+                "version": __version__,
+                "networks": len(self.core.networks),
+                "endpoints": len(self.core.endpoints),
+                "pid": os.getpid(),
+            }
+        )
 
     async def network_list(self, request: web.Request) -> web.Response:
         counts = {n: len(self.core.endpoints_on(n)) for n in self.core.networks}
         return web.json_response(
-            [views.network(n, counts.get(n.name, 0)) for n in self.networks.list()]
+            [views.network(n, counts.get(n.name, 0)) for n in self.networks.all()]
         )
 
     async def network_get(self, request: web.Request) -> web.Response:
@@ -130,11 +135,16 @@ class Api:
         self._require_ready()
         b = await _body(request)
         spec = NetworkSpec(
-            name=_get(b, "name", str, ""), driver=_get(b, "driver", str, "bridge"),
-            subnets=_strings(b, "subnets"), gateways=_strings(b, "gateways"),
-            ip_ranges=_strings(b, "ip_ranges"), ipv6=_get(b, "ipv6", bool, False),
-            internal=_get(b, "internal", bool, False), mtu=_get(b, "mtu", int, 1500),
-            labels=_labels(b), options=_labels(b, "options"),
+            name=_get(b, "name", str, ""),
+            driver=_get(b, "driver", str, "bridge"),
+            subnets=_strings(b, "subnets"),
+            gateways=_strings(b, "gateways"),
+            ip_ranges=_strings(b, "ip_ranges"),
+            ipv6=_get(b, "ipv6", bool, False),
+            internal=_get(b, "internal", bool, False),
+            mtu=_get(b, "mtu", int, 1500),
+            labels=_labels(b),
+            options=_labels(b, "options"),
         )
         net = await self.networks.create(spec)
         return web.json_response(views.network(net), status=201)
@@ -146,10 +156,12 @@ class Api:
         return web.json_response({}, status=200)
 
     async def container_list(self, request: web.Request) -> web.Response:
-        return web.json_response([
-            views.container(c, self.endpoints.of_container(c.id))
-            for c in await self.containers.list()
-        ])
+        return web.json_response(
+            [
+                views.container(c, self.endpoints.of_container(c.id))
+                for c in await self.containers.all()
+            ]
+        )
 
     async def container_get(self, request: web.Request) -> web.Response:
         c = await self.containers.get(request.match_info["name"])
@@ -159,11 +171,13 @@ class Api:
         self._require_ready()
         b = await _body(request)
         spec = RunSpec(
-            name=_get(b, "name", str, ""), command=_strings(b, "command"),
+            name=_get(b, "name", str, ""),
+            command=_strings(b, "command"),
             networks=_strings(b, "networks"),
             ips=[parse.address("ip", a) for a in _strings(b, "ips")],
             ports=[parse.port_mapping(p) for p in _strings(b, "publish")],
-            labels=_labels(b), namespace=_get(b, "namespace", str, ""),
+            labels=_labels(b),
+            namespace=_get(b, "namespace", str, ""),
             aliases=_strings(b, "aliases"),
         )
         c = await self.containers.run(spec)
@@ -176,18 +190,22 @@ class Api:
         return web.json_response({})
 
     async def endpoint_list(self, request: web.Request) -> web.Response:
-        return web.json_response([views.endpoint(e) for e in self.endpoints.list()])
+        return web.json_response([views.endpoint(e) for e in self.endpoints.all()])
 
     async def endpoint_attach(self, request: web.Request) -> web.Response:
         self._require_ready()
         b = await _body(request)
         spec = AttachSpec(
-            container_id=_get(b, "container_id", str, ""), network=_get(b, "network", str, ""),
-            netns=_get(b, "netns", str, ""), ifname=_get(b, "ifname", str, ""),
+            container_id=_get(b, "container_id", str, ""),
+            network=_get(b, "network", str, ""),
+            netns=_get(b, "netns", str, ""),
+            ifname=_get(b, "ifname", str, ""),
             ips=[parse.address("ip", a) for a in _strings(b, "ips")],
             ports=[parse.port_mapping(p) for p in _strings(b, "publish")],
-            mac=_get(b, "mac", str, ""), name=_get(b, "name", str, ""),
-            aliases=_strings(b, "aliases"), namespace=_get(b, "namespace", str, ""),
+            mac=_get(b, "mac", str, ""),
+            name=_get(b, "name", str, ""),
+            aliases=_strings(b, "aliases"),
+            namespace=_get(b, "namespace", str, ""),
             labels=_labels(b),
         )
         ep = await self.endpoints.attach(spec)
@@ -197,8 +215,10 @@ class Api:
         self._require_ready()
         b = await _body(request)
         ep = await self.endpoints.detach(
-            _get(b, "container_id", str, ""), network=_get(b, "network", str, ""),
-            ifname=_get(b, "ifname", str, ""), missing_ok=_get(b, "missing_ok", bool, False),
+            _get(b, "container_id", str, ""),
+            network=_get(b, "network", str, ""),
+            ifname=_get(b, "ifname", str, ""),
+            missing_ok=_get(b, "missing_ok", bool, False),
         )
         return web.json_response(views.endpoint(ep) if ep else {})
 

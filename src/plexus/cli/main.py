@@ -49,8 +49,13 @@ def _emit(data: Any) -> None:
 
 
 @click.group()
-@click.option("--socket", envvar="PLEXUS_SOCKET", default=DEFAULT_SOCKET, show_default=True,
-              help="the agent's API socket ($PLEXUS_SOCKET)")
+@click.option(
+    "--socket",
+    envvar="PLEXUS_SOCKET",
+    default=DEFAULT_SOCKET,
+    show_default=True,
+    help="the agent's API socket ($PLEXUS_SOCKET)",
+)
 @click.pass_context
 def cli(ctx: click.Context, socket: str) -> None:
     """plexus: container networking for Linux."""
@@ -61,17 +66,37 @@ def cli(ctx: click.Context, socket: str) -> None:
 @cli.command()
 @click.option("--state-dir", default="/var/lib/plexus", show_default=True, type=click.Path())
 @click.option("--node", default=socketlib.gethostname(), show_default=True)
-@click.option("--store", "store_url", default="", help="datastore URL (default: SQLite in the "
-              "state directory)")
-@click.option("--pool", default="10.89.0.0/16:24", show_default=True,
-              help="IPv4 pool for automatic subnets, CIDR:PREFIXLEN")
-@click.option("--pool6", default="fd89:7c00::/48:64", show_default=True,
-              help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN")
+@click.option(
+    "--store",
+    "store_url",
+    default="",
+    help="datastore URL (default: SQLite in the state directory)",
+)
+@click.option(
+    "--pool",
+    default="10.89.0.0/16:24",
+    show_default=True,
+    help="IPv4 pool for automatic subnets, CIDR:PREFIXLEN",
+)
+@click.option(
+    "--pool6",
+    default="fd89:7c00::/48:64",
+    show_default=True,
+    help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN",
+)
 @click.option("--reconcile-interval", default=10.0, show_default=True, type=float)
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
-def agent(ctx: click.Context, state_dir: str, node: str, store_url: str, pool: str, pool6: str,
-          reconcile_interval: float, verbose: bool) -> None:
+def agent(
+    ctx: click.Context,
+    state_dir: str,
+    node: str,
+    store_url: str,
+    pool: str,
+    pool6: str,
+    reconcile_interval: float,
+    verbose: bool,
+) -> None:
     """Run the agent (the daemon) in the foreground."""
     from plexus.agent import daemon
     from plexus.agent.core import AgentConfig
@@ -88,8 +113,14 @@ def agent(ctx: click.Context, state_dir: str, node: str, store_url: str, pool: s
         p4, l4 = split("pool", pool)
         p6, l6 = split("pool6", pool6)
         config = AgentConfig(
-            state_dir=Path(state_dir), socket=Path(ctx.obj["socket"]), node=node,
-            store_url=store_url, pool4=p4, pool4_prefix=l4, pool6=p6, pool6_prefix=l6,
+            state_dir=Path(state_dir),
+            socket=Path(ctx.obj["socket"]),
+            node=node,
+            store_url=store_url,
+            pool4=p4,
+            pool4_prefix=l4,
+            pool6=p6,
+            pool6_prefix=l6,
             reconcile_interval=reconcile_interval,
         )
         daemon.main(config, verbose)
@@ -107,11 +138,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
         _emit(data)
     else:
         state = "ready" if data["ready"] else "starting"
-        click.echo(f"agent {state} on node {data['node']}: {data['networks']} networks, "
-                   f"{data['endpoints']} endpoints (plexus {data['version']})")
+        click.echo(
+            f"agent {state} on node {data['node']}: {data['networks']} networks, "
+            f"{data['endpoints']} endpoints (plexus {data['version']})"
+        )
 
 
 # -- networks ---------------------------------------------------------------------------------
+
 
 @cli.group()
 def network() -> None:
@@ -131,16 +165,38 @@ def network() -> None:
 @click.option("-o", "--opt", multiple=True, help="driver option KEY=VALUE")
 @_json_opt
 @click.pass_context
-def network_create(ctx: click.Context, name: str, driver: str, subnet: tuple[str, ...],
-                   gateway: tuple[str, ...], ip_range: tuple[str, ...], ipv6: bool,
-                   internal: bool, mtu: int, label: tuple[str, ...], opt: tuple[str, ...],
-                   as_json: bool) -> None:
+def network_create(
+    ctx: click.Context,
+    name: str,
+    driver: str,
+    subnet: tuple[str, ...],
+    gateway: tuple[str, ...],
+    ip_range: tuple[str, ...],
+    ipv6: bool,
+    internal: bool,
+    mtu: int,
+    label: tuple[str, ...],
+    opt: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Create a network."""
-    net = _call(ctx, "POST", "/v1/networks", {
-        "name": name, "driver": driver, "subnets": list(subnet), "gateways": list(gateway),
-        "ip_ranges": list(ip_range), "ipv6": ipv6, "internal": internal, "mtu": mtu,
-        "labels": _kv(label, "label"), "options": _kv(opt, "opt"),
-    })
+    net = _call(
+        ctx,
+        "POST",
+        "/v1/networks",
+        {
+            "name": name,
+            "driver": driver,
+            "subnets": list(subnet),
+            "gateways": list(gateway),
+            "ip_ranges": list(ip_range),
+            "ipv6": ipv6,
+            "internal": internal,
+            "mtu": mtu,
+            "labels": _kv(label, "label"),
+            "options": _kv(opt, "opt"),
+        },
+    )
     if as_json:
         _emit(net)
     else:
@@ -167,8 +223,14 @@ def network_ls(ctx: click.Context, as_json: bool) -> None:
         _emit(nets)
         return
     rows = [
-        (n["name"], n["id"][:12], n["driver"], ",".join(s["cidr"] for s in n["subnets"]) or "-",
-         "internal" if n["internal"] else "", str(n["endpoints"]))
+        (
+            n["name"],
+            n["id"][:12],
+            n["driver"],
+            ",".join(s["cidr"] for s in n["subnets"]) or "-",
+            "internal" if n["internal"] else "",
+            str(n["endpoints"]),
+        )
         for n in nets
     ]
     _table(rows, ("NAME", "ID", "DRIVER", "SUBNETS", "FLAGS", "ENDPOINTS"))
@@ -195,6 +257,7 @@ def network_rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
 
 # -- containers -------------------------------------------------------------------------------
 
+
 @cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("-d", "--detach", is_flag=True, help="return at once (otherwise wait for exit)")
 @click.option("--name", required=True)
@@ -207,15 +270,35 @@ def network_rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
 @_json_opt
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
-def run(ctx: click.Context, detach: bool, name: str, networks: tuple[str, ...],
-        ips: tuple[str, ...], publish: tuple[str, ...], label: tuple[str, ...], namespace: str,
-        aliases: tuple[str, ...], as_json: bool, command: tuple[str, ...]) -> None:
+def run(
+    ctx: click.Context,
+    detach: bool,
+    name: str,
+    networks: tuple[str, ...],
+    ips: tuple[str, ...],
+    publish: tuple[str, ...],
+    label: tuple[str, ...],
+    namespace: str,
+    aliases: tuple[str, ...],
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
     """Start COMMAND as a lightweight container: its own network namespace."""
-    c = _call(ctx, "POST", "/v1/containers", {
-        "name": name, "command": list(command), "networks": list(networks), "ips": list(ips),
-        "publish": list(publish), "labels": _kv(label, "label"), "namespace": namespace,
-        "aliases": list(aliases),
-    })
+    c = _call(
+        ctx,
+        "POST",
+        "/v1/containers",
+        {
+            "name": name,
+            "command": list(command),
+            "networks": list(networks),
+            "ips": list(ips),
+            "publish": list(publish),
+            "labels": _kv(label, "label"),
+            "namespace": namespace,
+            "aliases": list(aliases),
+        },
+    )
     if as_json:
         _emit(c)
     else:
@@ -254,14 +337,19 @@ def exec_(ctx: click.Context, name: str, command: tuple[str, ...]) -> None:
 @click.pass_context
 def ps(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     """List containers."""
-    items = [c for c in _call(ctx, "GET", "/v1/containers")
-             if show_all or c["state"] == "running"]
+    items = [c for c in _call(ctx, "GET", "/v1/containers") if show_all or c["state"] == "running"]
     if as_json:
         _emit(items)
         return
     rows = [
-        (c["name"], c["id"][:12], c["state"], ",".join(c["networks"]),
-         " ".join(a for e in c["endpoints"] for a in e["addresses"]), " ".join(c["ports"]))
+        (
+            c["name"],
+            c["id"][:12],
+            c["state"],
+            ",".join(c["networks"]),
+            " ".join(a for e in c["endpoints"] for a in e["addresses"]),
+            " ".join(c["ports"]),
+        )
         for c in items
     ]
     _table(rows, ("NAME", "ID", "STATE", "NETWORKS", "ADDRESSES", "PORTS"))
@@ -288,6 +376,7 @@ def rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
 
 # -- attachments of namespaces made by others -------------------------------------------------
 
+
 @cli.command()
 @click.option("--netns", required=True, help="path of the network namespace")
 @click.option("--id", "container_id", required=True)
@@ -300,15 +389,36 @@ def rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
 @click.option("--namespace", default="")
 @_json_opt
 @click.pass_context
-def attach(ctx: click.Context, netns: str, container_id: str, network: str, ifname: str,
-           ips: tuple[str, ...], publish: tuple[str, ...], name: str, label: tuple[str, ...],
-           namespace: str, as_json: bool) -> None:
+def attach(
+    ctx: click.Context,
+    netns: str,
+    container_id: str,
+    network: str,
+    ifname: str,
+    ips: tuple[str, ...],
+    publish: tuple[str, ...],
+    name: str,
+    label: tuple[str, ...],
+    namespace: str,
+    as_json: bool,
+) -> None:
     """Wire an existing network namespace to a network."""
-    ep = _call(ctx, "POST", "/v1/endpoints", {
-        "container_id": container_id, "network": network, "netns": netns, "ifname": ifname,
-        "ips": list(ips), "publish": list(publish), "name": name,
-        "labels": _kv(label, "label"), "namespace": namespace,
-    })
+    ep = _call(
+        ctx,
+        "POST",
+        "/v1/endpoints",
+        {
+            "container_id": container_id,
+            "network": network,
+            "netns": netns,
+            "ifname": ifname,
+            "ips": list(ips),
+            "publish": list(publish),
+            "name": name,
+            "labels": _kv(label, "label"),
+            "namespace": namespace,
+        },
+    )
     if as_json:
         _emit(ep)
     else:
@@ -324,8 +434,12 @@ def detach(ctx: click.Context, container_id: str, network: str, ifname: str) -> 
     """Undo an attach."""
     if not network and not ifname:
         _fail("detach needs --network or --ifname", 2)
-    _call(ctx, "POST", "/v1/endpoints/detach",
-          {"container_id": container_id, "network": network, "ifname": ifname})
+    _call(
+        ctx,
+        "POST",
+        "/v1/endpoints/detach",
+        {"container_id": container_id, "network": network, "ifname": ifname},
+    )
 
 
 def main() -> None:

@@ -120,9 +120,7 @@ class NetlinkDataplane:
             mac = (await links.get_link(ctr, index)).get("address")
         return replace(ep, host_ifname=name, mac=mac)
 
-    async def _ensure_veth(
-        self, net: Network, ep: Endpoint, name: str, ctr: AsyncIPRoute
-    ) -> None:
+    async def _ensure_veth(self, net: Network, ep: Endpoint, name: str, ctr: AsyncIPRoute) -> None:
         host = await self._ipr()
         bridge = await links.link_index(host, net.bridge)
         if bridge is None:

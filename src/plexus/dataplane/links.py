@@ -55,7 +55,10 @@ async def ensure_addresses(ipr: AsyncIPRoute, index: int, addrs: Iterable[IPInte
         flags = IFA_F_NODAD if iface.version == 6 else 0
         try:
             await ipr.addr(
-                "add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                "add",
+                index=index,
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
                 flags=flags,
             )
         except NetlinkError as exc:
@@ -145,7 +148,7 @@ async def owned_links(ipr: AsyncIPRoute) -> dict[str, str]:
     async for link in await ipr.link("dump"):
         alias = link.get("ifalias") or ""
         if alias.startswith(ALIAS_PREFIX):
-            owned[link.get("ifname")] = alias[len(ALIAS_PREFIX):]
+            owned[link.get("ifname")] = alias[len(ALIAS_PREFIX) :]
     return owned
 
 
@@ -176,7 +179,9 @@ async def local_prefixes(ipr: AsyncIPRoute) -> list[tuple[str, str]]:
     names = {link["index"]: link.get("ifname") async for link in await ipr.link("dump")}
     found: list[tuple[str, str]] = []
     async for a in await ipr.addr("dump"):
-        found.append((f"{a.get('address')}/{a['prefixlen']}", f"address on {names.get(a['index'])}"))
+        found.append(
+            (f"{a.get('address')}/{a['prefixlen']}", f"address on {names.get(a['index'])}")
+        )
     for family in (2, 10):
         async for r in await ipr.route("dump", family=family):
             dst = r.get("dst")

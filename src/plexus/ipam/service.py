@@ -90,7 +90,9 @@ async def plan_allocation(
             await _claim_next(store, net, subnets, owner, plan)
     stray = [a for a in static if not net.subnets_of(a.version)]
     if stray:
-        raise InvalidArgument("ip", str(stray[0]), f"network {net.name} has no IPv{stray[0].version}")
+        raise InvalidArgument(
+            "ip", str(stray[0]), f"network {net.name} has no IPv{stray[0].version}"
+        )
     return plan
 
 

@@ -34,9 +34,10 @@ def ifname(value: str) -> str:
 
 
 def driver(value: str) -> Driver:
-    if value not in DRIVERS:
-        raise InvalidArgument("driver", value, f"one of {', '.join(DRIVERS)}")
-    return cast(Driver, value)
+    for known in DRIVERS:
+        if value == known:
+            return known
+    raise InvalidArgument("driver", value, f"one of {', '.join(DRIVERS)}")
 
 
 def cidr(field: str, value: str) -> IPNetwork:
@@ -103,8 +104,12 @@ def port_mapping(spec: str) -> PortMapping:
     if c2 and c2 - c1 != (h2 or h1) - h1:
         raise InvalidArgument("publish", spec, "host and container ranges differ in length")
     return PortMapping(
-        host_port=h1, container_port=c1, protocol=cast(Protocol, proto), host_ip=host_ip,
-        host_port_end=h2 if h2 != h1 else 0, container_port_end=c2 if c2 != c1 else 0,
+        host_port=h1,
+        container_port=c1,
+        protocol=cast(Protocol, proto),
+        host_ip=host_ip,
+        host_port_end=h2 if h2 != h1 else 0,
+        container_port_end=c2 if c2 != c1 else 0,
     )
 
 

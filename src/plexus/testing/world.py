@@ -42,8 +42,12 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
 
 
-def nsexec(ns: str, *argv: str, check: bool = True, timeout: float = 30,
-           ) -> subprocess.CompletedProcess[str]:
+def nsexec(
+    ns: str,
+    *argv: str,
+    check: bool = True,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess[str]:
     """Run argv in namespace ``ns``: a name under /run/netns or a path."""
     return sh("nsenter", f"--net={netns_path(ns)}", "--", *argv, check=check, timeout=timeout)
 
@@ -90,8 +94,21 @@ def ping(ns: str, ip: str, count: int = 1, timeout: float = 1) -> bool:
 
 
 def ping_rtt_ms(ns: str, ip: str, count: int = 5) -> float | None:
-    out = nsexec(ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "1", ip,
-                 check=False, timeout=count + 10).stdout
+    out = nsexec(
+        ns,
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        str(count),
+        "-i",
+        "0.05",
+        "-W",
+        "1",
+        ip,
+        check=False,
+        timeout=count + 10,
+    ).stdout
     for line in out.splitlines():
         if "min/avg/max" in line:
             return float(line.split("=")[1].split("/")[1])
@@ -109,9 +126,18 @@ class Agent:
     def start(self, timeout: float = 20.0, extra: Sequence[str] = ()) -> None:
         self.log = self.state_dir.parent / f"agent-{self.host}.log"
         argv = [
-            "nsenter", f"--net={netns_path(self.host)}", "--",
-            str(VENV_BIN / "plexus"), "--socket", str(self.socket), "agent",
-            "--state-dir", str(self.state_dir), "--node", self.host, *extra,
+            "nsenter",
+            f"--net={netns_path(self.host)}",
+            "--",
+            str(VENV_BIN / "plexus"),
+            "--socket",
+            str(self.socket),
+            "agent",
+            "--state-dir",
+            str(self.state_dir),
+            "--node",
+            self.host,
+            *extra,
         ]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
@@ -140,8 +166,12 @@ class Agent:
             self.proc.wait(timeout=5)
         self.proc = None
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 60,
-            ) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         argv = [str(VENV_BIN / "plexus"), "--socket", str(self.socket), *args]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
@@ -165,14 +195,16 @@ class Agent:
     def netns(self, name: str) -> str:
         return str(self.container(name)["netns"])
 
-    def run_echo(self, name: str, network: str | Sequence[str], *opts: str,
-                 ports: Sequence[int] = (80,)) -> None:
+    def run_echo(
+        self, name: str, network: str | Sequence[str], *opts: str, ports: Sequence[int] = (80,)
+    ) -> None:
         nets = [network] if isinstance(network, str) else list(network)
         args = ["run", "-d", "--name", name]
         for n in nets:
             args += ["--network", n]
-        self.cli(*args, *opts, "--", sys.executable, "-m", "plexus.testing.echo", name,
-                 *map(str, ports))
+        self.cli(
+            *args, *opts, "--", sys.executable, "-m", "plexus.testing.echo", name, *map(str, ports)
+        )
 
     def wait_listening(self, name: str, port: int = 80, timeout: float = 10) -> None:
         ns, ip = self.netns(name), "127.0.0.1"
@@ -209,8 +241,21 @@ class World:
         n = self._hosts
         self.add_ns(name)
         addr = f"192.0.2.{n}"
-        sh("ip", "link", "add", "up0", "netns", name, "type", "veth", "peer", "name", f"to-{name}",
-           "netns", "outside")
+        sh(
+            "ip",
+            "link",
+            "add",
+            "up0",
+            "netns",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"to-{name}",
+            "netns",
+            "outside",
+        )
         nsexec(name, "ip", "addr", "add", f"{addr}/24", "dev", "up0")
         nsexec(name, "ip", "link", "set", "up0", "up")
         nsexec(name, "ip", "route", "add", "default", "via", OUTSIDE_ADDR)

@@ -7,6 +7,7 @@ and ``teardown()`` when the agent is removed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Literal, Protocol, runtime_checkable
 
@@ -37,24 +38,31 @@ class Firewall(Protocol):
 class NftFirewall:
     def __init__(self, nft: Nft) -> None:
         self._nft = nft
+        # A delta is only right against the state before it: changes go to the kernel one at a
+        # time, in the order they were asked for.
+        self._lock = asyncio.Lock()
 
     async def sync(self, state: FirewallState) -> None:
-        await self._nft.run(render_table(state))
+        async with self._lock:
+            await self._nft.run(render_table(state))
 
     async def update(self, old: FirewallState, new: FirewallState) -> None:
         cmds = render_update(old, new)
         if not cmds:
             return
-        try:
-            await self._nft.run(cmds)
-        except DataplaneError as e:
-            # The kernel did not hold ``old`` (table flushed or replaced, elements edited by
-            # hand, an older layout): nothing was applied, so replace the table instead.
-            log.warning("firewall delta failed, replacing the table: %s", e.message)
-            await self.sync(new)
+        async with self._lock:
+            try:
+                await self._nft.run(cmds)
+                return
+            except DataplaneError as e:
+                # The kernel did not hold ``old`` (table flushed or replaced, elements edited
+                # by hand, an older layout): nothing was applied, so replace the table instead.
+                log.warning("firewall delta failed, replacing the table: %s", e.message)
+            await self._nft.run(render_table(new))
 
     async def teardown(self) -> None:
-        await self._nft.run(render_teardown())
+        async with self._lock:
+            await self._nft.run(render_teardown())
 
     async def current(self) -> FirewallState | None:
         return parse_table(await self._nft.list_table())

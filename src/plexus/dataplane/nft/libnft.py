@@ -158,7 +158,7 @@ def _load(library: str) -> Any:
     try:
         lib = ctypes.CDLL(library, use_errno=True)
     except OSError as e:
-        raise Unsupported(f"{LIBRARY} not found: install the nftables package ({e})") from e
+        raise Unsupported(f"{LIBRARY} not found: install the nftables package") from e
     ptr, cstr, uint = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint
     signatures: dict[str, tuple[list[Any], Any]] = {
         "nft_ctx_new": ([ctypes.c_uint32], ptr),

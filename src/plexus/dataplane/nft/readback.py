@@ -2,12 +2,14 @@
 
 The elements of the sets and maps are the whole state (the rules never change), so reading them
 back is enough for a reconciler to compare the kernel with what it wants. A table that does not
-have exactly our sets, maps and chains (an older plexus, a hand edit, a flushed chain) reads as
-``None``: "unknown, replace it".
+have exactly our sets, maps, chains and number of rules per chain (an older plexus, a flushed
+chain, a rule added by hand) reads as ``None``: "unknown, replace it". A rule edited in place
+is not noticed: the kernel lists rules in a normalised form that differs from what we send.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections import defaultdict
@@ -55,14 +57,11 @@ def _shape(objs: Iterable[Json]) -> tuple[frozenset[tuple[str, str]], Mapping[st
     return frozenset(decls), dict(rules)
 
 
-_EXPECTED: list[tuple[frozenset[tuple[str, str]], Mapping[str, int]]] = []
-
-
+@functools.cache
 def _expected_shape() -> tuple[frozenset[tuple[str, str]], Mapping[str, int]]:
-    if not _EXPECTED:  # what render_table creates, described the way the kernel lists it
-        cmds = render_table(FirewallState())
-        _EXPECTED.append(_shape(c["add"] for c in cmds if "add" in c))
-    return _EXPECTED[0]
+    """What render_table creates, described the way the kernel lists it."""
+    cmds = render_table(FirewallState())
+    return _shape(c["add"] for c in cmds if "add" in c)
 
 
 def _sets(o: Json) -> Iterator[tuple[str, Json]]:

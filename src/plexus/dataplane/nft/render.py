@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 from plexus.dataplane.nft import _json as j
 from plexus.dataplane.nft._json import Json, Value
-from plexus.dataplane.nft.state import FirewallState, NetRule, Publication, unique_by_key
+from plexus.dataplane.nft.state import FirewallState, NetRule, Publication
 from plexus.model.types import IPNetwork
 
 PRIO_RAW, PRIO_DSTNAT, PRIO_FILTER, PRIO_SRCNAT = -300, -100, 0, 100
@@ -163,11 +163,11 @@ def _collapse(nets: Iterable[IPNetwork]) -> list[IPNetwork]:
 def render_table(state: FirewallState) -> list[Json]:
     """Replace the whole table in one batch: what exists afterwards is exactly ``state``."""
     table = j.obj("table", name=j.TABLE)
-    elements = {**net_elements(state.nets), **pub_elements(unique_by_key(state.pubs))}
+    elements = {**net_elements(state.nets), **pub_elements(state.canonical().pubs)}
     return [
         # "add" first so that "delete" cannot fail on a missing table.
         j.cmd("add", table),
-        j.cmd("delete", j.obj("table", name=j.TABLE)),
+        j.cmd("delete", table),
         j.cmd("add", table),
         *(j.cmd("add", s.json()) for s in (*NET_SETS, *PUB_MAPS)),
         *(j.cmd("add", c) for c in _chains()),
@@ -191,7 +191,7 @@ def render_update(old: FirewallState, new: FirewallState) -> list[Json]:
     The sets, maps, chains and rules are the same for every state, so any change is a change of
     elements. The batch fails (and applies nothing) if the kernel does not hold ``old``.
     """
-    old_pubs, new_pubs = unique_by_key(old.pubs), unique_by_key(new.pubs)
+    old_pubs, new_pubs = old.canonical().pubs, new.canonical().pubs
     return [
         *render_net_delta(old.nets, new.nets),
         *render_pub_delta(new_pubs - old_pubs, old_pubs - new_pubs),

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from plexus.errors import InvalidArgument
 from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network, PortMapping, Protocol
 
 # Docker's network option, and our own shorter spelling; both default to "true".
@@ -46,6 +47,12 @@ class Publication:
     container_ip: IPAddress
     container_port: int
 
+    def __post_init__(self) -> None:
+        # The two would land in one family's map with the other family's key: the kernel
+        # would refuse the whole batch, so refuse the one value here.
+        if self.host_ip is not None and self.host_ip.version != self.container_ip.version:
+            raise InvalidArgument("host_ip", str(self.host_ip), "not the container's family")
+
     @property
     def version(self) -> int:
         return self.container_ip.version
@@ -60,10 +67,18 @@ class Publication:
 class FirewallState:
     nets: tuple[NetRule, ...] = ()
     pubs: frozenset[Publication] = frozenset()
+    # Set only by canonical() (not an __init__ argument, so dataclasses.replace() drops it):
+    # lets update() skip an O(publications) pass on states that came from firewall_state() or
+    # current(). Not part of equality.
+    _canonical: bool = field(default=False, init=False, compare=False, repr=False)
 
     def canonical(self) -> FirewallState:
+        if self._canonical:
+            return self
         nets = {n.bridge: n.canonical() for n in self.nets}
-        return FirewallState(tuple(nets[b] for b in sorted(nets)), unique_by_key(self.pubs))
+        state = FirewallState(tuple(nets[b] for b in sorted(nets)), unique_by_key(self.pubs))
+        object.__setattr__(state, "_canonical", True)
+        return state
 
 
 PublicationKey = tuple[IPAddress | None, Protocol, int, int]  # host ip, proto, port, version

@@ -1,0 +1,53 @@
+"""Independent oracles: read the kernel with `ip -j` and `nft -j`, and the datastore with sqlite3,
+never through plexus's own code."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from plexus.testing.world import nsexec
+
+
+def links(ns: str) -> list[dict[str, Any]]:
+    return list(json.loads(nsexec(ns, "ip", "-j", "-d", "link").stdout))
+
+
+def plexus_links(ns: str) -> set[str]:
+    return {link["ifname"] for link in links(ns) if link["ifname"].startswith("px")}
+
+
+def addresses(ns: str, ifname: str) -> list[str]:
+    data = json.loads(nsexec(ns, "ip", "-j", "addr", "show", "dev", ifname).stdout)
+    return [
+        f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"] if a.get("scope") == "global"
+    ]
+
+
+def nft_table(ns: str) -> list[dict[str, Any]]:
+    out = nsexec(ns, "nft", "-j", "list", "table", "inet", "plexus", check=False)
+    return list(json.loads(out.stdout)["nftables"]) if out.returncode == 0 else []
+
+
+def nft_elements(ns: str) -> dict[str, list[Any]]:
+    """Set/map name → its elements."""
+    found: dict[str, list[Any]] = {}
+    for item in nft_table(ns):
+        for kind in ("set", "map"):
+            if kind in item:
+                found[item[kind]["name"]] = item[kind].get("elem", [])
+    return found
+
+
+def store_rows(state_dir: Path, prefix: str) -> dict[str, str]:
+    """Read the agent's SQLite file directly (read-only)."""
+    db = sqlite3.connect(f"file:{state_dir / 'plexus.db'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "select key, value from kv where key >= ? and key < ?", (prefix, prefix + "\xff")
+        ).fetchall()
+    finally:
+        db.close()
+    return {str(k): str(v) for k, v in rows}

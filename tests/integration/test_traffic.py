@@ -1,0 +1,115 @@
+"""Real traffic through a small topology (the demo's): connectivity, isolation, NAT, published
+ports from outside, from localhost and hairpin, and 127.0.0.1-only publishing."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from plexus.api.client import Client
+from plexus.demo import Check, build, checks
+from plexus.testing.world import World, tcp_request, udp_request
+
+from .helpers import nft_elements
+
+EXPECTED = [
+    "web → api (frontend, TCP)",
+    "web → api (frontend, IPv6)",
+    "api → db (backend, UDP)",
+    "web → db (other network)",
+    "db → web (other network)",
+    "db → api's frontend address",
+    "api → db via backend",
+    "web → internet (masqueraded)",
+    "secret (internal) → internet",
+    "secret (internal) → web",
+    "outside → host:8080 (published, source kept)",
+    "outside → host:8053/udp (published)",
+    "outside → web's address directly",
+    "host localhost:8080 → web",
+    "web → host:8080 (hairpin to itself)",
+    "api → host:8080 (hairpin to neighbour)",
+    "host localhost:9090 → api (127.0.0.1 publish)",
+    "outside → host:9090 (127.0.0.1 publish)",
+    "host → web (host reaches containers)",
+    "web → api over IPv6 ping",
+]
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[World]:
+    with tempfile.TemporaryDirectory(prefix="plexus-traffic-") as tmp:
+        w = World(Path(tmp) / "world")
+        try:
+            w.add_host("host1")
+            build(w)
+            yield w
+        finally:
+            w.close()
+
+
+@pytest.fixture(scope="module")
+def results(topology: World) -> dict[str, Check]:
+    return {c.what: c for c in checks(topology)}
+
+
+@pytest.mark.parametrize("what", EXPECTED)
+def test_reachability(results: dict[str, Check], what: str) -> None:
+    check = results[what]
+    assert check.ok, (
+        f"{what}: expected {'connect' if check.expect else 'blocked'}, observed {check.detail!r}"
+    )
+
+
+def test_every_check_is_listed(results: dict[str, Check]) -> None:
+    assert sorted(results) == sorted(EXPECTED)
+
+
+def test_published_port_ranges_and_udp(topology: World) -> None:
+    a = topology.agents["host1"]
+    a.cli("network", "create", "ranges", "--subnet", "10.95.0.0/24")
+    a.run_echo(
+        "multi", "ranges", "-p", "7000-7002:90-92", "-p", "7100-7101:80/udp", ports=(80, 90, 91, 92)
+    )
+    a.wait_listening("multi", 92)
+    host = topology.host_addr("host1")
+    assert all(tcp_request("outside", host, p).startswith("multi") for p in (7000, 7001, 7002))
+    assert udp_request("outside", host, 7101).startswith("multi")
+    assert not tcp_request("outside", host, 7003, 1)
+    a.cli("rm", "-f", "multi")
+    assert not tcp_request("outside", host, 7000, 1)  # the elements went with it
+    pubs = str([e for k, v in nft_elements("host1").items() if k.startswith("pub") for e in v])
+    assert "8080" in pubs and not any(str(p) in pubs for p in (7000, 7001, 7002, 7100, 7101))
+
+
+def test_two_hundred_attaches_eight_at_a_time_never_share_an_address(topology: World) -> None:
+    a = topology.agents["host1"]
+    a.cli("network", "create", "churn", "--subnet", "10.96.0.0/23", "--ipv6")
+    for i in range(200):
+        topology.add_ns(f"churn{i}")
+    client = Client(str(a.socket))
+
+    def attach(i: int) -> list[str]:
+        ep = client.post(
+            "/v1/endpoints",
+            {"container_id": f"churn{i}", "network": "churn", "netns": f"/run/netns/churn{i}"},
+        )
+        return list(ep["addresses"])
+
+    with ThreadPoolExecutor(8) as pool:
+        got = [addr for addrs in pool.map(attach, range(200)) for addr in addrs]
+    assert len(got) == 400 and len(set(got)) == 400
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda i: client.post(
+                    "/v1/endpoints/detach", {"container_id": f"churn{i}", "network": "churn"}
+                ),
+                range(200),
+            )
+        )
+    assert next(e for e in a.json("network", "ls") if e["name"] == "churn")["endpoints"] == 0
