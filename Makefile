@@ -7,11 +7,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 containernetworking-plugins util-linux procps psmisc conntrack iputils-ping
+DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables
 SANDBOX := tests/sandbox
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit integration demo bench lint clean
+.PHONY: all deps venv test unit integration demo bench lint clean install-cni
 
 all: venv
 
@@ -52,6 +52,9 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/attach.py
 	$(SANDBOX) $(PY) bench/throughput.py
 	$(SANDBOX) $(PY) bench/memory.py
+
+install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
+	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni
 
 clean:
 	rm -rf $(VENV) $(STAMPS) .mypy_cache .ruff_cache

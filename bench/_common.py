@@ -11,10 +11,13 @@ import ctypes
 import json
 import math
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 CLONE_NEWNET = 0x40000000
@@ -194,3 +197,31 @@ def cni_exec(command: str, config: dict[str, Any], container_id: str, netns: str
                        timeout=timeout)
     elapsed = time.perf_counter() - t0
     return CniResult(elapsed, r.returncode, r.stdout, r.stderr)
+
+
+# --- plexus diagnostics ----------------------------------------------------------------------
+
+
+def missing_veths(endpoints: list[dict[str, Any]], links: list[dict[str, Any]]) -> list[str]:
+    """Endpoints the agent lists whose host-side veth is not in the kernel."""
+    present = {ln["ifname"] for ln in links}
+    return [f"{e['container_id']} ({e.get('host_ifname')})" for e in endpoints
+            if e.get("host_ifname") and e["host_ifname"] not in present]
+
+
+def logged_orphans(log: Path) -> list[tuple[datetime, str]]:
+    """(when, link) for every link the agent's periodic reconcile reported deleting as an orphan
+    (from its log; the report's orphan *store keys*, which contain "/", are left out)."""
+    found: list[tuple[datetime, str]] = []
+    with contextlib.suppress(OSError):
+        for line in log.read_text(errors="replace").splitlines():
+            if "reconcile" not in line:
+                continue
+            try:
+                when = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            except ValueError:
+                when = datetime.min
+            for group in re.findall(r"orphans=\[([^\]]*)\]", line):
+                names = (x.strip(" '\"") for x in group.split(","))
+                found += [(when, n) for n in names if n and "/" not in n]
+    return found

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from _common import (
@@ -30,6 +31,8 @@ from _common import (
     header,
     host_links,
     in_netns,
+    logged_orphans,
+    missing_veths,
     netns_batch,
     percentile,
     print_table,
@@ -253,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         cpu = [(px, lambda: _proc_cpu(pid)), (ref, _children_cpu)]
         try:
             with in_netns(f"/run/netns/{HOST}"):
-                t0 = time.perf_counter()
+                t0, start = time.perf_counter(), datetime.now()
                 _interleave(total, warmup, [plexus.attach, reference.attach], cpu, "add")
-                t1 = time.perf_counter()
-                _interleave(total, warmup, [plexus.detach, reference.detach], cpu, "del")
+                t1, middle = time.perf_counter(), datetime.now()
+                # untimed: every endpoint the agent reports still has its veth
+                missing = missing_veths(client.get("/v1/endpoints"), host_links(HOST))
                 t2 = time.perf_counter()
-            print(f"attach phase {t1 - t0:.1f}s, detach phase {t2 - t1:.1f}s (both sides)")
+                _interleave(total, warmup, [plexus.detach, reference.detach], cpu, "del")
+                t3 = time.perf_counter()
+            print(f"attach phase {t1 - t0:.1f}s, detach phase {t3 - t2:.1f}s (both sides)")
             report(px, ref, count)
             if args.samples:
                 args.samples.write_text(json.dumps({
@@ -266,10 +272,15 @@ def main(argv: list[str] | None = None) -> int:
                              "del_ms": [1000 * v for v in s.delete]} for s in (px, ref)
                 }))
                 print(f"  samples written to {args.samples}")
+            orphans = logged_orphans(agent.log)
+            during_attach = [n for when, n in orphans if start <= when < middle]
             checks = [
                 ("plexus", "attach errors", str(sum("attach" in e for e in px.errors))),
                 ("plexus", "detach errors", str(sum("detach" in e for e in px.errors))),
                 ("plexus", "addresses", _addresses_ok(px, PX_SUBNET, count)),
+                ("plexus", "endpoints missing their veth after attaching", str(len(missing))),
+                ("plexus", "links reconcile deleted as 'orphans' (agent log)",
+                 f"{len(orphans)} ({len(during_attach)} during the attach phase)"),
                 ("reference", "ADD/DEL errors", str(len(ref.errors))),
                 ("reference", "addresses", _addresses_ok(ref, REF_SUBNET, count)),
                 *_leftovers(client, data_dir, nft_base),
@@ -277,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             print_table(["side", "check", "value"], checks, "correctness (cheap checks)", "lll")
             for e in (px.errors + ref.errors)[:5]:
                 print(f"  error: {e}")
+            for m in missing[:5]:
+                print(f"  endpoint without its veth after attaching: {m}")
+            if orphans:
+                print("  reconcile deleted as orphans: "
+                      + ", ".join(f"{n} at {w:%H:%M:%S}" for w, n in orphans[:5])
+                      + f" (attach phase {start:%H:%M:%S}-{middle:%H:%M:%S})")
         finally:
             netns_batch("del", names)
     return 0

@@ -16,8 +16,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from _common import header, host_links, netns_batch, print_table, require_sandbox, vm_status
+from _common import (
+    header,
+    host_links,
+    logged_orphans,
+    missing_veths,
+    netns_batch,
+    print_table,
+    require_sandbox,
+    vm_status,
+)
 
 from plexus.api.client import ApiError, Client
 from plexus.testing.world import World
@@ -32,8 +42,8 @@ def _cmdline(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
 
 
-def _veths(prefix: str = "pxv") -> int:
-    return sum(1 for ln in host_links(HOST) if ln["ifname"].startswith(prefix))
+def _veths(links: list[dict[str, Any]], prefix: str = "pxv") -> int:
+    return sum(1 for ln in links if ln["ifname"].startswith(prefix))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{status['pid']}")
             pid = int(status["pid"])
 
-        def sample(label: str, containers: int) -> int:
+        def sample(label: str, containers: int, step_ms: str = "-") -> int:
             time.sleep(SETTLE)
             vm = vm_status(pid)
             rows.append([label, containers, vm["VmRSS"], f"{vm['VmRSS'] / 1024:.1f}",
-                         vm["VmHWM"]])
+                         vm["VmHWM"], step_ms])
             return vm["VmRSS"]
 
         sample("idle, just started", 0)
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pre-created {count} namespaces in {time.perf_counter() - t0:.2f}s (untimed)")
         attached: list[int] = []
         attach_s = 0.0  # only the API calls, not the RSS samples
+        step_start, step_s = 0, 0.0
         peak = base
         try:
             for i in range(count):
@@ -92,10 +103,15 @@ def main(argv: list[str] | None = None) -> int:
                 except ApiError as exc:
                     errors.append(f"attach memc{i}: {exc.status} {exc.kind}: {exc.message}")
                 attach_s += time.perf_counter() - t
+                step_s += time.perf_counter() - t
                 if i + 1 in checkpoints:
-                    peak = sample(f"{i + 1} attached", len(attached))
-            veths_at_peak = _veths()
-            eps_at_peak = client.get("/v1/status").get("endpoints")
+                    step_ms = f"{1000 * step_s / (i + 1 - step_start):.1f}"
+                    peak = sample(f"{i + 1} attached", len(attached), step_ms)
+                    step_start, step_s = i + 1, 0.0
+            links = host_links(HOST)
+            eps = client.get("/v1/endpoints")
+            veths_at_peak, eps_at_peak = _veths(links), len(eps)
+            missing = missing_veths(eps, links)
             t = time.perf_counter()
             for i in attached:
                 try:
@@ -105,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                     errors.append(f"detach memc{i}: {exc.status} {exc.kind}: {exc.message}")
             detach_s = time.perf_counter() - t
             sample("all detached again", 0)
-            veths_after = _veths()
+            veths_after = _veths(host_links(HOST))
+            orphans = logged_orphans(agent.log)
         finally:
             netns_batch("del", names)
-    print_table(["agent", "containers", "VmRSS KiB", "VmRSS MiB", "VmHWM KiB"], rows,
-                "agent memory")
+    print_table(["agent", "containers", "VmRSS KiB", "VmRSS MiB", "VmHWM KiB",
+                 "ms/attach in step"], rows, "agent memory")
     n = max(1, len(attached))
     per = (peak - base) / n
     summary = [
@@ -123,12 +140,19 @@ def main(argv: list[str] | None = None) -> int:
          f"{detach_s:.1f} s = {len(attached) / detach_s:.0f} containers/s"
          f" ({1000 * detach_s / n:.1f} ms each)"],
         ["endpoints / pxv* veths at peak", f"{eps_at_peak} / {veths_at_peak}"],
+        ["endpoints missing their veth at peak", str(len(missing))],
+        ["links deleted as 'orphans' by reconcile (log)", str(len(orphans))],
         ["pxv* veths left after detaching all", str(veths_after)],
         ["API errors", str(len(errors))],
     ]
     print_table(["figure", "value"], summary, "summary", "ll")
     for e in errors[:5]:
         print(f"  error: {e}")
+    for m in missing[:5]:
+        print(f"  endpoint without its veth at peak: {m}")
+    if orphans:
+        print("  reconcile deleted as orphans: "
+              + ", ".join(f"{n} at {w:%H:%M:%S}" for w, n in orphans[:5]))
     return 0
 
 

@@ -20,7 +20,7 @@ from plexus.dataplane import netns
 from plexus.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, PlexusError
 from plexus.ipam.service import Plan, claim_keys, plan_allocation
 from plexus.model import keys, parse
-from plexus.model.types import Endpoint, IPAddress, Network, PortMapping
+from plexus.model.types import Endpoint, IPAddress, Network, Owner, PortMapping
 from plexus.store.base import Compare, Delete, Put
 
 
@@ -39,6 +39,10 @@ class AttachSpec:
     labels: dict[str, str] = field(default_factory=dict)
     # None: the container's first network carries its default route(s), as with Docker.
     default_route: bool | None = None
+    owner: Owner = "plexus"
+    bandwidth: dict[str, int] = field(default_factory=dict)
+    # CNI lets a container join one network several times under different interface names.
+    one_per_network: bool = True
 
 
 def _owner(value: str) -> str:
@@ -69,7 +73,8 @@ class EndpointService:
             route = not any(e.gateways for e in self.of_container(spec.container_id))
         ep = await self._commit_pending(net, ep, spec.ips, route)
         try:
-            ep = await self.core.dataplane.ensure_endpoint(net, ep)
+            if ep.has_links:
+                ep = await self.core.dataplane.ensure_endpoint(net, ep)
             ep = replace(ep, state="ready")
             self.core.endpoints[ep.key] = ep
             await self.core.sync_firewall()
@@ -85,10 +90,14 @@ class EndpointService:
         net = self.core.networks.get(spec.network)
         if net is None:
             raise NotFound(f"network {spec.network!r} not found")
-        if net.driver != "host":
+        if net.driver not in ("host", "ipam") and spec.owner != "cni-ipam":
             netns.check_netns(spec.netns)
+        if (net.driver == "ipam") != (spec.owner == "cni-ipam"):
+            raise InvalidArgument(
+                "network", net.name, f"driver {net.driver} does not serve {spec.owner} endpoints"
+            )
         mine = self.of_container(spec.container_id)
-        if any(e.network == net.name for e in mine):
+        if spec.one_per_network and any(e.network == net.name for e in mine):
             raise AlreadyExists(f"{spec.container_id} is already attached to network {net.name}")
         ifname = spec.ifname or _next_ifname({e.ifname for e in mine})
         parse.ifname(ifname)
@@ -110,6 +119,8 @@ class EndpointService:
             namespace=spec.namespace,
             labels=dict(spec.labels),
             created=time.time(),
+            owner=spec.owner,
+            bandwidth=dict(spec.bandwidth),
         )
         return net, ep
 
@@ -133,7 +144,7 @@ class EndpointService:
         """Claim addresses and write the endpoint in one transaction, retrying lost races."""
         for _ in range(self.core.config.txn_retries):
             plan = Plan()
-            if net.driver == "bridge":
+            if net.driver in ("bridge", "ipam"):
                 plan = await plan_allocation(self.core.store, net, self._key(ep), ips)
             pending = replace(ep, addresses=tuple(plan.addresses))
             if default_route:
@@ -181,7 +192,8 @@ class EndpointService:
         except PlexusError as exc:
             errors.append(f"firewall: {exc}")
         try:
-            await self.core.dataplane.delete_endpoint(ep)
+            if ep.has_links:
+                await self.core.dataplane.delete_endpoint(ep)
         except PlexusError as exc:
             errors.append(f"link: {exc}")
         return errors
@@ -231,7 +243,7 @@ class EndpointService:
 def _gateways(net: Network, ep: Endpoint) -> tuple[IPAddress, ...]:
     """The gateways of the subnets the endpoint has addresses in; none on internal networks,
     which reach nothing beyond themselves."""
-    if net.internal or net.driver != "bridge":
+    if net.internal or net.driver not in ("bridge", "ipam"):
         return ()
     return tuple(
         s.gateway

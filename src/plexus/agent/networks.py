@@ -96,7 +96,7 @@ class NetworkService:
         if spec.name in self.core.networks:
             raise AlreadyExists(f"network {spec.name!r} already exists")
         subnets: list[Subnet] = []
-        if driver == "bridge":
+        if driver in ("bridge", "ipam"):
             subnets = _explicit_subnets(spec)
             await self._check_overlaps(subnets)
             subnets += await self._auto_subnets(spec, subnets)

@@ -20,8 +20,11 @@ from plexus.agent.core import Core, log
 from plexus.agent.endpoints import AttachSpec
 from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.api import views
+from plexus.cni.config import CniRequest
+from plexus.cni.service import CniService, to_cni_error
 from plexus.errors import InvalidArgument, NotReady, PlexusError
 from plexus.model import parse
+from plexus.model.types import Endpoint
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -85,6 +88,7 @@ class Api:
         self.networks = NetworkService(core)
         self.containers = ContainerService(core)
         self.endpoints = self.containers.endpoints
+        self.cni = CniService(core, self.networks, self.endpoints)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware])
@@ -101,6 +105,7 @@ class Api:
         r.add_get("/v1/endpoints", self.endpoint_list)
         r.add_post("/v1/endpoints", self.endpoint_attach)
         r.add_post("/v1/endpoints/detach", self.endpoint_detach)
+        r.add_post("/v1/cni", self.cni_call)
         return app
 
     def _require_ready(self) -> None:
@@ -156,12 +161,15 @@ class Api:
         return web.json_response({}, status=200)
 
     async def container_list(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            [
-                views.container(c, self.endpoints.of_container(c.id))
-                for c in await self.containers.all()
-            ]
-        )
+        own = await self.containers.all()
+        items = [views.container(c, self.endpoints.of_container(c.id)) for c in own]
+        others: dict[str, list[Endpoint]] = {}
+        known = {c.id for c in own}
+        for ep in self.endpoints.all():
+            if ep.container_id not in known:
+                others.setdefault(ep.container_id, []).append(ep)
+        items += [views.external(cid, eps) for cid, eps in others.items()]
+        return web.json_response(sorted(items, key=lambda c: str(c["name"])))
 
     async def container_get(self, request: web.Request) -> web.Response:
         c = await self.containers.get(request.match_info["name"])
@@ -221,6 +229,36 @@ class Api:
             missing_ok=_get(b, "missing_ok", bool, False),
         )
         return web.json_response(views.endpoint(ep) if ep else {})
+
+    async def cni_call(self, request: web.Request) -> web.Response:
+        """The CNI shim's one endpoint. Always HTTP 200: the CNI outcome is in the body."""
+        b = await _body(request)
+        req = CniRequest(
+            command=_get(b, "command", str, ""),
+            container_id=_get(b, "container_id", str, ""),
+            netns=_get(b, "netns", str, ""),
+            ifname=_get(b, "ifname", str, ""),
+            args=_get(b, "args", str, ""),
+            config=_get(b, "config", dict, {}),
+            mode=_get(b, "mode", str, "main"),
+        )
+        try:
+            result = await self.cni.handle(req)
+        except PlexusError as exc:
+            err = to_cni_error(exc)
+            log.info(
+                "cni %s %s/%s failed (%d): %s",
+                req.command,
+                req.container_id,
+                req.ifname,
+                err.code,
+                err.message,
+            )
+            body: dict[str, Any] = {"code": err.code, "msg": err.message}
+            if err.details:
+                body["details"] = err.details
+            return web.json_response({"error": body})
+        return web.json_response({"result": result})
 
 
 async def serve(core: Core, api: Api, socket_path: Path) -> web.AppRunner:

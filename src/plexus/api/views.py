@@ -41,6 +41,32 @@ def endpoint(ep: Endpoint) -> dict[str, Any]:
         "namespace": ep.namespace,
         "labels": ep.labels,
         "state": ep.state,
+        "owner": ep.owner,
+        "bandwidth": ep.bandwidth,
+    }
+
+
+def external(container_id: str, eps: list[Endpoint]) -> dict[str, Any]:
+    """A container that another runtime (CNI, Docker) started: plexus knows it only through
+    its endpoints, so `ps` shows it with those."""
+    first = eps[0]
+    return {
+        "id": container_id,
+        "name": first.name or container_id[:12],
+        "node": first.node,
+        "state": "running" if all(e.state == "ready" for e in eps) else "creating",
+        "exit_code": None,
+        "pid": 0,
+        "netns": first.netns,
+        "netns_name": "",
+        "command": [],
+        "networks": [e.network for e in eps],
+        "ports": [str(p) for e in eps for p in e.ports],
+        "labels": first.labels,
+        "namespace": first.namespace,
+        "created": first.created,
+        "owner": first.owner,
+        "endpoints": [endpoint(e) for e in eps],
     }
 
 
@@ -60,5 +86,6 @@ def container(c: Container, eps: list[Endpoint]) -> dict[str, Any]:
         "labels": c.labels,
         "namespace": c.namespace,
         "created": c.created,
+        "owner": "plexus",
         "endpoints": [endpoint(e) for e in eps],
     }

@@ -105,7 +105,7 @@ class NetlinkDataplane:
     async def ensure_endpoint(self, net: Network, ep: Endpoint) -> Endpoint:
         if net.driver == "host":
             return replace(ep, host_ifname="", mac="")
-        async with _container(ep.netns) as ctr:
+        async with container_netlink(ep.netns) as ctr:
             await links.set_up(ctr, "lo")
             if net.driver == "none":
                 return ep
@@ -151,7 +151,7 @@ class NetlinkDataplane:
 
 
 @contextlib.asynccontextmanager
-async def _container(path: str) -> AsyncIterator[AsyncIPRoute]:
+async def container_netlink(path: str) -> AsyncIterator[AsyncIPRoute]:
     sock = netns.netlink_socket(path)
     ipr = AsyncIPRoute(fileno=sock.detach())
     try:

@@ -15,12 +15,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
-Driver = Literal["bridge", "host", "none"]
+# "ipam": plexus hands out addresses and programs nothing (another plugin owns the links).
+Driver = Literal["bridge", "host", "none", "ipam"]
 Protocol = Literal["tcp", "udp"]
 EndpointState = Literal["pending", "ready"]
 ContainerState = Literal["creating", "running", "exited"]
 
-DRIVERS: tuple[Driver, ...] = ("bridge", "host", "none")
+DRIVERS: tuple[Driver, ...] = ("bridge", "host", "none", "ipam")
+# Who asked for an endpoint: GC of one front door must never touch another's.
+Owner = Literal["plexus", "cni", "cni-ipam", "docker"]
 
 
 def _ip(value: str | None) -> IPAddress | None:
@@ -165,10 +168,17 @@ class Endpoint:
     labels: dict[str, str] = field(default_factory=dict)
     state: EndpointState = "pending"
     created: float = 0.0
+    owner: Owner = "plexus"
+    bandwidth: dict[str, int] = field(default_factory=dict)  # stored now, enforced with QoS
 
     @property
     def key(self) -> str:
         return f"{self.container_id}/{self.ifname}"
+
+    @property
+    def has_links(self) -> bool:
+        """False for address-only (IPAM) endpoints: another plugin made the interface."""
+        return self.owner != "cni-ipam"
 
     def address_of(self, version: int) -> IPAddress | None:
         return next((a.ip for a in self.addresses if a.version == version), None)

@@ -74,6 +74,17 @@ def tcp_request(ns: str, ip: str, port: int, timeout: float = 2.0, payload: byte
     return run_in_netns(netns_path(ns), go)
 
 
+def wait_tcp(ns: str, ip: str, port: int, timeout: float = 10.0) -> str:
+    """Like tcp_request, but retries (a server still starting refuses at once) until it
+    answers or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = tcp_request(ns, ip, port, timeout=min(1.0, timeout))
+        if reply or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.1)
+
+
 def udp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> str:
     def go() -> str:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET

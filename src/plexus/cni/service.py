@@ -1,0 +1,232 @@
+"""The CNI verbs, run inside the agent. The shim (``cni/shim.py``) validated the environment and
+forwards the request; this module gives each verb the semantics of the spec (SPEC.md 1.1.0).
+
+Errors leave here as ``CniError`` with the spec's code; other PlexusErrors are mapped in
+``to_cni_error``, at this boundary only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+from plexus.agent.core import Core, log
+from plexus.agent.endpoints import AttachSpec, EndpointService
+from plexus.agent.networks import NetworkService, NetworkSpec
+from plexus.cni import config as cfg
+from plexus.cni.config import CniError, CniRequest
+from plexus.cni.results import add_result
+from plexus.dataplane import links
+from plexus.dataplane.driver import container_netlink, host_ifname
+from plexus.dataplane.nft.state import publications
+from plexus.errors import (
+    AlreadyExists,
+    Conflict,
+    Exhausted,
+    InvalidArgument,
+    NotFound,
+    NotReady,
+    PlexusError,
+)
+from plexus.model.types import Endpoint, Network, Owner
+
+ENV_FIELDS = {"container_id", "netns", "ifname"}
+
+
+def to_cni_error(exc: PlexusError) -> CniError:
+    if isinstance(exc, CniError):
+        return exc
+    if isinstance(exc, NotReady):
+        return CniError(11, exc.message)
+    if isinstance(exc, InvalidArgument):
+        return CniError(4 if exc.field in ENV_FIELDS else 7, exc.message)
+    if isinstance(exc, NotFound):
+        return CniError(7, exc.message)
+    if isinstance(exc, AlreadyExists | Conflict | Exhausted):
+        return CniError(999, exc.message)
+    return CniError(999, exc.message)
+
+
+class CniService:
+    def __init__(self, core: Core, networks: NetworkService, endpoints: EndpointService) -> None:
+        self.core = core
+        self.networks = networks
+        self.endpoints = endpoints
+
+    async def handle(self, req: CniRequest) -> dict[str, Any] | None:
+        if req.command == "STATUS":
+            self._status()
+            return None
+        if not self.core.ready:
+            raise CniError(11, "the plexus agent is starting; try again later")
+        if req.mode == "main":  # in IPAM mode the top level is another plugin's business
+            cfg.check_fields(req.config)
+        if req.version not in cfg.SUPPORTED_VERSIONS:
+            raise CniError(
+                1,
+                "incompatible CNI versions",
+                f"config is {req.version!r}, plugin supports {cfg.SUPPORTED_VERSIONS}",
+            )
+        verbs = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "GC": self.gc}
+        verb = verbs.get(req.command)
+        if verb is None:
+            raise CniError(4, f"unknown CNI_COMMAND {req.command!r}")
+        return await verb(req)
+
+    def _status(self) -> None:
+        if not self.core.ready:
+            raise CniError(50, "the plexus agent is not ready (recovering state)")
+
+    async def _network(self, req: CniRequest) -> Network:
+        """The plexus network of this config: created on first use when the config describes
+        it, and then required to agree with it (code 7 otherwise)."""
+        spec = cfg.network_spec(req)
+        existing = self.core.networks.get(req.network)
+        if existing is None:
+            if spec is None:
+                raise CniError(
+                    7,
+                    f"network {req.network!r} does not exist and the config gives "
+                    "no options (subnets, ...) to create it",
+                )
+            try:
+                return await self.networks.create(spec)
+            except AlreadyExists:  # a concurrent ADD created it first
+                existing = self.networks.get(req.network)
+        if spec is not None:
+            _agree(existing, spec)
+        return existing
+
+    async def add(self, req: CniRequest) -> dict[str, Any]:
+        net = await self._network(req)
+        want = cfg.attachment(req)
+        owner: Owner = "cni-ipam" if req.mode == "ipam" else "cni"
+        ep = await self.endpoints.attach(
+            AttachSpec(
+                container_id=req.container_id,
+                network=net.name,
+                netns=req.netns,
+                ifname=req.ifname,
+                ips=want.ips,
+                ports=[] if owner == "cni-ipam" else want.ports,
+                mac=want.mac,
+                name=want.name or req.container_id[:12],
+                aliases=want.aliases,
+                namespace=want.namespace,
+                labels=want.labels,
+                owner=owner,
+                bandwidth=want.bandwidth,
+                one_per_network=False,
+                default_route=True,
+            )
+        )
+        dns = req.config.get("dns") if isinstance(req.config.get("dns"), dict) else None
+        return add_result(req.version, net, ep, dns)
+
+    async def delete(self, req: CniRequest) -> None:
+        # Best effort and idempotent: nothing to delete is success; no netns is fine.
+        await self.endpoints.detach(req.container_id, ifname=req.ifname, missing_ok=True)
+
+    async def check(self, req: CniRequest) -> None:
+        if cfg.version_tuple(req.version) < (0, 4):
+            raise CniError(1, "config version does not allow CHECK")
+        ep = next(
+            (e for e in self.endpoints.of_container(req.container_id) if e.ifname == req.ifname),
+            None,
+        )
+        if ep is None:
+            raise CniError(3, f"no attachment for container {req.container_id} {req.ifname}")
+        problems = self._check_reservation(req, ep)
+        if ep.has_links:
+            problems += await self._check_links(ep)
+            problems += await self._check_firewall(ep)
+        if problems:
+            raise CniError(999, f"CHECK failed for {ep.key}: " + "; ".join(problems))
+
+    def _check_reservation(self, req: CniRequest, ep: Endpoint) -> list[str]:
+        prev = req.config.get("prevResult") or {}
+        expected = {str(ip.get("address")) for ip in prev.get("ips", []) if isinstance(ip, dict)}
+        have = {str(a) for a in ep.addresses}
+        problems = []
+        if expected and expected != have:
+            problems.append(f"prevResult has {sorted(expected)}, plexus holds {sorted(have)}")
+        if req.netns and ep.netns and os.path.realpath(req.netns) != os.path.realpath(ep.netns):
+            problems.append(f"netns {req.netns} differs from the ADD's {ep.netns}")
+        return problems
+
+    async def _check_links(self, ep: Endpoint) -> list[str]:
+        problems: list[str] = []
+        try:
+            async with container_netlink(ep.netns) as ctr:
+                state = await links.link_state(ctr, ep.ifname)
+        except (NotFound, OSError) as exc:
+            return [f"network namespace {ep.netns} is gone ({exc})"]
+        if state is None:
+            return [f"interface {ep.ifname} is missing in {ep.netns}"]
+        if not state["up"]:
+            problems.append(f"interface {ep.ifname} is down")
+        missing = {str(a) for a in ep.addresses} - set(state["addresses"])
+        if missing:
+            problems.append(f"{ep.ifname} lacks {sorted(missing)}")
+        owned = await self.core.dataplane.owned_links()
+        if (ep.host_ifname or host_ifname(ep)) not in owned:
+            problems.append(f"host veth {ep.host_ifname} is missing")
+        return problems
+
+    async def _check_firewall(self, ep: Endpoint) -> list[str]:
+        current = await self.core.firewall.current()
+        if current is None:
+            return ["plexus's nftables table is missing or damaged"]
+        missing = [p for p in publications(ep) if p not in current.pubs]
+        return [f"published port {p.host_port}/{p.protocol} is not programmed" for p in missing]
+
+    async def gc(self, req: CniRequest) -> None:
+        """Release every attachment of this network (made through CNI) that the runtime no
+        longer lists. Keeps going on error and reports them all."""
+        if cfg.version_tuple(req.version) < (1, 1):
+            raise CniError(1, "config version does not allow GC")
+        valid = _valid_attachments(req.config)
+        errors = []
+        for ep in self.endpoints.all():
+            if ep.network != req.network or ep.owner not in ("cni", "cni-ipam"):
+                continue
+            if (ep.container_id, ep.ifname) in valid:
+                continue
+            try:
+                await self.endpoints.detach(ep.container_id, ifname=ep.ifname, missing_ok=True)
+                log.info("cni gc released %s on %s", ep.key, ep.network)
+            except PlexusError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise CniError(999, "GC left errors: " + "; ".join(errors))
+
+
+def _valid_attachments(config: dict[str, Any]) -> set[tuple[str, str]]:
+    # The 1.1.0 tag's text says "cni.dev/attachments" (a typo, fixed later in SPEC.md);
+    # libcni sends both keys, so accept either.
+    items = config.get("cni.dev/valid-attachments")
+    if items is None:
+        items = config.get("cni.dev/attachments", [])
+    if not isinstance(items, list):
+        raise CniError(7, f"invalid cni.dev/valid-attachments {items!r}")
+    return {(str(a.get("containerID")), str(a.get("ifname"))) for a in items if isinstance(a, dict)}
+
+
+def _agree(net: Network, spec: NetworkSpec) -> None:
+    """A config that describes an existing network must describe it as it is."""
+    have = {str(s.cidr) for s in net.subnets}
+    wanted = {str(ipaddress.ip_network(s, strict=False)) for s in spec.subnets}
+    mismatches = []
+    if wanted and not wanted <= have:
+        mismatches.append(f"subnets {sorted(wanted)} vs {sorted(have)}")
+    if spec.internal != net.internal:
+        mismatches.append(f"internal {spec.internal} vs {net.internal}")
+    if spec.mtu != net.mtu:
+        mismatches.append(f"mtu {spec.mtu} vs {net.mtu}")
+    if spec.driver != net.driver:
+        mismatches.append(f"driver {spec.driver} vs {net.driver}")
+    if mismatches:
+        raise CniError(
+            7, f"network {net.name!r} exists with other settings: " + ", ".join(mismatches)
+        )

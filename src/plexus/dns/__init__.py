@@ -1,0 +1,106 @@
+"""plexus's embedded DNS server: container names from the datastore, everything else forwarded.
+
+    records.py   RecordTable: networks + endpoints -> answers per view; explain()   (pure)
+    wire.py      DNS message parsing and building                                   (pure)
+    config.py    DnsSettings, Upstream, per-network options, resolv.conf            (pure)
+    server.py    DnsServer: asyncio UDP+TCP listeners, the fast path, forwarding
+    upstream.py  Forwarder: UDP, TCP on truncation, health checks, failover
+    workers.py   WorkerPool: the same server in N processes on SO_REUSEPORT
+    service.py   DnsService: what the agent holds (either of the two above)
+    metrics.py   counters and histograms as plain data
+    testing.py   StubUpstream, a scriptable upstream resolver for tests
+
+How to wire this into the agent
+-------------------------------
+
+Start-up (after the core has loaded networks and endpoints)::
+
+    from plexus.dns import DnsService, DnsSettings, parse_upstreams, resolv_conf_upstreams
+
+    ups = parse_upstreams(args.dns_upstream) or resolv_conf_upstreams()   # --dns-upstream
+    dns = DnsService(DnsSettings(domain=args.dns_domain, ttl=args.dns_ttl, upstreams=ups),
+                     workers=args.dns_workers)          # 0: in the agent's loop (default)
+    await dns.start()
+    dns.update(all_networks, all_endpoints)             # every node's endpoints, all states
+    errors = await dns.sync_listeners()                 # gateway:53 of each DNS network
+
+On every change to a network or an endpoint (after the transaction committed; from the
+datastore watch, so that other nodes' containers appear too)::
+
+    dns.update(all_networks, all_endpoints)             # atomic swap; sockets stay open
+    errors = await dns.sync_listeners()                 # only if networks/gateways changed;
+                                                        # level-triggered, retries failures
+
+``sync_listeners`` binds with IP_FREEBIND, so it may run before the reconciler has put the
+gateway address on the bridge. Periodic reconcile: call it again; it is cheap when nothing
+changed.
+
+``network create --dns-upstream IP[:PORT]`` (repeatable): validate with ``parse_upstreams`` and
+store ``format_upstreams(...)`` in ``Network.options[OPTION_UPSTREAMS]``; ``--opt dns=false``
+turns the server off for a network. Internal networks never forward.
+
+Containers' resolv.conf: ``nameserver <gateway>`` for the gateways of the container's first
+network (IPv4 first), then ``search <settings.domain> <the host's search domains>``. Putting the
+plexus domain first makes ``web`` resolve as ``web.plexus.internal`` locally before any host
+search domain sends it upstream (bare names resolve too, so the search line is an optimisation,
+not a requirement). Copy the host's ``options`` line, as Docker does.
+
+API / CLI::
+
+    GET /dns/stats                  -> await dns.stats()                       (JSON as is)
+    GET /dns/lookup?name=&network=&type=A&client=
+                                    -> (await dns.lookup(net, name, qtype, client)).to_dict()
+    plexus dns lookup NAME --network NET [--type AAAA] [--client IP]
+                                    -> print(explanation.text())
+    NotFound (unknown network) and InvalidArgument (bad type) are PlexusErrors: map as usual.
+
+Shutdown::
+
+    await dns.close()
+
+The agent must not call ``update`` from another thread: the swap relies on running on the event
+loop's thread, between two packets.
+"""
+
+from plexus.dns.config import (
+    DEFAULT_DOMAIN,
+    DEFAULT_TTL,
+    OPTION_DNS,
+    OPTION_UPSTREAMS,
+    DnsSettings,
+    Upstream,
+    dns_enabled,
+    format_upstreams,
+    parse_upstream,
+    parse_upstreams,
+    resolv_conf_upstreams,
+)
+from plexus.dns.records import Explanation, Match, RecordTable, Resolution, View
+from plexus.dns.server import DnsServer, ListenAddress, ServerOptions, listen_addresses
+from plexus.dns.service import DnsService
+from plexus.dns.upstream import ForwardOptions
+
+__all__ = [
+    "DEFAULT_DOMAIN",
+    "DEFAULT_TTL",
+    "OPTION_DNS",
+    "OPTION_UPSTREAMS",
+    "DnsServer",
+    "DnsService",
+    "DnsSettings",
+    "Explanation",
+    "ForwardOptions",
+    "ListenAddress",
+    "Match",
+    "RecordTable",
+    "Resolution",
+    "ServerOptions",
+    "Upstream",
+    "View",
+    "dns_enabled",
+    "format_upstreams",
+    "listen_addresses",
+    "parse_upstream",
+    "parse_upstreams",
+    "resolv_conf_upstreams",
+]

@@ -1,0 +1,141 @@
+"""Test doubles for the DNS server, shipped as real code: a stub upstream resolver.
+
+``StubUpstream`` answers over UDP and TCP from a dict of names to addresses and can play the
+failure modes forwarding must survive: ``drop`` (a dead upstream: silence, so the caller times
+out), ``refuse`` (REFUSED), ``servfail``, ``truncate`` (TC over UDP, the full answer over TCP),
+and ``delay`` seconds before each answer. Nothing here leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from plexus.dns.config import Upstream
+from plexus.dns.wire import (
+    QType,
+    Rcode,
+    WireError,
+    address_rr,
+    parse_message,
+    response,
+)
+
+Mode = Literal["answer", "drop", "refuse", "servfail", "truncate"]
+_LEN = struct.Struct("!H")
+
+
+@dataclass
+class StubUpstream:
+    address: str = "127.0.0.1"
+    port: int = 0
+    records: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    mode: Mode = "answer"
+    delay: float = 0.0
+    ttl: int = 30
+    queries: list[tuple[str, str, int]] = field(default_factory=list)  # (proto, name, qtype)
+    _udp: asyncio.DatagramTransport | None = None
+    _tcp: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def upstream(self) -> Upstream:
+        return Upstream(ipaddress.ip_address(self.address), self.port)
+
+    async def start(self) -> Upstream:
+        loop = asyncio.get_running_loop()
+        stub = self
+
+        class Proto(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                stub._udp = transport  # type: ignore[assignment]
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                task = loop.create_task(stub._answer_udp(data, addr))
+                stub._tasks.add(task)
+                task.add_done_callback(stub._tasks.discard)
+
+        await loop.create_datagram_endpoint(Proto, local_addr=(self.address, self.port))
+        assert self._udp is not None
+        self.port = self._udp.get_extra_info("sockname")[1]
+        self._tcp = await asyncio.start_server(self._serve_tcp, self.address, self.port)
+        return self.upstream
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 1)
+
+    async def __aenter__(self) -> StubUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def reply(self, data: bytes, proto: str) -> bytes | None:
+        try:
+            msg = parse_message(data)
+        except WireError:
+            return None
+        q = msg.question
+        if q is None:
+            return None
+        self.queries.append((proto, q.name, q.qtype))
+        if self.mode == "drop":
+            return None
+        if self.mode in ("refuse", "servfail"):
+            rcode = Rcode.REFUSED if self.mode == "refuse" else Rcode.SERVFAIL
+            return response(msg, rcode, aa=False)
+        addresses = [ipaddress.ip_address(a) for a in self.records.get(q.name, ())]
+        want = 4 if q.qtype == QType.A else 6 if q.qtype == QType.AAAA else 0
+        answers = [address_rr(a, self.ttl) for a in addresses if a.version == want]
+        rcode = Rcode.NOERROR if q.name in self.records else Rcode.NXDOMAIN
+        full = response(msg, rcode, answers, aa=False)
+        return _truncated(full) if self.mode == "truncate" and proto == "udp" else full
+
+    async def _answer_udp(self, data: bytes, addr: Any) -> None:
+        reply = self.reply(data, "udp")
+        if reply is None:
+            return
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self._udp is not None and not self._udp.is_closing():
+            self._udp.sendto(reply, addr)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                async with asyncio.timeout(5):
+                    (size,) = _LEN.unpack(await reader.readexactly(2))
+                    data = await reader.readexactly(size)
+                reply = self.reply(data, "tcp")
+                if reply is None:
+                    continue
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(_LEN.pack(len(reply)) + reply)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _truncated(full: bytes) -> bytes:
+    """The header and question of ``full`` with TC set: what a server sends when the answer does
+    not fit in UDP."""
+    msg = parse_message(full)
+    q = msg.question.raw if msg.question else b""
+    ident, flags = struct.unpack_from("!HH", full)
+    return struct.pack("!HHHHHH", ident, flags | 0x0200, 1, 0, 0, 0) + q
