@@ -348,8 +348,8 @@ def test_ipam_only_mode_under_the_reference_bridge(cni: Cni) -> None:
     assert r.ok, (r.stdout, r.stderr)
     assert r.out["ips"][0]["address"] == "10.62.0.2/24"
     assert addresses(ns, "eth0") == ["10.62.0.2/24"]
-    rows = store_rows(cni.agent.state_dir, "/plexus/ipam/refnet/")
-    assert list(rows) == ["/plexus/ipam/refnet/10.62.0.0_24/10.62.0.2"]
+    rows = store_rows(cni.agent.state_dir, "/plexus/ipam/10.62.0.0_24/")
+    assert list(rows) == ["/plexus/ipam/10.62.0.0_24/10.62.0.2"]
     assert "refbr0" not in nft_elements("host1").get("bridges", [])
     r = exec_plugin(
         "/usr/lib/cni/bridge",
@@ -361,7 +361,7 @@ def test_ipam_only_mode_under_the_reference_bridge(cni: Cni) -> None:
         in_netns="/run/netns/host1",
     )
     assert r.ok, (r.stdout, r.stderr)
-    assert store_rows(cni.agent.state_dir, "/plexus/ipam/refnet/") == {}
+    assert store_rows(cni.agent.state_dir, "/plexus/ipam/10.62.0.0_24/") == {}
 
 
 def test_five_hundred_adds_from_eight_processes(cni: Cni) -> None:

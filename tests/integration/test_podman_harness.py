@@ -169,21 +169,31 @@ def test_removing_containers_leaves_nothing_behind(pm: Podman) -> None:
     assert {l["ifname"] for l in links()} <= {"lo", BRIDGE}
 
 
-def test_a_container_that_exits_is_cleaned_up_by_podmans_exit_command(pm: Podman) -> None:
-    """conmon runs ``podman container cleanup``; it must see our containers.conf (plugin dir)."""
-    pm.add_plugin(REFERENCE_PLUGIN_DIR / "bridge", "refbridge")  # only findable via our conf
-    plugins = bridge_plugins("only", "cni-only0", "10.89.78.0/24", ipam_dir=pm.ipam_dir)
-    plugins[0]["type"] = "refbridge"
-    pm.write_conflist("only", plugins)
-    before = veths()
-    pm.run("brief", "only", "sleep", "1")
-    assert len(reservations(pm, "only")) == 1
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (reservations(pm, "only") or veths() != before):
-        time.sleep(0.2)
-    assert reservations(pm, "only") == [] and veths() == before
-    assert pm.inspect("brief")["State"]["Status"] == "exited"
-    assert not Path("/dev/shm/libpod_lock").exists()  # cleanup used our file locks
+def test_a_container_that_exits_is_cleaned_up_by_podmans_exit_command(tmp_path: Path) -> None:
+    """conmon runs ``podman container cleanup``: it must see our containers.conf and env."""
+    with Podman(tmp_path / "podman", env={"PLEXUS_MARK": "from-harness"}) as pm:
+        log = pm.workdir / "mark.log"
+        spy = pm.workdir / "refbridge"  # a plugin type only our plugin dir has
+        spy.write_text(
+            f'#!/bin/sh\necho "$CNI_COMMAND $PLEXUS_MARK" >> {log}\n'
+            f"exec {REFERENCE_PLUGIN_DIR / 'bridge'}\n"
+        )
+        spy.chmod(0o755)
+        pm.add_plugin(spy)
+        plugins = bridge_plugins("only", "cni-only0", "10.89.78.0/24", ipam_dir=pm.ipam_dir)
+        plugins[0]["type"] = "refbridge"
+        pm.write_conflist("only", plugins)
+        before = veths()
+        pm.run("brief", "only", "sleep", "1")
+        assert len(reservations(pm, "only")) == 1
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (reservations(pm, "only") or veths() != before):
+            time.sleep(0.2)
+        assert reservations(pm, "only") == [] and veths() == before
+        assert pm.inspect("brief")["State"]["Status"] == "exited"
+        calls = [line for line in log.read_text().splitlines() if not line.startswith("VERSION")]
+        assert calls == ["ADD from-harness", "DEL from-harness"]
+        assert not Path("/dev/shm/libpod_lock").exists()  # cleanup used our file locks
 
 
 def test_what_podman_sends_to_cni_plugins(pm: Podman) -> None:
@@ -213,12 +223,11 @@ def test_what_podman_sends_to_cni_plugins(pm: Podman) -> None:
     assert add["ifname"] == "eth0" and add["netns"].startswith("/run/netns/netns-")
     assert add["path"] == str(pm.cni_plugin_dir)
     assert add["stdin"]["cniVersion"] == "1.0.0" and add["stdin"]["name"] == NET
-    assert add["stdin"]["runtimeConfig"] == {
-        "portMappings": [
-            {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"},
-            {"hostPort": 5353, "containerPort": 53, "protocol": "udp"},
-        ]
-    }
+    assert list(add["stdin"]["runtimeConfig"]) == ["portMappings"]  # order is not stable:
+    assert sorted(add["stdin"]["runtimeConfig"]["portMappings"], key=lambda m: m["hostPort"]) == [
+        {"hostPort": 5353, "containerPort": 53, "protocol": "udp"},
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"},
+    ]
     assert "prevResult" in add["stdin"]
     bridge_add = next(c for c in calls if c["plugin"] == "bridge" and c["cmd"] == "ADD")
     assert "runtimeConfig" not in bridge_add["stdin"]  # only for declared capabilities

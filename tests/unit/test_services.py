@@ -101,7 +101,7 @@ async def test_two_hundred_parallel_attaches_never_share_an_address(
     got = await asyncio.gather(*(one(i) for i in range(200)))
     flat = [a for pair in got for a in pair.split(",")]
     assert len(flat) == 400 and len(set(flat)) == 400
-    kvs, _ = await core.store.list(keys.ipam_prefix("n"))
+    kvs, _ = await core.store.list(keys.IPAM)
     assert len(kvs) == 400
 
 
@@ -146,7 +146,7 @@ async def test_failed_programming_rolls_back_everything(
             )
         )
     assert (await core.store.list(keys.ENDPOINTS))[0] == []
-    assert (await core.store.list(keys.ipam_prefix("n")))[0] == []
+    assert (await core.store.list(keys.IPAM))[0] == []
     assert (await core.store.list(keys.PORTS))[0] == []
     assert core.endpoints == {}
 
@@ -204,14 +204,14 @@ async def test_recovery_rolls_back_pending_and_collects_garbage(
     )
     await core.store.put(keys.endpoint("n1", "b", "eth0"), pending.to_json())
     await core.store.put(
-        keys.ipam_addr("n", "10.8.0.0/24", "10.8.0.99"), keys.endpoint("n1", "ghost", "eth0")
+        keys.ipam_addr("10.8.0.0/24", "10.8.0.99"), keys.endpoint("n1", "ghost", "eth0")
     )
     # The stale copy names a's address: rolling it back must not free what a owns.
     report = await Reconciler(core, ContainerService(core)).recover()
     assert "endpoint b/eth0" in report.rolled_back
     kvs, _ = await core.store.list(keys.ENDPOINTS)
     assert [kv.key for kv in kvs] == [keys.endpoint("n1", "a", "eth0")]
-    addrs, _ = await core.store.list(keys.ipam_prefix("n"))
+    addrs, _ = await core.store.list(keys.IPAM)
     assert [kv.key.rsplit("/", 1)[1] for kv in addrs] == [str(ep.addresses[0].ip)]
 
 
@@ -222,4 +222,4 @@ async def test_recovery_releases_endpoints_whose_netns_is_gone(
     await eps.attach(AttachSpec(container_id="a", network="n", netns="/nonexistent/netns"))
     report = await Reconciler(core, ContainerService(core)).recover()
     assert report.released == ["a/eth0"]
-    assert (await core.store.list(keys.ipam_prefix("n")))[0] == []
+    assert (await core.store.list(keys.IPAM))[0] == []

@@ -38,6 +38,7 @@ class AgentConfig:
     pool6: IPNetwork = DEFAULT_POOL6
     pool6_prefix: int = 64
     reconcile_interval: float = 10.0
+    docker_plugin_socket: Path | None = None  # None: do not serve the Docker plugin
     txn_retries: int = 50
 
 

@@ -17,6 +17,7 @@ from typing import IO
 
 from plexus.agent.core import AgentConfig, Core, log
 from plexus.agent.reconcile import Reconciler
+from plexus.api.docker.server import DockerPlugin
 from plexus.api.server import Api, serve
 from plexus.dataplane.driver import NetlinkDataplane
 from plexus.dataplane.nft.firewall import NftFirewall
@@ -47,7 +48,11 @@ async def run_agent(config: AgentConfig) -> None:
         config=config, store=store, dataplane=NetlinkDataplane(), firewall=NftFirewall(open_nft())
     )
     api = Api(core)
-    runner = await serve(core, api, config.socket)
+    runners = [await serve(api.app(), config.socket)]
+    if config.docker_plugin_socket is not None:
+        plugin = DockerPlugin(core, api.networks, api.endpoints)
+        runners.append(await serve(plugin.app(), config.docker_plugin_socket))
+        log.info("docker plugin on %s", config.docker_plugin_socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,11 +71,14 @@ async def run_agent(config: AgentConfig) -> None:
             periodic.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await periodic
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
         await core.dataplane.close()
         await core.store.close()
-        with contextlib.suppress(FileNotFoundError):
-            config.socket.unlink()
+        for path in (config.socket, config.docker_plugin_socket):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         lock.close()
         log.info("agent stopped")
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from plexus.agent.core import Core, log
 from plexus.dataplane import netns
 from plexus.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, PlexusError
-from plexus.ipam.service import Plan, claim_keys, plan_allocation
+from plexus.ipam.service import Plan, claim_keys, plan_allocation, plan_assigned
 from plexus.model import keys, parse
-from plexus.model.types import Endpoint, IPAddress, Network, Owner, PortMapping
+from plexus.model.types import Endpoint, IPAddress, IPInterface, Network, Owner, PortMapping
 from plexus.store.base import Compare, Delete, Put
 
 
@@ -43,6 +43,12 @@ class AttachSpec:
     bandwidth: dict[str, int] = field(default_factory=dict)
     # CNI lets a container join one network several times under different interface names.
     one_per_network: bool = True
+    # Addresses the front door's own IPAM already assigned (Docker); claims whose owner starts
+    # with ``assigned_by`` are that IPAM's and are left to it.
+    addresses: Sequence[IPInterface] = ()
+    assigned_by: str = ""
+    # Docker moves the container end itself: make the pair in the host namespace.
+    peer_in_host: bool = False
 
 
 def _owner(value: str) -> str:
@@ -71,9 +77,11 @@ class EndpointService:
         route = spec.default_route
         if route is None:
             route = not any(e.gateways for e in self.of_container(spec.container_id))
-        ep = await self._commit_pending(net, ep, spec.ips, route)
+        ep = await self._commit_pending(net, ep, spec, route)
         try:
-            if ep.has_links:
+            if spec.peer_in_host:
+                ep = await self.core.dataplane.ensure_detached_veth(net, ep)
+            elif ep.has_links:
                 ep = await self.core.dataplane.ensure_endpoint(net, ep)
             ep = replace(ep, state="ready")
             self.core.endpoints[ep.key] = ep
@@ -90,7 +98,8 @@ class EndpointService:
         net = self.core.networks.get(spec.network)
         if net is None:
             raise NotFound(f"network {spec.network!r} not found")
-        if net.driver not in ("host", "ipam") and spec.owner != "cni-ipam":
+        needs_netns = net.driver not in ("host", "ipam") and spec.owner != "cni-ipam"
+        if needs_netns and not spec.peer_in_host:
             netns.check_netns(spec.netns)
         if (net.driver == "ipam") != (spec.owner == "cni-ipam"):
             raise InvalidArgument(
@@ -124,12 +133,14 @@ class EndpointService:
         )
         return net, ep
 
-    def _check_ports(self, ports: Sequence[PortMapping]) -> None:
+    def _check_ports(
+        self, ports: Sequence[PortMapping], others: Sequence[Endpoint] | None = None
+    ) -> None:
         for i, p in enumerate(ports):
             for q in ports[i + 1 :]:
                 if parse.port_overlap(p, q):
                     raise InvalidArgument("publish", str(q), f"overlaps {p}")
-            for other in self.core.endpoints.values():
+            for other in self.core.endpoints.values() if others is None else others:
                 for q in other.ports:
                     if parse.port_overlap(p, q):
                         who = other.name or other.container_id
@@ -138,14 +149,21 @@ class EndpointService:
     def _key(self, ep: Endpoint) -> str:
         return keys.endpoint(self.core.node, ep.container_id, ep.ifname)
 
+    async def _plan(self, net: Network, ep: Endpoint, spec: AttachSpec) -> Plan:
+        if spec.addresses:
+            return await plan_assigned(
+                self.core.store, net, self._key(ep), spec.addresses, spec.assigned_by
+            )
+        if net.driver in ("bridge", "ipam"):
+            return await plan_allocation(self.core.store, net, self._key(ep), spec.ips)
+        return Plan()
+
     async def _commit_pending(
-        self, net: Network, ep: Endpoint, ips: Sequence[IPAddress], default_route: bool
+        self, net: Network, ep: Endpoint, spec: AttachSpec, default_route: bool
     ) -> Endpoint:
         """Claim addresses and write the endpoint in one transaction, retrying lost races."""
         for _ in range(self.core.config.txn_retries):
-            plan = Plan()
-            if net.driver in ("bridge", "ipam"):
-                plan = await plan_allocation(self.core.store, net, self._key(ep), ips)
+            plan = await self._plan(net, ep, spec)
             pending = replace(ep, addresses=tuple(plan.addresses))
             if default_route:
                 pending = replace(pending, gateways=_gateways(net, pending))
@@ -203,7 +221,7 @@ class EndpointService:
         A claim is released only while it still names this endpoint: a stale endpoint must never
         free an address that has since been given to someone else."""
         key = self._key(ep)
-        claims = claim_keys(ep.network, ep.addresses) + _port_claims(self.core.node, ep)
+        claims = claim_keys(ep.addresses) + _port_claims(self.core.node, ep)
         for _ in range(self.core.config.txn_retries):
             owned: list[tuple[str, str]] = []
             for claim in claims:
@@ -217,6 +235,29 @@ class EndpointService:
             if result.succeeded:
                 return
         raise Conflict(f"could not release the claims of {ep.key}: too much contention")
+
+    async def set_ports(self, key: str, ports: Sequence[PortMapping]) -> Endpoint:
+        """Replace an endpoint's published ports (Docker's ProgramExternalConnectivity comes
+        after Join): claims and endpoint in one transaction, then the firewall's elements."""
+        ep = self.core.endpoints.get(key)
+        if ep is None:
+            raise NotFound(f"endpoint {key} not found")
+        others = [e for e in self.core.endpoints.values() if e.key != key]
+        self._check_ports(ports, others)
+        new = replace(ep, ports=tuple(ports))
+        old_claims, new_claims = _port_claims(self.core.node, ep), _port_claims(self.core.node, new)
+        owner = json.dumps({"endpoint": self._key(ep)})
+        added = [c for c in new_claims if c not in old_claims]
+        result = await self.core.store.txn(
+            [Compare(self._key(ep), "value", "==", ep.to_json()), *map(Compare.absent, added)],
+            [Put(self._key(ep), new.to_json()), *(Put(c, owner) for c in added),
+             *(Delete(c) for c in old_claims if c not in new_claims)],
+        )
+        if not result.succeeded:
+            raise Conflict(f"the ports of {key} changed meanwhile, or a host port was taken")
+        self.core.endpoints[key] = new
+        await self.core.sync_firewall()
+        return new
 
     async def detach(
         self, container_id: str, network: str = "", ifname: str = "", missing_ok: bool = False

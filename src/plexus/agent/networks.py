@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import time
 from collections.abc import Sequence
@@ -29,6 +30,9 @@ class NetworkSpec:
     mtu: int = 1500
     labels: dict[str, str] = field(default_factory=dict)
     options: dict[str, str] = field(default_factory=dict)
+    # A subnet claim holding this value (an IPAM pool of a front door, e.g. "pool:docker") is
+    # taken over by the new network instead of being a conflict.
+    adopt_claim: str = ""
 
 
 def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
@@ -71,8 +75,9 @@ class NetworkService:
     async def create(self, spec: NetworkSpec) -> Network:
         net = await self._build(spec)
         claims = [keys.subnet(s.cidr) for s in net.subnets]
+        guards = [await self._claim_guard(c, spec.adopt_claim) for c in claims]
         result = await self.core.store.txn(
-            [Compare.absent(keys.network(net.name)), *map(Compare.absent, claims)],
+            [Compare.absent(keys.network(net.name)), *guards],
             [Put(keys.network(net.name), net.to_json()), *(Put(c, net.name) for c in claims)],
         )
         if not result.succeeded:
@@ -89,6 +94,13 @@ class NetworkService:
         log.info("network %s created (%s)", net.name, ", ".join(str(s.cidr) for s in net.subnets))
         return net
 
+    async def _claim_guard(self, claim: str, adopt: str) -> Compare:
+        if adopt:
+            kv = await self.core.store.get(claim)
+            if kv is not None and kv.value == adopt:
+                return Compare(claim, "value", "==", adopt)
+        return Compare.absent(claim)
+
     async def _build(self, spec: NetworkSpec) -> Network:
         parse.name("name", spec.name)
         driver = parse.driver(spec.driver)
@@ -98,7 +110,7 @@ class NetworkService:
         subnets: list[Subnet] = []
         if driver in ("bridge", "ipam"):
             subnets = _explicit_subnets(spec)
-            await self._check_overlaps(subnets)
+            await self._check_overlaps(subnets, spec.adopt_claim)
             subnets += await self._auto_subnets(spec, subnets)
         elif spec.subnets:
             raise InvalidArgument("subnet", spec.subnets[0], f"driver {driver} takes no subnets")
@@ -115,16 +127,25 @@ class NetworkService:
             created=time.time(),
         )
 
-    async def _taken(self) -> list[tuple[IPNetwork, str]]:
+    async def taken_prefixes(self, adopt: str = "") -> list[tuple[IPNetwork, str]]:
+        """What a new subnet must not overlap, with where each comes from: networks, subnets
+        held by a front door's IPAM pool (except ``adopt``), and this host's addresses and
+        routes (not those of plexus's own bridges)."""
         taken = [
             (s.cidr, f"network {n.name}") for n in self.core.networks.values() for s in n.subnets
+        ]
+        claims, _ = await self.core.store.list(keys.SUBNETS)
+        taken += [
+            (ipaddress.ip_network(kv.key[len(keys.SUBNETS) :].replace("_", "/")), kv.value)
+            for kv in claims
+            if kv.value.startswith("pool:") and kv.value != adopt
         ]
         own = {n.bridge for n in self.core.networks.values()}
         local = await self.core.dataplane.local_prefixes()
         return taken + [(p, w) for p, w in local if not any(b in w for b in own)]
 
-    async def _check_overlaps(self, subnets: list[Subnet]) -> None:
-        taken = await self._taken()
+    async def _check_overlaps(self, subnets: list[Subnet], adopt: str = "") -> None:
+        taken = await self.taken_prefixes(adopt)
         for s in subnets:
             for cidr, where in taken:
                 if s.cidr.version == cidr.version and s.cidr.overlaps(cidr):
@@ -135,7 +156,7 @@ class NetworkService:
         wanted = [] if any(s.version == 4 for s in have) else [(cfg.pool4, cfg.pool4_prefix)]
         if spec.ipv6 and not any(s.version == 6 for s in have):
             wanted.append((cfg.pool6, cfg.pool6_prefix))
-        avoid = [cidr for cidr, _ in await self._taken()]
+        avoid = [cidr for cidr, _ in await self.taken_prefixes()]
         out = []
         for pool, prefix in wanted:
             cidr = allocator.pick_subnet(pool, prefix, avoid)
@@ -170,8 +191,8 @@ class NetworkService:
         ops = [
             Delete(keys.network(net.name)),
             *(Delete(keys.subnet(s.cidr)) for s in net.subnets),
-            Delete(keys.ipam_prefix(net.name), prefix=True),
-            Delete(f"{keys.IPAM_CURSOR}{net.name}/", prefix=True),
+            *(Delete(keys.ipam_prefix(s.cidr), prefix=True) for s in net.subnets),
+            *(Delete(keys.ipam_cursor(s.cidr)) for s in net.subnets),
         ]
         await self.core.store.txn([], ops)
         self.core.networks.pop(net.name, None)

@@ -261,8 +261,8 @@ class Api:
         return web.json_response({"result": result})
 
 
-async def serve(core: Core, api: Api, socket_path: Path) -> web.AppRunner:
-    runner = web.AppRunner(api.app(), access_log=None)
+async def serve(app: web.Application, socket_path: Path) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists() or socket_path.is_symlink():

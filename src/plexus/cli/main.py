@@ -85,6 +85,8 @@ def cli(ctx: click.Context, socket: str) -> None:
     help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN",
 )
 @click.option("--reconcile-interval", default=10.0, show_default=True, type=float)
+@click.option("--docker-plugin-socket", default="/run/docker/plugins/plexus.sock",
+              show_default=True, help="serve the Docker network+IPAM plugin here ('' to disable)")
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
 def agent(
@@ -95,6 +97,7 @@ def agent(
     pool: str,
     pool6: str,
     reconcile_interval: float,
+    docker_plugin_socket: str,
     verbose: bool,
 ) -> None:
     """Run the agent (the daemon) in the foreground."""
@@ -122,6 +125,7 @@ def agent(
             pool6=p6,
             pool6_prefix=l6,
             reconcile_interval=reconcile_interval,
+            docker_plugin_socket=Path(docker_plugin_socket) if docker_plugin_socket else None,
         )
         daemon.main(config, verbose)
     except PlexusError as exc:

@@ -27,6 +27,12 @@ def host_ifname(ep: Endpoint) -> str:
     return f"pxv{digest[:12]}"
 
 
+def peer_ifname(ep: Endpoint) -> str:
+    """Name of a container end left in the host namespace, for a runtime that moves it itself."""
+    digest = hashlib.sha256(f"{ep.container_id}/{ep.ifname}".encode()).hexdigest()
+    return f"pxc{digest[:12]}"
+
+
 def owner_alias(ep: Endpoint) -> str:
     return f"ep:{ep.container_id}/{ep.ifname}"
 
@@ -42,6 +48,11 @@ class Dataplane(Protocol):
 
     async def ensure_endpoint(self, net: Network, ep: Endpoint) -> Endpoint:
         """Programs the endpoint; returns it with ``host_ifname`` and ``mac`` filled in."""
+        ...
+
+    async def ensure_detached_veth(self, net: Network, ep: Endpoint) -> Endpoint:
+        """A veth whose container end stays in the host namespace, named ``peer_ifname(ep)``
+        (Docker moves and renames it at Join); returns ``ep`` with ``host_ifname`` set."""
         ...
 
     async def delete_endpoint(self, ep: Endpoint) -> None: ...
@@ -134,6 +145,22 @@ class NetlinkDataplane:
             await links.create_veth(host, name, ep.netns, ep.ifname, net.mtu, ep.mac)
         await links.attach_to_bridge(host, name, bridge, owner_alias(ep))
 
+    async def ensure_detached_veth(self, net: Network, ep: Endpoint) -> Endpoint:
+        host = await self._ipr()
+        bridge = await links.link_index(host, net.bridge)
+        if bridge is None:
+            raise DataplaneError(f"bridge {net.bridge} of network {net.name} is missing")
+        name, peer = host_ifname(ep), peer_ifname(ep)
+        await links.delete_link(host, name)  # a stale pair from an earlier life of the endpoint
+        await links.delete_link(host, peer)
+        await links.create_veth(host, name, None, peer, net.mtu, ep.mac)
+        await links.attach_to_bridge(host, name, bridge, owner_alias(ep))
+        index = await links.link_index(host, peer)
+        if index is None:
+            raise DataplaneError(f"veth end {peer} vanished right after it was created")
+        mac = (await links.get_link(host, index)).get("address")
+        return replace(ep, host_ifname=name, mac=mac)
+
     async def delete_endpoint(self, ep: Endpoint) -> None:
         # Deleting the host end removes the peer too; if the container's namespace is already
         # gone, the kernel destroyed the pair with it and there is nothing to do.
@@ -186,6 +213,9 @@ class FakeDataplane:
         done = replace(ep, host_ifname=name, mac="02:00:00:00:00:01")
         self.veths[name] = done
         return done
+
+    async def ensure_detached_veth(self, net: Network, ep: Endpoint) -> Endpoint:
+        return await self.ensure_endpoint(net, ep)
 
     async def delete_endpoint(self, ep: Endpoint) -> None:
         self.veths.pop(ep.host_ifname or host_ifname(ep), None)

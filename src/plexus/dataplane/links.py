@@ -84,7 +84,7 @@ async def set_up(ipr: AsyncIPRoute, name: str) -> None:
 async def create_veth(
     host: AsyncIPRoute,
     host_ifname: str,
-    netns_path: str,
+    netns_path: str | None,
     ifname: str,
     mtu: int,
     mac: str = "",
@@ -98,9 +98,10 @@ async def create_veth(
     peer: dict[str, Any] = {"ifname": ifname, "mtu": mtu}
     if mac:
         peer["address"] = mac
-    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = -1 if netns_path is None else os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        peer["net_ns_fd"] = fd
+        if fd >= 0:
+            peer["net_ns_fd"] = fd
         await host.link("add", ifname=host_ifname, kind="veth", mtu=mtu, peer=peer)
     except NetlinkError as exc:
         if exc.code == errno.EEXIST:
@@ -109,7 +110,8 @@ async def create_veth(
             ) from exc
         raise DataplaneError(f"cannot create veth {host_ifname}/{ifname}: {exc}") from exc
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 async def attach_to_bridge(

@@ -136,7 +136,8 @@ class Explanation:
 
     @property
     def rcode(self) -> str:
-        return rcode_name(self.resolution.rcode)
+        """The local answer's rcode; a forwarded name's comes from the upstream (``response``)."""
+        return "" if self.resolution.outcome == "forward" else rcode_name(self.resolution.rcode)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.resolution
@@ -153,7 +154,7 @@ class Explanation:
         r = self.resolution
         lines = [f"{self.name} {self.qtype} on network {self.network}"
                  + (f" from {self.client}" if self.client else "")
-                 + f": {r.outcome.upper()} ({self.rcode})"]
+                 + f": {r.outcome.upper()}" + (f" ({self.rcode})" if self.rcode else "")]
         lines += [f"  {a}" for a in r.addresses] + [f"  {t}." for t in r.targets]
         lines += [f"  {rec}" for rec in self.response]
         lines.append(f"why: {r.reason}")

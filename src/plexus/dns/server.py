@@ -66,7 +66,11 @@ _LEN = struct.Struct("!H")
 IP_FREEBIND = 15
 IPV6_FREEBIND = 78
 MAX_ROTATIONS = 64  # ready-made rotations of a round-robin answer
-MAX_CACHE = 20000  # ready-made answers per view; cleared (not evicted one by one) when full
+# Ready-made answers kept per table, all views together (~1 KB each at most). When full, they
+# are all dropped at once: cheaper than LRU bookkeeping on the fast path, and a flood of unique
+# names only ever costs the slow path.
+MAX_CACHE = 50000
+ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR: never served
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +140,8 @@ class _UdpListener(asyncio.DatagramProtocol):
 
 @dataclass(eq=False)
 class _Listener:
-    key: ListenAddress
+    key: ListenAddress  # as asked for
+    bound: ListenAddress  # as bound (the real port when port 0 was asked for)
     udp: _UdpListener
     transport: asyncio.DatagramTransport
     tcp: asyncio.Server
@@ -158,6 +163,7 @@ class DnsServer:
         self._answers: Counter[tuple[str, str]] = Counter()  # (qtype, rcode)
         self._outcomes: Counter[str] = Counter()
         self._retired_hits: Counter[tuple[str, str, str]] = Counter()
+        self._cache_entries = 0
         self._started = False
 
     # --- life cycle --------------------------------------------------------------------------
@@ -192,11 +198,15 @@ class DnsServer:
             listener.udp.retable(table)
         self.forwarder.track(table.upstreams())
 
-    def _retire(self, table: RecordTable) -> None:
-        for view in _views_of(table):
+    def _retire(self, table: RecordTable, clear: bool = False) -> None:
+        """Fold the fast path's hit counts into the totals (before the caches go away)."""
+        for view in table.views():
             for entry in view.wire_cache.values():
                 if entry.hits:
                     self._retired_hits[(entry.qtype, entry.rcode, entry.outcome)] += entry.hits
+            if clear:
+                view.wire_cache.clear()
+        self._cache_entries = 0
 
     def explain(self, network: str, name: str, qtype: int | str = "A",
                 client: str | None = None) -> Explanation:
@@ -225,27 +235,22 @@ class DnsServer:
 
     @property
     def listeners(self) -> list[ListenAddress]:
-        return sorted(self._listeners)
-
-    def bound(self, key: ListenAddress) -> tuple[str, int]:
-        """The (address, port) a listener actually got (useful with port 0 in tests)."""
-        addr = self._listeners[key].transport.get_extra_info("sockname")
-        return str(addr[0]), int(addr[1])
+        """Where it listens (ports as bound: a requested port 0 shows the real one)."""
+        return sorted(listener.bound for listener in self._listeners.values())
 
     async def add_listener(self, key: ListenAddress) -> ListenAddress:
         """Listen (UDP and TCP) on ``key.address``:``key.port``; idempotent. Port 0 picks a free
-        port (the same for UDP and TCP) and returns the key with it. Raises DataplaneError."""
-        if key in self._listeners:
-            return key
+        port (the same for UDP and TCP); the key returned carries it. Raises DataplaneError."""
+        found = self._find(key)
+        if found is not None:
+            return found.bound
         udp_sock, tcp_sock = _bind_pair(key, self.options.reuse_port)
-        port = udp_sock.getsockname()[1]
-        if key.port == 0:
-            key = ListenAddress(key.network, key.address, port, key.netns)
+        bound = replace(key, port=udp_sock.getsockname()[1])
         loop = asyncio.get_running_loop()
         try:
             proto = _UdpListener(self, key)
             transport, _ = await loop.create_datagram_endpoint(lambda: proto, sock=udp_sock)
-            listener = _Listener(key, proto, transport, None)  # type: ignore[arg-type]
+            listener = _Listener(key, bound, proto, transport, None)  # type: ignore[arg-type]
             listener.tcp = await asyncio.start_server(
                 lambda r, w: self._tcp_connection(listener, r, w), sock=tcp_sock,
                 limit=MAX_TCP_MESSAGE + 2)
@@ -255,14 +260,22 @@ class DnsServer:
             raise
         self._listeners[key] = listener
         self._refresh_exclusions()
-        log.info("dns: listening on %s:%s for network %s", key.address, key.port, key.network)
-        return key
+        log.info("dns: listening on %s:%s for network %s", key.address, bound.port, key.network)
+        return bound
+
+    def _find(self, key: ListenAddress) -> _Listener | None:
+        found = self._listeners.get(key)
+        if found is None:
+            found = next((li for li in self._listeners.values() if li.bound == key), None)
+        return found
 
     async def remove_listener(self, key: ListenAddress) -> None:
-        """Stop listening there; other listeners are not touched. Tolerates "not found"."""
-        listener = self._listeners.pop(key, None)
+        """Stop listening there (``key`` as requested or as returned by ``add_listener``);
+        other listeners are not touched. Tolerates "not found"."""
+        listener = self._find(key)
         if listener is None:
             return
+        del self._listeners[listener.key]
         listener.transport.close()
         listener.tcp.close()
         for task in list(listener.connections):
@@ -287,7 +300,8 @@ class DnsServer:
         return errors
 
     def _refresh_exclusions(self) -> None:
-        self.forwarder.exclude((k.address, k.port) for k in self._listeners)
+        self.forwarder.exclude((li.bound.address, li.bound.port)
+                               for li in self._listeners.values())
 
     # --- answering ---------------------------------------------------------------------------
 
@@ -333,13 +347,13 @@ class DnsServer:
                 return self._count(msg, response(msg, Rcode.SERVFAIL, aa=False))
             return _Forward(msg, data, resolution)
         bodies = self._render(msg, resolution, view, udp)
-        if udp and cache_key is not None:
+        if udp and cache_key is not None and msg.size == len(data):
             cached = _Cached([b[2:] for b in bodies], qtype_name(q.qtype),
                              rcode_name(resolution.rcode), resolution.outcome)
-            cache = view.wire_cache
-            if len(cache) >= MAX_CACHE:
-                self._retire_view(view)
-            cache[cache_key] = cached
+            self._cache_entries += 1
+            if self._cache_entries > MAX_CACHE:
+                self._retire(self.table, clear=True)
+            view.wire_cache[cache_key] = cached
             reply = data[:2] + cached.next_body()
         else:
             reply = bodies[0]
@@ -355,6 +369,8 @@ class DnsServer:
             return self._count(msg, error_response(msg.id, msg.flags, Rcode.NOTIMP))
         if msg.question is None:
             return self._count(msg, error_response(msg.id, msg.flags, Rcode.FORMERR))
+        if msg.question.qtype in ZONE_TRANSFERS:
+            return self._count(msg, response(msg, Rcode.REFUSED, aa=False))
         if msg.edns is not None and msg.edns.version > 0:
             return self._count(msg, response(msg, Rcode.BADVERS, aa=False), Rcode.BADVERS)
         return None
@@ -388,12 +404,6 @@ class DnsServer:
             out.append(response(msg, res.rcode, rotated, authority, aa=aa, ra=view.forward,
                                 limit=limit))
         return out
-
-    def _retire_view(self, view: View) -> None:
-        for entry in view.wire_cache.values():
-            if entry.hits:
-                self._retired_hits[(entry.qtype, entry.rcode, entry.outcome)] += entry.hits
-        view.wire_cache.clear()
 
     async def _forward(self, job: _Forward, tcp: bool) -> bytes:
         msg = job.msg
@@ -469,9 +479,13 @@ class DnsServer:
         try:
             async with asyncio.timeout(opts.idle_timeout):
                 head = await reader.readexactly(2)
-        except (TimeoutError, asyncio.IncompleteReadError):
+        except TimeoutError:
             self._counts["tcp_idle_closed"] += 1
             return None
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                self._counts["tcp_partial_frames"] += 1
+            return None  # the client closed
         (size,) = _LEN.unpack(head)
         if size == 0 or size > opts.max_query:
             self._counts["tcp_bad_frames"] += 1
@@ -515,7 +529,7 @@ class DnsServer:
         outcomes: Counter[str] = Counter(self._outcomes)
         fast = 0
         hits: Counter[tuple[str, str, str]] = Counter(self._retired_hits)
-        for view in _views_of(self.table):
+        for view in self.table.views():
             for entry in view.wire_cache.values():
                 if entry.hits:
                     hits[(entry.qtype, entry.rcode, entry.outcome)] += entry.hits
@@ -539,7 +553,7 @@ class DnsServer:
             "upstreams": self.forwarder.stats(),
             "table": {"generation": self.table.generation, "records": self.table.record_count(),
                       "networks": len(self.table.networks)},
-            "listeners": [f"{k.network} {k.address}:{k.port}" for k in sorted(self._listeners)],
+            "listeners": [f"{k.network} {k.address}:{k.port}" for k in self.listeners],
         }
 
 
@@ -548,10 +562,6 @@ class _Forward:
     msg: Message
     data: bytes
     resolution: Resolution
-
-
-def _views_of(table: RecordTable) -> list[View]:
-    return table.views()
 
 
 def _replace(found: Explanation, **changes: Any) -> Explanation:

@@ -3,23 +3,41 @@ event loop (``workers=0``) or in supervised worker processes (``workers=N``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from plexus.dns.config import DNS_PORT, DnsSettings
+from plexus.dns.config import DNS_PORT, DnsSettings, resolv_conf_upstreams
 from plexus.dns.records import Explanation, RecordTable
 from plexus.dns.server import DnsServer, ListenAddress, ServerOptions, listen_addresses
 from plexus.dns.workers import WorkerPool
 from plexus.model.types import Endpoint, Network
 
+log = logging.getLogger("plexus.dns")
+
 
 class DnsService:
+    """``follow``: take the agent-wide upstreams from this resolv.conf and re-read it when it
+    changes (checked every ``follow_interval`` seconds), so a DHCP or VPN change on the host
+    reaches containers without a restart. Pass it when no ``--dns-upstream`` was given."""
+
     def __init__(self, settings: DnsSettings | None = None, *, workers: int = 0,
                  options: ServerOptions | None = None, port: int = DNS_PORT,
-                 netns: str = "") -> None:
+                 netns: str = "", follow: Path | None = None,
+                 follow_interval: float = 5.0) -> None:
         self.settings = settings or DnsSettings()
         self.port = port
         self.netns = netns
+        self.follow = follow
+        self.follow_interval = follow_interval
+        self._follower: asyncio.Task[None] | None = None
+        if follow is not None:
+            self.settings = dataclasses.replace(self.settings,
+                                                upstreams=resolv_conf_upstreams(follow))
         self._table = RecordTable.empty(self.settings)
         self._server: DnsServer | None = None
         self._pool: WorkerPool | None = None
@@ -37,8 +55,24 @@ class DnsService:
             await self._pool.start()
         elif self._server is not None:
             await self._server.start()
+        if self.follow is not None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow(self.follow))
+
+    async def _follow(self, path: Path) -> None:
+        while True:
+            await asyncio.sleep(self.follow_interval)
+            upstreams = resolv_conf_upstreams(path)
+            if upstreams and upstreams != self.settings.upstreams:
+                log.info("dns: upstreams from %s are now %s", path,
+                         ", ".join(map(str, upstreams)))
+                self.settings = dataclasses.replace(self.settings, upstreams=upstreams)
+                self.update(*self._table.sources)
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         if self._pool is not None:
             await self._pool.close()
         elif self._server is not None:

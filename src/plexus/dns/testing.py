@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import struct
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from plexus.dns.wire import (
     parse_message,
     response,
 )
+from plexus.model.types import Endpoint, Network, Subnet
 
 Mode = Literal["answer", "drop", "refuse", "servfail", "truncate"]
 _LEN = struct.Struct("!H")
@@ -139,3 +141,27 @@ def _truncated(full: bytes) -> bytes:
     q = msg.question.raw if msg.question else b""
     ident, flags = struct.unpack_from("!HH", full)
     return struct.pack("!HHHHHH", ident, flags | 0x0200, 1, 0, 0, 0) + q
+
+
+# --- record-set builders ---------------------------------------------------------------------
+
+
+def network(name: str, cidr: str = "10.1.0.0/24", *more: str, internal: bool = False,
+            options: Mapping[str, str] | None = None) -> Network:
+    """A network whose subnets' gateways are their first host address."""
+    subnets = []
+    for text in (cidr, *more):
+        net = ipaddress.ip_network(text)
+        subnets.append(Subnet(net, ipaddress.ip_address(net.network_address + 1)))
+    return Network(name, f"id-{name}", subnets=tuple(subnets), internal=internal,
+                   ipv6=any(s.version == 6 for s in subnets), options=dict(options or {}))
+
+
+def endpoint(name: str, network: str, *addresses: str, aliases: Sequence[str] = (),
+             namespace: str = "", container_id: str = "", ifname: str = "eth0") -> Endpoint:
+    """An endpoint of container ``name`` (its ID derived from the name unless given)."""
+    cid = container_id or hashlib.sha256(name.encode()).hexdigest()
+    ifaces = tuple(ipaddress.ip_interface(a if "/" in a else f"{a}/{24 if ':' not in a else 64}")
+                   for a in addresses)
+    return Endpoint(cid, ifname, network, "node1", "", addresses=ifaces, name=name,
+                    aliases=tuple(aliases), namespace=namespace, state="ready")

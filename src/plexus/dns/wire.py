@@ -148,6 +148,7 @@ class Message:
     question: Question | None
     edns: Edns | None
     counts: tuple[int, int, int, int]
+    size: int = 0  # bytes the message occupies (anything after it is trailing garbage)
 
     @property
     def opcode(self) -> int:
@@ -287,7 +288,7 @@ def parse_message(data: bytes) -> Message:
                 edns = Edns(rclass, (ttl >> 16) & 0xFF, bool(ttl & 0x8000))
     except WireError as exc:
         raise WireError(exc.reason, header) from None
-    return Message(ident, flags, question, edns, (qd, an, ns, ar))
+    return Message(ident, flags, question, edns, (qd, an, ns, ar), offset)
 
 
 def _parse_question(data: bytes, qd: int) -> tuple[Question | None, int]:

@@ -27,7 +27,7 @@ class Plan:
 
 
 async def _taken(store: Datastore, net: Network, subnet: Subnet) -> set[IPAddress]:
-    kvs, _ = await store.list(keys.ipam_prefix(net.name, subnet.cidr))
+    kvs, _ = await store.list(keys.ipam_prefix(subnet.cidr))
     taken = {ipaddress.ip_address(kv.key.rsplit("/", 1)[1]) for kv in kvs}
     if subnet.gateway is not None:
         taken.add(subnet.gateway)
@@ -42,7 +42,7 @@ async def _claim_static(
         cidrs = ", ".join(str(s.cidr) for s in net.subnets) or "none"
         raise InvalidArgument("ip", str(address), f"not in network {net.name} (subnets: {cidrs})")
     allocator.check_static(subnet.cidr, address, await _taken(store, net, subnet))
-    key = keys.ipam_addr(net.name, subnet.cidr, address)
+    key = keys.ipam_addr(subnet.cidr, address)
     plan.compares.append(Compare.absent(key))
     plan.ops.append(Put(key, owner))
     plan.addresses.append(ipaddress.ip_interface(f"{address}/{subnet.cidr.prefixlen}"))
@@ -53,7 +53,7 @@ async def _claim_next(
 ) -> None:
     last_error: Exhausted | None = None
     for subnet in subnets:
-        cursor_key = keys.ipam_cursor(net.name, subnet.cidr)
+        cursor_key = keys.ipam_cursor(subnet.cidr)
         cursor_kv = await store.get(cursor_key)
         cursor = ipaddress.ip_address(cursor_kv.value) if cursor_kv else None
         try:
@@ -63,7 +63,7 @@ async def _claim_next(
         except Exhausted as exc:
             last_error = exc
             continue
-        key = keys.ipam_addr(net.name, subnet.cidr, address)
+        key = keys.ipam_addr(subnet.cidr, address)
         plan.compares += [Compare.absent(key), Compare.unchanged(cursor_kv, cursor_key)]
         plan.ops += [Put(key, owner), Put(cursor_key, str(address))]
         plan.addresses.append(ipaddress.ip_interface(f"{address}/{subnet.cidr.prefixlen}"))
@@ -96,5 +96,29 @@ async def plan_allocation(
     return plan
 
 
-def claim_keys(net_name: str, addresses: Sequence[IPInterface]) -> list[str]:
-    return [keys.ipam_addr(net_name, a.network, a.ip) for a in addresses]
+async def plan_assigned(
+    store: Datastore, net: Network, owner: str, addresses: Sequence[IPInterface],
+    foreign_prefix: str,
+) -> Plan:
+    """Addresses a front door's own IPAM already chose (Docker passes them to CreateEndpoint).
+    A claim that front door's IPAM holds (value starting with ``foreign_prefix``) is accepted as
+    it is; an unclaimed address is claimed for the endpoint; anyone else's is a conflict."""
+    plan = Plan()
+    for iface in addresses:
+        if not any(iface.ip in s.cidr for s in net.subnets):
+            raise InvalidArgument("address", str(iface), f"not in network {net.name}")
+        key = keys.ipam_addr(iface.network, iface.ip)
+        kv = await store.get(key)
+        if kv is None:
+            plan.compares.append(Compare.absent(key))
+            plan.ops.append(Put(key, owner))
+        elif foreign_prefix and kv.value.startswith(foreign_prefix):
+            plan.compares.append(Compare(key, "value", "==", kv.value))
+        else:
+            raise InvalidArgument("address", str(iface), f"already in use by {kv.value}")
+        plan.addresses.append(iface)
+    return plan
+
+
+def claim_keys(addresses: Sequence[IPInterface]) -> list[str]:
+    return [keys.ipam_addr(a.network, a.ip) for a in addresses]

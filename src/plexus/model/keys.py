@@ -1,14 +1,18 @@
 """Where things live in the datastore. One place, so the layout can be read at a glance:
 
     /plexus/networks/NAME                         Network
-    /plexus/subnets/CIDR                          network name (claims a subnet; CAS on create)
-    /plexus/ipam/NETWORK/CIDR/ADDRESS             endpoint key owning the address
-    /plexus/ipam-cursor/NETWORK/CIDR              last address handed out
+    /plexus/subnets/CIDR                          network name, or "pool:..." while a front door's
+                                                  IPAM (Docker) holds it before the network exists
+    /plexus/ipam/CIDR/ADDRESS                     owner of the address (an endpoint key, or a
+                                                  front door's IPAM claim)
+    /plexus/ipam-cursor/CIDR                      last address handed out
     /plexus/endpoints/NODE/CONTAINER/IFNAME       Endpoint
     /plexus/ports/NODE/PROTO/PORT                 endpoint key publishing that host port
     /plexus/containers/NODE/NAME                  Container (started by `plexus run`)
 
-CIDRs are written with '_' for '/' so that a key's segments stay split on '/'.
+CIDRs are written with '_' for '/' so that a key's segments stay split on '/'. Addresses are
+keyed by subnet, not by network: subnets are unique across the datastore, and a Docker IPAM pool
+hands out addresses before its network exists.
 """
 
 from __future__ import annotations
@@ -35,16 +39,16 @@ def subnet(cidr: object) -> str:
     return SUBNETS + _cidr(cidr)
 
 
-def ipam_prefix(network: str, cidr: object | None = None) -> str:
-    return IPAM + network + "/" + ("" if cidr is None else _cidr(cidr) + "/")
+def ipam_prefix(cidr: object) -> str:
+    return IPAM + _cidr(cidr) + "/"
 
 
-def ipam_addr(network: str, cidr: object, addr: object) -> str:
-    return ipam_prefix(network, cidr) + str(addr)
+def ipam_addr(cidr: object, addr: object) -> str:
+    return ipam_prefix(cidr) + str(addr)
 
 
-def ipam_cursor(network: str, cidr: object) -> str:
-    return IPAM_CURSOR + network + "/" + _cidr(cidr)
+def ipam_cursor(cidr: object) -> str:
+    return IPAM_CURSOR + _cidr(cidr)
 
 
 def endpoints(node: str | None = None, container_id: str | None = None) -> str:

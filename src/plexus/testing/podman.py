@@ -166,9 +166,14 @@ def build_image_tar(path: Path, busybox: Path = BUSYBOX) -> Path:
 class Podman:
     """One isolated Podman installation under ``workdir`` (see the module docstring).
 
+    ``backend``: "cni" (our conflists in ``cni_config_dir``, plugins from ``cni_plugin_dir``)
+    or "netavark" (Podman's default network "podman", 10.88.0.0/16 on bridge podman0).
     ``netns``: run podman (and so conmon, runc, the CNI plugins / netavark and every container's
     host side) in that network namespace (a name under /run/netns or a path) instead of the
     caller's -- e.g. a ``World`` host.
+    ``env``: extra environment for podman *and* for conmon, hence for the CNI plugins run by
+    ``podman container cleanup`` when a container exits by itself (conmon passes on nothing
+    but ``conmon_env_vars``).
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class Podman:
         backend: str = "cni",
         storage_driver: str = "overlay",
         import_image: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
@@ -187,6 +193,7 @@ class Podman:
         self.backend = backend
         self.storage_driver = storage_driver
         self.import_image = import_image
+        self.extra_env = dict(env or {})
         self.root = self.workdir / "root"
         # Podman refuses a runroot longer than 50 characters (conmon's socket paths), and pytest's
         # tmp_path is longer: run state goes to a short /tmp/pxpm-XXXXXXXX, removed by close().
@@ -253,6 +260,7 @@ class Podman:
                 f"CONTAINERS_STORAGE_CONF={self.workdir / 'storage.conf'}",
                 f"CONTAINERS_REGISTRIES_CONF={self.workdir / 'registries.conf'}",
                 f"TMPDIR={self.tmpdir}",
+                *(f"{k}={v}" for k, v in self.extra_env.items()),
             ]
         )
         self.conf.write_text(
@@ -403,7 +411,7 @@ runroot = "{self.runroot}"
         link = self.cni_plugin_dir / (name or binary.name)
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
-        link.symlink_to(Path(binary).resolve())
+        link.symlink_to(Path(binary).absolute())
         return link
 
     def write_conflist(
@@ -432,6 +440,7 @@ runroot = "{self.runroot}"
             CONTAINERS_REGISTRIES_CONF=str(self.workdir / "registries.conf"),
             TMPDIR=str(self.tmpdir),
         )
+        env.update(self.extra_env)
         env.pop("CONTAINER_HOST", None)
         env.pop("CONTAINER_CONNECTION", None)
         return env

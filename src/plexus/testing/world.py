@@ -148,11 +148,18 @@ class Agent:
             str(self.state_dir),
             "--node",
             self.host,
+            # Never the real /run/docker/plugins: each simulated host has its own plugin socket.
+            "--docker-plugin-socket",
+            str(self.docker_socket),
             *extra,
         ]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
         self.wait_ready(timeout)
+
+    @property
+    def docker_socket(self) -> Path:
+        return self.state_dir.parent / "docker-plugins" / "plexus.sock"
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
