@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables
+DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns
 SANDBOX := tests/sandbox
 PYTEST_ARGS ?=
 
@@ -37,7 +37,10 @@ unit: venv
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
 integration: deps venv
+	@tests/rootstate > .stamps/root-before
 	$(SANDBOX) $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+	@tests/rootstate > .stamps/root-after
+	@diff -u .stamps/root-before .stamps/root-after || { echo "the root namespace changed during the tests"; exit 1; }
 
 test: deps venv lint unit integration
 

@@ -21,8 +21,9 @@ the servers to CPU 1 unless --no-pin: "dnsperf taking one core"):
   throughput   dnsperf -c 8 -q 100 for --seconds: queries/s, average latency;
   p99          the same load with -v (per-query latencies; dnsperf is slower then, same for both);
   latency      a fixed 10,000 queries/s with -v: average and p99 where neither side saturates.
-The best round of each side is compared (other jobs on a shared machine only ever slow a round
-down). The CPU time each server used (user/system, from /proc) shows where the time goes.
+Queries/s is reported as the best and the median round; latencies and CPU as medians over the
+rounds (other jobs on a shared machine only ever slow a round down). The CPU time each server
+used per query (user/system, from /proc) shows where the time goes.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Result:
     cpu_user: float = 0.0
     cpu_sys: float = 0.0
     p99_ms: float = float("nan")
+    fixed_p50_ms: float = float("nan")
     fixed_avg_ms: float = float("nan")
     fixed_p99_ms: float = float("nan")
 
@@ -186,6 +188,7 @@ async def measure(side: str, server: str, pids: list[int], qfile: Path, seconds:
         result.p99_ms = percentile(lat, 99) * 1000
         _, fixed = dnsperf(server, qfile, max(2.0, seconds / 2), pin, verbose=True,
                            rate=FIXED_QPS)
+        result.fixed_p50_ms = percentile(fixed, 50) * 1000
         result.fixed_avg_ms = statistics.fmean(fixed) * 1000 if fixed else float("nan")
         result.fixed_p99_ms = percentile(fixed, 99) * 1000
         return result
@@ -248,24 +251,44 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, list[Result]]
 
 
 def report(results: dict[str, list[Result]], seconds: float) -> None:
-    best = {side: max(rs, key=lambda r: r.qps) for side, rs in results.items() if rs}
+    """qps: best and median round; latencies and CPU: the median over rounds (one bad round on a
+    shared machine moves neither)."""
     rows = []
-    for side, r in best.items():
-        median = statistics.median(x.qps for x in results[side])
-        per_q = (r.cpu_user + r.cpu_sys) / max(r.qps * seconds, 1) * 1e6
-        rows.append([side, f"{r.qps:.0f}", f"{median:.0f}", f"{r.avg_ms:.3f}", f"{r.p99_ms:.3f}",
-                     f"{r.fixed_avg_ms:.3f}", f"{r.fixed_p99_ms:.3f}", r.lost,
-                     f"{r.cpu_user:.2f}/{r.cpu_sys:.2f}", f"{per_q:.1f}"])
+    summary: dict[str, dict[str, float]] = {}
+    for side, rs in results.items():
+        if not rs:
+            continue
+
+        def med(values: list[float]) -> float:
+            return statistics.median(values) if values else float("nan")
+
+        s = summary[side] = {
+            "best": max(r.qps for r in rs), "median": med([r.qps for r in rs]),
+            "avg": med([r.avg_ms for r in rs]), "p99": med([r.p99_ms for r in rs]),
+            "favg": med([r.fixed_avg_ms for r in rs]), "fp99": med([r.fixed_p99_ms for r in rs]),
+            "fp50": med([r.fixed_p50_ms for r in rs]),
+            "usr": med([r.cpu_user / max(r.qps * seconds, 1) * 1e6 for r in rs]),
+            "sys": med([r.cpu_sys / max(r.qps * seconds, 1) * 1e6 for r in rs]),
+            "lost": sum(r.lost for r in rs),
+        }
+        rows.append([side, f"{s['best']:.0f}", f"{s['median']:.0f}", f"{s['avg']:.3f}",
+                     f"{s['p99']:.3f}", f"{s['fp50']:.3f}", f"{s['favg']:.3f}", f"{s['fp99']:.3f}",
+                     int(s["lost"]),
+                     f"{s['usr']:.1f} + {s['sys']:.1f}"])
     print_table(["server", "q/s best", "q/s median", "avg ms", "p99 ms",
-                 f"avg ms @{FIXED_QPS // 1000}k", f"p99 ms @{FIXED_QPS // 1000}k", "lost",
-                 "cpu s usr/sys", "cpu µs/q"], rows,
-                title="best round of each side (saturated: dnsperf -c 8 -q 100 -T 1)")
-    p, a = best.get("plexus"), best.get("aardvark-dns")
+                 f"p50 ms @{FIXED_QPS // 1000}k", f"avg ms @{FIXED_QPS // 1000}k",
+                 f"p99 ms @{FIXED_QPS // 1000}k", "lost",
+                 "cpu µs/query usr + sys"], rows,
+                title=f"{len(next(iter(results.values())))} rounds (saturated: dnsperf -c "
+                      f"{CLIENTS} -q {OUTSTANDING} -T 1; latencies and CPU: medians)")
+    p, a = summary.get("plexus"), summary.get("aardvark-dns")
     if p and a:
-        print(f"\nplexus / aardvark-dns: queries/s {ratio(p.qps, a.qps)}, "
-              f"avg latency {ratio(p.avg_ms, a.avg_ms)}, p99 {ratio(p.p99_ms, a.p99_ms)}, "
-              f"at {FIXED_QPS} q/s: avg {ratio(p.fixed_avg_ms, a.fixed_avg_ms)}, "
-              f"p99 {ratio(p.fixed_p99_ms, a.fixed_p99_ms)} (latency: lower is better)")
+        print(f"\nplexus / aardvark-dns: queries/s {ratio(p['best'], a['best'])} (best), "
+              f"{ratio(p['median'], a['median'])} (median); latency (lower is better): avg "
+              f"{ratio(p['avg'], a['avg'])}, p99 {ratio(p['p99'], a['p99'])}; at "
+              f"{FIXED_QPS} q/s p50 {ratio(p['fp50'], a['fp50'])}, "
+              f"avg {ratio(p['favg'], a['favg'])}, "
+              f"p99 {ratio(p['fp99'], a['fp99'])}")
 
 
 def main() -> int:
@@ -292,8 +315,8 @@ def main() -> int:
 
 
 def _dnsperf_version() -> str:
-    out = subprocess.run(["dnsperf", "-h"], capture_output=True, text=True).stderr
-    m = re.search(r"Version ([\d.]+)", out)
+    r = subprocess.run(["dnsperf", "-h"], capture_output=True, text=True)
+    m = re.search(r"Version ([\d.]+)", r.stdout + r.stderr)
     return m.group(1) if m else "?"
 
 

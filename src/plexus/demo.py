@@ -1,6 +1,6 @@
 """`make demo`: a small topology in a sandbox, proven with real traffic, then torn down.
 
-outside (198.51.100.1 "internet", 192.0.2.100) ── host1 (agent)
+outside (198.51.100.1 "internet", 203.0.113.100) ── host1 (agent)
                                                      ├─ frontend (dual stack): web, api
                                                      ├─ backend:               api, db
                                                      └─ vault (--internal):    secret

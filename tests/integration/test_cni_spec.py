@@ -251,7 +251,7 @@ def test_runtime_config_and_args(cni: Cni, world: World) -> None:
     )
     host = world.host_addr("host1")
     reply = wait_tcp("outside", host, 8088)
-    assert reply == "pod 192.0.2.100", (server.poll(), server.stderr and server.stderr.read())
+    assert reply == "pod 203.0.113.100", (server.poll(), server.stderr and server.stderr.read())
 
 
 def test_a_plexus_run_container_reaches_a_cni_container(cni: Cni) -> None:

@@ -55,7 +55,7 @@ def test_attach_and_detach_a_namespace_made_by_someone_else(agent: Agent, world:
 
 
 def test_auto_subnet_avoids_routes_and_addresses_of_the_host(agent: Agent) -> None:
-    nsexec("host1", "ip", "route", "add", "10.89.0.0/24", "via", "192.0.2.100")
+    nsexec("host1", "ip", "route", "add", "10.89.0.0/24", "via", "203.0.113.100")
     nsexec("host1", "ip", "addr", "add", "10.89.1.5/24", "dev", "up0")
     net = agent.json("network", "create", "auto")
     assert net["subnets"][0]["cidr"] == "10.89.2.0/24"

@@ -2,7 +2,7 @@
 
 The world (all namespaces private to the sandbox):
 
-    outside 192.0.2.2 ── up0 192.0.2.1 ┐
+    outside 203.0.113.2 ── up0 203.0.113.1 ┐
             2001:db8::2    2001:db8::1  │ host (ip_forward on; route_localnet on the bridges)
                                         ├─ pxbr-a 10.1.0.1/24 fd01::1/64 ── a1 .2/::2, a2 .3/::3
                                         ├─ pxbr-b 10.2.0.1/24            ── b1 .2
@@ -49,7 +49,7 @@ from plexus.errors import DataplaneError
 ip_address, ip_network = ipaddress.ip_address, ipaddress.ip_network
 CLONE_NEWNET = 0x40000000
 TIMEOUT = 1.0  # a blocked connection costs this much; an allowed one answers in microseconds
-HOST4, HOST6, OUT4, OUT6 = "192.0.2.1", "2001:db8::1", "192.0.2.2", "2001:db8::2"
+HOST4, HOST6, OUT4, OUT6 = "203.0.113.1", "2001:db8::1", "203.0.113.2", "2001:db8::2"
 A1, A2, B1, I1 = "10.1.0.2", "10.1.0.3", "10.2.0.2", "10.3.0.2"
 A1_6 = "fd01::2"
 SERVED_PORT = 80  # every container answers here (tcp and udp)

@@ -2,7 +2,7 @@
 
 A plugin object in a conflist, for example::
 
-    {"cniVersion": "1.1.0", "name": "web", "type": "plexus",
+    {"cniVersion": "1.0.0", "name": "web", "type": "plexus",
      "subnets": ["10.10.0.0/24"], "gateway": "10.10.0.1", "ipv6": false, "internal": false,
      "mtu": 1500, "ipMasq": true,
      "ipam": {"type": "plexus", "ranges": [[{"subnet": "10.10.0.0/24"}]]},

@@ -68,7 +68,7 @@ INDEX_HTML = "hello from plexus-busybox\n"
 
 
 class PodmanError(RuntimeError):
-    pass
+    """A podman command failed or timed out, or the harness cannot run here."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,8 +312,7 @@ runroot = "{self.runroot}"
             self._remove_cgroups()
             for br in sorted(self._bridges):
                 self._ip("link", "del", br, check=False)
-            self._unmount_under(self.workdir)
-            self._unmount_under(self.rundir)
+            self._unmount_in_holder(self.workdir, self.rundir)
             self._stop_holder()
             shutil.rmtree(self.workdir, ignore_errors=True)
             shutil.rmtree(self.rundir, ignore_errors=True)
@@ -395,14 +394,23 @@ runroot = "{self.runroot}"
             tops = left
             time.sleep(0.1)
 
-    def _unmount_under(self, path: Path) -> None:
-        prefix = str(path) + "/"
-        with open("/proc/self/mountinfo") as f:
+    def _unmount_in_holder(self, *dirs: Path) -> None:
+        """Unmount what storage left mounted under ``dirs`` in podman's mount namespace.
+
+        The namespace dies with the holder anyway; this covers a straggler keeping it alive.
+        """
+        if self._holder is None or self._holder.poll() is not None:
+            return
+        pid = self._holder.pid
+        prefixes = tuple(f"{d}/" for d in dirs)
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/mountinfo") as f:
             points = [line.split()[4] for line in f]
-        for mp in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
-            r = subprocess.run(["umount", mp], capture_output=True, timeout=10)
-            if r.returncode != 0:
-                subprocess.run(["umount", "-l", mp], capture_output=True, timeout=10)
+            for mp in sorted((p for p in points if p.startswith(prefixes)), key=len, reverse=True):
+                subprocess.run(
+                    ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--", "umount", "-l", mp],
+                    capture_output=True,
+                    timeout=10,
+                )
 
     # ---------------------------------------------------------------- plugins and networks
 
@@ -556,11 +564,16 @@ runroot = "{self.runroot}"
         timeout: float = 60,
     ) -> float:
         """``podman run --rm IMAGE CMD`` (default ``true``) in the foreground; returns wall time."""
-        argv = self.run_args(network, detach=False, rm=True)
-        argv += [self.image, *(cmd or ("true",))]
+        argv = self.argv(*self.run_args(network, detach=False, rm=True), self.image)
+        argv += cmd or ("true",)
+        env = self.env()
         t0 = time.perf_counter()
-        self.podman(*argv, timeout=timeout)
-        return time.perf_counter() - t0
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        elapsed = time.perf_counter() - t0
+        _reap_conmon()
+        if r.returncode != 0:
+            raise PodmanError(f"podman run --rm failed ({r.returncode}):\n{r.stderr.strip()}")
+        return elapsed
 
     def exec(
         self, name: str, *cmd: str, check: bool = True, timeout: float = 30

@@ -6,9 +6,9 @@ itself also cleans up after itself in ``close()``.
 
 Layout (addresses are documentation ranges, reachable only inside the sandbox):
 
-    outside  (192.0.2.100, "internet" address 198.51.100.1 on lo)
+    outside  (203.0.113.100, "internet" address 198.51.100.1 on lo)
        │ veth
-    HOST     (192.0.2.N, default route via outside) ── agent, bridges, containers
+    HOST     (203.0.113.N, default route via outside) ── agent, bridges, containers
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 from plexus.dataplane.netns import run_in_netns
 
 VENV_BIN = Path(sys.executable).parent
-OUTSIDE_ADDR = "192.0.2.100"
+OUTSIDE_ADDR = "203.0.113.100"
 INTERNET_ADDR = "198.51.100.1"
 
 
@@ -258,7 +258,7 @@ class World:
         self._hosts += 1
         n = self._hosts
         self.add_ns(name)
-        addr = f"192.0.2.{n}"
+        addr = f"203.0.113.{n}"
         sh(
             "ip",
             "link",
@@ -291,7 +291,7 @@ class World:
         return agent
 
     def host_addr(self, name: str) -> str:
-        return f"192.0.2.{list(self.agents).index(name) + 1}"
+        return f"203.0.113.{list(self.agents).index(name) + 1}"
 
     def close(self) -> None:
         for agent in self.agents.values():
