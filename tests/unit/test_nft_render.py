@@ -215,16 +215,16 @@ def test_the_batch_is_json() -> None:
 
 
 def test_a_publication_delta_touches_only_its_elements() -> None:
-    p = pub(9000, "10.1.0.2", "192.0.2.1", "udp")
+    p = pub(9000, "10.1.0.2", "203.0.113.1", "udp")
     cmds = render_pub_delta([p], [])
     assert cmds == [
         {"add": {"element": {"family": "inet", "table": "plexus", "name": f"pub4_{part}",
-                             "elem": [[{"concat": ["192.0.2.1", "udp", 9000]}, data]]}}}
+                             "elem": [[{"concat": ["203.0.113.1", "udp", 9000]}, data]]}}}
         for part, data in (("addr", "10.1.0.2"), ("port", 80))
     ]
     removal = render_pub_delta([], [p])
     assert [c["delete"]["element"]["elem"] for c in removal] == [
-        [{"concat": ["192.0.2.1", "udp", 9000]}]
+        [{"concat": ["203.0.113.1", "udp", 9000]}]
     ] * 2  # a map element is deleted by its key
 
 
