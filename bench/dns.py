@@ -1,7 +1,7 @@
 """DNS: plexus's resolver against aardvark-dns, same 1,000-container record set, dnsperf from a
 container namespace.
 
-    tests/sandbox .venv/bin/python bench/dns.py [--containers 1000] [--seconds 8] [--rounds 3]
+    tests/sandbox .venv/bin/python bench/dns.py [--containers 1000] [--seconds 6] [--rounds 5]
                                                 [--workers 1] [--no-pin]
 
 Topology (inside the sandbox): a bridge in the sandbox's own namespace (the "host") carrying two
@@ -20,7 +20,10 @@ Measurements, each with the same dnsperf arguments for both sides (dnsperf pinne
 the servers to CPU 1 unless --no-pin: "dnsperf taking one core"):
   throughput   dnsperf -c 8 -q 100 for --seconds: queries/s, average latency;
   p99          the same load with -v (per-query latencies; dnsperf is slower then, same for both);
-  latency      a fixed 10,000 queries/s with -v: average and p99 where neither side saturates.
+  latency      a fixed 10,000 queries/s with -v: p50, average and p99 where neither side
+               saturates.
+Before measuring, a few names are asked of both servers and must give the same, expected
+address (the two record sets really are the same).
 Queries/s is reported as the best and the median round; latencies and CPU as medians over the
 rounds (other jobs on a shared machine only ever slow a round down). The CPU time each server
 used per query (user/system, from /proc) shows where the time goes.
@@ -34,6 +37,7 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +49,9 @@ from pathlib import Path
 import uvloop
 from _common import header, percentile, print_table, ratio, require_sandbox, sh
 
+from plexus.dataplane.netns import run_in_netns
 from plexus.dns import DnsService, DnsSettings, ListenAddress
+from plexus.dns.wire import QType, build_query, parse_records
 from plexus.model.types import Endpoint, Network, Subnet
 
 AARDVARK = "/usr/lib/podman/aardvark-dns"
@@ -147,6 +153,23 @@ def dnsperf(server: str, qfile: Path, seconds: float, pin: bool, verbose: bool =
     return stats, latencies
 
 
+def check_answers(server: str, eps: list[Endpoint]) -> None:
+    """Ask ``server`` from the client namespace for a few names; each must give its address."""
+    for ep in (eps[0], eps[len(eps) // 2], eps[-2]):
+        for name in (ep.name, *ep.aliases):
+            query = build_query(name, QType.A, 4242)
+            sock = run_in_netns(f"/run/netns/{CLIENT_NS}",
+                                lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            with sock:
+                sock.settimeout(2)
+                sock.sendto(query, (server, 53))
+                _, records = parse_records(sock.recv(4096))
+            got = [r.data for r in records if r.section == "answer"]
+            if got != [str(ep.addresses[0].ip)]:
+                raise RuntimeError(f"{server} answers {got} for {name}, expected "
+                                   f"{ep.addresses[0].ip}")
+
+
 def wait_answering(server: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     probe = Path(tempfile.mkstemp(prefix="dnsprobe")[1])
@@ -221,6 +244,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, list[Result]]
     try:
         await asyncio.to_thread(wait_answering, PLEXUS_IP)
         await asyncio.to_thread(wait_answering, AARDVARK_IP)
+        for ip in (PLEXUS_IP, AARDVARK_IP):
+            await asyncio.to_thread(check_answers, ip, eps)
         stats = await service.stats()
         plexus_pids = list(stats.get("workers", {}).get("pids", [])) or [os.getpid()]
         print(f"records: {args.containers} containers, {service.table.record_count()} plexus "
@@ -294,8 +319,8 @@ def report(results: dict[str, list[Result]], seconds: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--containers", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     args = parser.parse_args()

@@ -373,7 +373,8 @@ def test_five_hundred_adds_from_eight_processes(cni: Cni) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(add, range(500)))
-    assert all(r.ok for r in results), [(r.stdout, r.stderr) for r in results if not r.ok][:3]
+    failed = [(r.stdout, r.stderr) for r in results if not r.ok][:3]
+    assert not failed, (failed, cni.agent.log.read_text()[-3000:])
     got = [r.out["ips"][0]["address"] for r in results]
     assert len(set(got)) == 500
     assert all(r.out["interfaces"][1]["sandbox"] == spaces[i] for i, r in enumerate(results))

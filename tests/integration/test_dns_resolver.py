@@ -234,7 +234,7 @@ async def test_failover_from_a_dead_upstream_costs_one_timeout_once(
         r, took = await query("dnsc1", FRONT_GW, "example.com")
         assert addrs(r) == ["198.51.100.7"]
         timings.append(took)
-    assert max(timings) < 0.2, timings  # the dead one is no longer asked first
+    assert max(timings) < 0.3, timings  # the dead one (0.4 s timeout) is no longer asked first
     stats = server.stats()["upstreams"]
     assert stats[f"{DEAD}:53"]["healthy"] is False
     assert stats[f"{ALIVE}:53"]["answers"] >= 6

@@ -24,7 +24,7 @@ from plexus.dns.testing import endpoint, network
 from plexus.dns.wire import QType, Rcode
 from plexus.errors import InvalidArgument, NotFound
 
-UP = (Upstream(ipaddress.ip_address("192.0.2.53")),)
+UP = (Upstream(ipaddress.ip_address("203.0.113.53")),)
 SETTINGS = DnsSettings(upstreams=UP)
 
 
@@ -258,7 +258,7 @@ def test_explain_forwarded_and_errors() -> None:
     t = table()
     e = t.explain("front", "example.com", "AAAA")
     assert e.resolution.outcome == "forward" and e.rcode == ""
-    assert "forwarded to 192.0.2.53:53" in e.text()
+    assert "forwarded to 203.0.113.53:53" in e.text()
     with pytest.raises(NotFound):
         t.explain("nope", "x")
     with pytest.raises(InvalidArgument):
@@ -283,7 +283,7 @@ def test_endpoints_on_unknown_networks_or_without_addresses_are_ignored() -> Non
 
 
 @pytest.mark.parametrize(("text", "host", "port"), [
-    ("192.0.2.1", "192.0.2.1", 53), ("192.0.2.1:5353", "192.0.2.1", 5353),
+    ("203.0.113.1", "203.0.113.1", 53), ("203.0.113.1:5353", "203.0.113.1", 5353),
     ("[2001:db8::1]:54", "2001:db8::1", 54), ("2001:db8::1", "2001:db8::1", 53),
     ("[2001:db8::1]", "2001:db8::1", 53), (" 10.0.0.1 ", "10.0.0.1", 53),
 ])
@@ -299,7 +299,7 @@ def test_parse_upstream_rejects(text: str) -> None:
 
 
 def test_upstream_lists_round_trip_through_network_options() -> None:
-    ups = parse_upstreams(["192.0.2.1", "192.0.2.2:5353,[2001:db8::1]:53", "192.0.2.1"])
+    ups = parse_upstreams(["203.0.113.1", "203.0.113.2:5353,[2001:db8::1]:53", "203.0.113.1"])
     assert len(ups) == 3
     net = network("n", options={"dns_upstreams": format_upstreams(ups)})
     assert network_upstreams(net) == ups
@@ -344,3 +344,13 @@ def test_table_build_is_fast_enough_for_a_rebuild_per_change() -> None:
     elapsed = time.perf_counter() - start
     assert len(ask(t, "front", "shared").addresses) == 1000
     assert elapsed < 1.0  # ~40 ms here; a generous bound for slow CI machines
+
+
+def test_a_container_on_an_internal_and_an_external_network_may_forward() -> None:
+    nets = [network("secret", "10.3.0.0/24", internal=True), network("front", "10.1.0.0/24")]
+    eps = [endpoint("app", "secret", "10.3.0.2"), endpoint("app", "front", "10.1.0.2"),
+           endpoint("only", "secret", "10.3.0.3")]
+    t = table(*eps, nets=nets)
+    assert ask(t, "secret", "example.com", client="10.3.0.2").outcome == "forward"
+    assert ask(t, "secret", "example.com", client="10.3.0.3").outcome == "refused"
+    assert ask(t, "secret", "example.com").outcome == "refused"

@@ -3,6 +3,7 @@ independent oracle), and fuzzing the parser and the server's answer path with hy
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import struct
 
@@ -197,7 +198,7 @@ def test_parse_records_of_a_real_response() -> None:
     q = dns.message.from_wire(query("example.com", "A"))
     r = dns.message.make_response(q)
     r.answer.append(dns.rrset.from_text("example.com.", 30, "IN", "CNAME", "www.example.com."))
-    r.answer.append(dns.rrset.from_text("www.example.com.", 30, "IN", "A", "192.0.2.1"))
+    r.answer.append(dns.rrset.from_text("www.example.com.", 30, "IN", "A", "203.0.113.1"))
     r.answer.append(dns.rrset.from_text("www.example.com.", 30, "IN", "AAAA", "2001:db8::1"))
     r.answer.append(dns.rrset.from_text("example.com.", 30, "IN", "MX", "10 mx.example.com."))
     r.authority.append(dns.rrset.from_text("example.com.", 30, "IN", "SOA",
@@ -206,7 +207,7 @@ def test_parse_records_of_a_real_response() -> None:
     msg, records = parse_records(r.to_wire())
     assert [str(x) for x in records] == [
         "example.com. 30 IN CNAME www.example.com.",
-        "www.example.com. 30 IN A 192.0.2.1",
+        "www.example.com. 30 IN A 203.0.113.1",
         "www.example.com. 30 IN AAAA 2001:db8::1",
         "example.com. 30 IN MX 10 mx.example.com.",
         "example.com. 30 IN SOA ns. host. 1 2 3 4 5",
@@ -220,7 +221,7 @@ def test_parse_records_of_a_real_response() -> None:
 _SERVER = DnsServer(RecordTable.build(
     [network("front", "10.1.0.0/24")],
     [endpoint(f"web{i}", "front", f"10.1.0.{10 + i}", aliases=["web"]) for i in range(5)],
-    DnsSettings(upstreams=(Upstream(ipaddress.ip_address("192.0.2.1")),))))
+    DnsSettings(upstreams=(Upstream(ipaddress.ip_address("203.0.113.1")),))))
 _SEEDS = [
     query("web", "A"), query("web.front.plexus.internal", "AAAA", use_edns=0),
     query("10.0.1.10.in-addr.arpa", "PTR"), query("example.com", "MX", use_edns=0, payload=512),
@@ -245,10 +246,8 @@ def _check_answer_path(data: bytes) -> None:
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600))
 def test_fuzz_parser_random_bytes_only_raise_wire_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(WireError):
         parse_message(data)
-    except WireError:
-        pass
     _check_answer_path(data)
 
 

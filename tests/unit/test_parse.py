@@ -59,7 +59,7 @@ def test_port_overlap_considers_host_ip_protocol_and_range() -> None:
     assert not parse.port_overlap(a, parse.port_mapping("8005:80/udp"))
     assert parse.port_overlap(a, parse.port_mapping("127.0.0.1:8010:80"))
     b = parse.port_mapping("127.0.0.1:9000:80")
-    assert not parse.port_overlap(b, parse.port_mapping("192.0.2.1:9000:80"))
+    assert not parse.port_overlap(b, parse.port_mapping("203.0.113.1:9000:80"))
 
 
 @pytest.mark.parametrize("value", ["", "-x", "a b", "a/b", "x" * 65])

@@ -8,13 +8,15 @@ for unit tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from plexus.dataplane import links, netns
 from plexus.errors import DataplaneError
@@ -68,6 +70,25 @@ class Dataplane(Protocol):
     async def close(self) -> None: ...
 
 
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _kernel_errors(fn: F) -> F:
+    """The seam's boundary: whatever netlink or the OS refuses leaves as a DataplaneError (a
+    PlexusError), never as a raw NetlinkError/OSError that front doors cannot map."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except NetlinkError as exc:
+            raise DataplaneError(f"{fn.__name__}: netlink: {exc}") from exc
+        except OSError as exc:
+            raise DataplaneError(f"{fn.__name__}: {exc}") from exc
+
+    return cast(F, wrapper)
+
+
 class NetlinkDataplane:
     def __init__(self) -> None:
         self._host: AsyncIPRoute | None = None
@@ -84,6 +105,7 @@ class NetlinkDataplane:
             self._host.close()
             self._host = None
 
+    @_kernel_errors
     async def ensure_network(self, net: Network) -> None:
         if net.driver != "bridge":
             return
@@ -109,10 +131,12 @@ class NetlinkDataplane:
             netns.write_sysctl(None, key, "1")
         self._forwarding.add(version)
 
+    @_kernel_errors
     async def delete_network(self, net: Network) -> None:
         if net.driver == "bridge":
             await links.delete_link(await self._ipr(), net.bridge)
 
+    @_kernel_errors
     async def ensure_endpoint(self, net: Network, ep: Endpoint) -> Endpoint:
         if net.driver == "host":
             return replace(ep, host_ifname="", mac="")
@@ -145,6 +169,7 @@ class NetlinkDataplane:
             await links.create_veth(host, name, ep.netns, ep.ifname, net.mtu, ep.mac)
         await links.attach_to_bridge(host, name, bridge, owner_alias(ep))
 
+    @_kernel_errors
     async def ensure_detached_veth(self, net: Network, ep: Endpoint) -> Endpoint:
         host = await self._ipr()
         bridge = await links.link_index(host, net.bridge)
@@ -161,17 +186,21 @@ class NetlinkDataplane:
         mac = (await links.get_link(host, index)).get("address")
         return replace(ep, host_ifname=name, mac=mac)
 
+    @_kernel_errors
     async def delete_endpoint(self, ep: Endpoint) -> None:
         # Deleting the host end removes the peer too; if the container's namespace is already
         # gone, the kernel destroyed the pair with it and there is nothing to do.
         await links.delete_link(await self._ipr(), ep.host_ifname or host_ifname(ep))
 
+    @_kernel_errors
     async def owned_links(self) -> dict[str, str]:
         return await links.owned_links(await self._ipr())
 
+    @_kernel_errors
     async def delete_link(self, name: str) -> None:
         await links.delete_link(await self._ipr(), name)
 
+    @_kernel_errors
     async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:
         found = await links.local_prefixes(await self._ipr())
         return [(ipaddress.ip_network(p, strict=False), where) for p, where in found]

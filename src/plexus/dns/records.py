@@ -154,7 +154,8 @@ class Explanation:
         r = self.resolution
         lines = [f"{self.name} {self.qtype} on network {self.network}"
                  + (f" from {self.client}" if self.client else "")
-                 + f": {r.outcome.upper()}" + (f" ({self.rcode})" if self.rcode else "")]
+                 + f": {r.outcome.upper()}"
+                 + (f" ({self.rcode})" if self.rcode not in ("", r.outcome.upper()) else "")]
         lines += [f"  {a}" for a in r.addresses] + [f"  {t}." for t in r.targets]
         lines += [f"  {rec}" for rec in self.response]
         lines.append(f"why: {r.reason}")
@@ -229,7 +230,7 @@ class RecordTable:
         nets = {n.name: _NetRecords(n, not n.internal, network_upstreams(n) or settings.upstreams)
                 for n in networks}
         members: dict[str, set[str]] = defaultdict(set)
-        for ep in sorted(endpoints, key=lambda e: e.key):
+        for ep in sorted(endpoints, key=lambda e: (e.name, e.key)):
             net = nets.get(ep.network)
             if net is None or not ep.addresses:
                 continue
@@ -366,7 +367,9 @@ class RecordTable:
     def _forward(self, view: View, why: str) -> Resolution:
         if not view.forward:
             return Resolution("refused", Rcode.REFUSED,
-                              f"{why}; {_nets_text(view)} internal: nothing is forwarded")
+                              f"{why}; {_nets_text(view)} "
+                              f"{'is' if len(view.networks) == 1 else 'are'} internal: "
+                              "nothing is forwarded")
         if not view.upstreams:
             return Resolution("servfail", Rcode.SERVFAIL,
                               f"{why}; no upstream resolvers are configured")

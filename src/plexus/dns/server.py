@@ -71,6 +71,7 @@ MAX_ROTATIONS = 64  # ready-made rotations of a round-robin answer
 # names only ever costs the slow path.
 MAX_CACHE = 50000
 ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR: never served
+TCP_SNDBUF = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,14 +165,12 @@ class DnsServer:
         self._outcomes: Counter[str] = Counter()
         self._retired_hits: Counter[tuple[str, str, str]] = Counter()
         self._cache_entries = 0
-        self._started = False
 
     # --- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the upstream health checks (listeners may be added before or after)."""
         self.forwarder.start()
-        self._started = True
 
     async def close(self) -> None:
         for key in list(self._listeners):
@@ -244,7 +243,7 @@ class DnsServer:
         found = self._find(key)
         if found is not None:
             return found.bound
-        udp_sock, tcp_sock = _bind_pair(key, self.options.reuse_port)
+        udp_sock, tcp_sock = bind_sockets(key, self.options.reuse_port)
         bound = replace(key, port=udp_sock.getsockname()[1])
         loop = asyncio.get_running_loop()
         try:
@@ -345,7 +344,7 @@ class DnsServer:
             if len(self._tasks) >= self.options.max_inflight:
                 self._counts["overload"] += 1
                 return self._count(msg, response(msg, Rcode.SERVFAIL, aa=False))
-            return _Forward(msg, data, resolution)
+            return _Forward(msg, data[:msg.size], resolution)  # without trailing bytes
         bodies = self._render(msg, resolution, view, udp)
         if udp and cache_key is not None and msg.size == len(data):
             cached = _Cached([b[2:] for b in bodies], qtype_name(q.qtype),
@@ -436,6 +435,10 @@ class DnsServer:
             return
         listener.connections.add(task)
         self._counts["tcp_connections"] += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # bound what one connection can park in the kernel
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TCP_SNDBUF)
         try:
             await self._tcp_session(listener, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -571,7 +574,7 @@ def _replace(found: Explanation, **changes: Any) -> Explanation:
 # --- sockets ---------------------------------------------------------------------------------
 
 
-def _bind_pair(key: ListenAddress, reuse_port: bool) -> tuple[socket.socket, socket.socket]:
+def bind_sockets(key: ListenAddress, reuse_port: bool) -> tuple[socket.socket, socket.socket]:
     """A UDP and a TCP socket on the same address and port, in ``key.netns`` if given.
 
     IP_FREEBIND lets the agent listen before the reconciler has put the gateway address on the

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from plexus.dns.config import Upstream
+from plexus.dns.server import ListenAddress, bind_sockets
 from plexus.dns.wire import (
     QType,
     Rcode,
@@ -40,6 +41,7 @@ class StubUpstream:
     mode: Mode = "answer"
     delay: float = 0.0
     ttl: int = 30
+    netns: str = ""  # serve inside this network namespace (a path), e.g. an "outside world"
     queries: list[tuple[str, str, int]] = field(default_factory=list)  # (proto, name, qtype)
     _udp: asyncio.DatagramTransport | None = None
     _tcp: asyncio.Server | None = None
@@ -50,6 +52,9 @@ class StubUpstream:
         return Upstream(ipaddress.ip_address(self.address), self.port)
 
     async def start(self) -> Upstream:
+        """Start serving (idempotent) and return where."""
+        if self._udp is not None:
+            return self.upstream
         loop = asyncio.get_running_loop()
         stub = self
 
@@ -62,10 +67,10 @@ class StubUpstream:
                 stub._tasks.add(task)
                 task.add_done_callback(stub._tasks.discard)
 
-        await loop.create_datagram_endpoint(Proto, local_addr=(self.address, self.port))
-        assert self._udp is not None
-        self.port = self._udp.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(self._serve_tcp, self.address, self.port)
+        udp, tcp = bind_sockets(ListenAddress("stub", self.address, self.port, self.netns), False)
+        self.port = udp.getsockname()[1]
+        await loop.create_datagram_endpoint(Proto, sock=udp)
+        self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
         return self.upstream
 
     async def close(self) -> None:

@@ -9,8 +9,9 @@ Design notes.
   only after every healthy one, so one dead upstream costs at most one timeout, once, instead of
   stalling every lookup. A background check probes every upstream each ``health_interval``
   seconds (a query for the root's NS; any well-formed reply counts as alive) and brings it back.
-- Attempts use a short ``timeout``; the whole forward is bounded by ``deadline`` so a client
-  (glibc waits 5 s) always hears SERVFAIL rather than nothing.
+- Attempts use a short ``timeout``; upstreams that timed out are asked again with twice the
+  timeout (slow is not dead); the whole forward is bounded by ``deadline`` so a client (glibc
+  waits 5 s) always hears SERVFAIL rather than nothing.
 - REFUSED from an upstream means "not for you" (an ACL): the next one is tried. SERVFAIL and
   NXDOMAIN are answers about the name and are passed on.
 """
@@ -36,6 +37,7 @@ log = logging.getLogger("plexus.dns")
 
 _LEN = struct.Struct("!H")
 _JUNK_LIMIT = 16  # stray datagrams tolerated on one query's socket before giving up on it
+_MAX_ROUNDS = 3  # passes over the upstreams that timed out (0.5 s, 1 s, 2 s by default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,35 +144,51 @@ class Forwarder:
 
     async def forward(self, query: bytes, question: bytes,
                       upstreams: Sequence[Upstream]) -> Forwarded:
-        """Send ``query`` (raw bytes, any ID) to the first upstream that answers."""
+        """Send ``query`` (raw bytes, any ID) to the first upstream that answers.
+
+        Upstreams are tried in ``order``; those that timed out are asked again with twice the
+        timeout (a slow recursion is not a dead server: with one upstream, a name that takes it
+        a second to resolve must not become SERVFAIL at 0.5 s), until ``deadline``.
+        """
         ident = struct.unpack_from("!H", query)[0]
         tried: list[tuple[str, str]] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.deadline
-        for upstream in self.order(upstreams):
-            left = deadline - loop.time()
-            if left <= 0.005:
-                tried.append((str(upstream), "skipped: deadline"))
-                break
-            state = self.state(upstream)
-            state.queries += 1
-            started = loop.time()
-            try:
-                reply = await self._ask(upstream, query, question,
-                                        min(self.options.timeout, left), state)
-            except UpstreamError as exc:
-                state.fail(exc.kind, exc.mark_down)
-                tried.append((str(upstream), exc.kind))
-                continue
-            state.alive()
-            state.answers += 1
-            state.latency.observe(loop.time() - started)
-            if reply[3] & 0x0F == Rcode.REFUSED:
-                tried.append((str(upstream), "refused"))
-                continue
-            tried.append((str(upstream), "answered"))
-            return Forwarded(with_id(reply, ident), upstream, tuple(tried))
+        pending, timeout = self.order(upstreams), self.options.timeout
+        for _ in range(_MAX_ROUNDS):
+            slow: list[Upstream] = []
+            for upstream in pending:
+                left = deadline - loop.time()
+                if left <= 0.005:
+                    tried.append((str(upstream), "skipped: deadline"))
+                    return Forwarded(None, None, tuple(tried))
+                reply, what = await self._attempt(upstream, query, question, min(timeout, left))
+                tried.append((str(upstream), what))
+                if reply is not None:
+                    return Forwarded(with_id(reply, ident), upstream, tuple(tried))
+                if what.endswith("timeout"):
+                    slow.append(upstream)
+            pending, timeout = slow, timeout * 2
         return Forwarded(None, None, tuple(tried))
+
+    async def _attempt(self, upstream: Upstream, query: bytes, question: bytes,
+                       timeout: float) -> tuple[bytes | None, str]:
+        """(reply, "answered") or (None, what went wrong)."""
+        loop = asyncio.get_running_loop()
+        state = self.state(upstream)
+        state.queries += 1
+        started = loop.time()
+        try:
+            reply = await self._ask(upstream, query, question, timeout, state)
+        except UpstreamError as exc:
+            state.fail(exc.kind, exc.mark_down)
+            return None, exc.kind
+        state.alive()
+        state.answers += 1
+        state.latency.observe(loop.time() - started)
+        if reply[3] & 0x0F == Rcode.REFUSED:
+            return None, "refused"
+        return reply, "answered"
 
     async def _ask(self, upstream: Upstream, query: bytes, question: bytes, timeout: float,
                    state: UpstreamState) -> bytes:
@@ -187,7 +205,8 @@ class Forwarder:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.health_interval)
-            states = list(self._states.values())
+            states = [s for s in self._states.values()
+                      if (str(s.upstream.host), s.upstream.port) not in self._excluded]
             if states:
                 await asyncio.gather(*(self._probe(s) for s in states), return_exceptions=True)
 
