@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import header, percentile, print_table, require_sandbox  # noqa: E402
+from _common import header, percentile, print_table, require_sandbox
 
-from plexus.cni.install import install  # noqa: E402
-from plexus.testing.podman import Podman  # noqa: E402
-from plexus.testing.world import World  # noqa: E402
+from plexus.cni.install import install
+from plexus.testing.podman import Podman
+from plexus.testing.world import World
 
 NET = "pxbench"
 
