@@ -23,10 +23,12 @@ from rich.table import Table
 from plexus.testing.world import (
     INTERNET_ADDR,
     OUTSIDE_ADDR,
+    Agent,
     World,
     in_sandbox,
     nsexec,
     ping_rtt_ms,
+    sh,
     tcp_request,
     udp_request,
 )
@@ -156,8 +158,20 @@ def checks(world: World) -> list[Check]:
     )
     check("host → web (host reaches containers)", True, lambda: tcp_request("host1", ip["web"], 80))
     check("web → api over IPv6 ping", True, lambda: "ok" if _ping6(ns["web"], api6) else "")
+    check("web resolves api by name (plexus DNS)", True,
+          lambda: _resolve(a, "web", "api"), ip["api"])
+    check("db resolves web (not on its networks)", False, lambda: _resolve(a, "db", "web"))
+    check("api resolves db.backend", True, lambda: _resolve(a, "api", "db.backend"),
+          a.address("db"))
     del api_backend, web6
     return out
+
+
+def _resolve(agent: Agent, container: str, name: str) -> str:
+    """glibc's resolver in the container, with the resolv.conf plexus wrote for it."""
+    ns = agent.container(container)["netns_name"]
+    out = sh("ip", "netns", "exec", ns, "getent", "ahostsv4", name, check=False).stdout
+    return " ".join(sorted({line.split()[0] for line in out.splitlines()}))
 
 
 def _ping6(ns: str, ip: str) -> bool:

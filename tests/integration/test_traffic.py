@@ -37,6 +37,9 @@ EXPECTED = [
     "outside → host:9090 (127.0.0.1 publish)",
     "host → web (host reaches containers)",
     "web → api over IPv6 ping",
+    "web resolves api by name (plexus DNS)",
+    "db resolves web (not on its networks)",
+    "api resolves db.backend",
 ]
 
 

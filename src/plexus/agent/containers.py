@@ -21,6 +21,7 @@ from pathlib import Path
 from plexus.agent.core import Core, log
 from plexus.agent.endpoints import AttachSpec, EndpointService
 from plexus.dataplane import netns
+from plexus.dns import dns_enabled
 from plexus.errors import AlreadyExists, InUse, InvalidArgument, NotFound, PlexusError
 from plexus.model import keys, parse
 from plexus.model.types import Container, IPAddress, PortMapping
@@ -37,6 +38,40 @@ class RunSpec:
     labels: dict[str, str] = field(default_factory=dict)
     namespace: str = ""
     aliases: Sequence[str] = ()
+
+
+ETC_NETNS = Path("/etc/netns")
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def resolv_conf(core: Core, c: Container) -> str | None:
+    """The container's resolv.conf, or None to leave the host's (no plexus DNS reachable)."""
+    net = core.networks.get(c.networks[0]) if c.networks else None
+    if core.dns is None or net is None or net.driver != "bridge" or not dns_enabled(net):
+        return None
+    gateways = sorted(
+        (s.gateway for s in net.subnets if s.gateway is not None), key=lambda g: g.version
+    )
+    if not gateways:
+        return None
+    search, options = [], []
+    try:
+        for line in HOST_RESOLV_CONF.read_text().splitlines():
+            words = line.split()
+            if words and words[0] in ("search", "domain"):
+                search += words[1:]
+            elif words and words[0] == "options":
+                options += words[1:]
+    except OSError:
+        pass
+    domain = core.dns.settings.domain
+    lines = [f"nameserver {g}" for g in gateways[:3]]
+    domains = list(dict.fromkeys([*([domain] if domain else []), *search]))
+    if domains:
+        lines.append("search " + " ".join(domains))
+    if options:
+        lines.append("options " + " ".join(options))
+    return "\n".join(lines) + "\n"
 
 
 def proc_start_time(pid: int) -> int:
@@ -160,8 +195,21 @@ class ContainerService:
         await self.core.store.put(keys.container(self.core.node, c.name), c.to_json())
         return c
 
+    def _write_resolv_conf(self, c: Container) -> None:
+        """/etc/netns/NAME/resolv.conf, which `ip netns exec` binds over /etc/resolv.conf: the
+        first network's gateway as nameserver (its DNS server listens there), the plexus domain
+        first in the search list, then the host's search domains and options, as Docker does."""
+        text = resolv_conf(self.core, c)
+        if text is None:
+            return
+        path = ETC_NETNS / c.netns_name / "resolv.conf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
     async def _spawn(self, c: Container) -> Container:
         self._logs.mkdir(parents=True, exist_ok=True)
+        if not self._host_mode(c):
+            self._write_resolv_conf(c)
         argv = list(c.command)
         if not self._host_mode(c):
             # `ip netns exec` also binds /etc/netns/NAME/* (resolv.conf, hosts) over /etc.
@@ -219,5 +267,6 @@ class ContainerService:
                 netns.delete_named(c.netns_name)
             except PlexusError as exc:
                 errors.append(str(exc))
+            shutil.rmtree(ETC_NETNS / c.netns_name, ignore_errors=True)
         await self.core.store.delete(keys.container(self.core.node, c.name))
         return errors

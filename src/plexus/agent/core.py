@@ -16,6 +16,7 @@ from pathlib import Path
 from plexus.dataplane.driver import Dataplane
 from plexus.dataplane.nft.firewall import Firewall
 from plexus.dataplane.nft.state import FirewallState, firewall_state
+from plexus.dns import DnsService
 from plexus.model import keys
 from plexus.model.types import Container, Endpoint, IPNetwork, Network
 from plexus.store.base import Datastore
@@ -39,6 +40,11 @@ class AgentConfig:
     pool6_prefix: int = 64
     reconcile_interval: float = 10.0
     docker_plugin_socket: Path | None = None  # None: do not serve the Docker plugin
+    dns: bool = True
+    dns_domain: str = "plexus.internal"
+    dns_ttl: int = 5
+    dns_upstreams: tuple[str, ...] = ()  # empty: follow the host's /etc/resolv.conf
+    dns_workers: int = 1
     txn_retries: int = 50
 
 
@@ -53,6 +59,8 @@ class Core:
     fw_applied: FirewallState | None = None
     fw_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
+    dns: DnsService | None = None
+    _dns_networks: tuple[Network, ...] = ()
 
     @property
     def node(self) -> str:
@@ -73,9 +81,26 @@ class Core:
         live = [e for e in self.endpoints.values() if e.state == "ready"]
         return firewall_state(self.networks.values(), live)
 
-    async def sync_firewall(self, full: bool = False) -> None:
-        """Make the kernel's table match the cache: element deltas normally, the whole table
-        (one atomic batch) at start-up or when asked."""
+    async def publish(self, full: bool = False) -> None:
+        """Push the cache to what serves it: the firewall (element deltas normally, the whole
+        table in one atomic batch at start-up or when asked) and the DNS records (an atomic
+        swap; listeners follow the networks' gateways)."""
+        await self._publish_firewall(full)
+        await self.publish_dns()
+
+    async def publish_dns(self) -> None:
+        if self.dns is None:
+            return
+        self.dns.update(self.networks.values(), self.endpoints.values())
+        networks = tuple(sorted(self.networks.values(), key=lambda n: n.name))
+        if networks != self._dns_networks:
+            errors = await self.dns.sync_listeners()
+            if errors:
+                log.warning("dns listeners: %s", "; ".join(errors))
+            else:
+                self._dns_networks = networks
+
+    async def _publish_firewall(self, full: bool) -> None:
         async with self.fw_lock:
             desired = self.desired_firewall()
             if full or self.fw_applied is None:

@@ -22,6 +22,7 @@ from plexus.api.server import Api, serve
 from plexus.dataplane.driver import NetlinkDataplane
 from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
+from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.store import open_store
 
@@ -41,11 +42,25 @@ def _lock(state_dir: Path) -> IO[str]:
     return handle
 
 
+def _dns(config: AgentConfig) -> DnsService | None:
+    if not config.dns:
+        return None
+    upstreams = parse_upstreams(config.dns_upstreams)
+    settings = DnsSettings(domain=config.dns_domain, ttl=config.dns_ttl, upstreams=upstreams)
+    # Without --dns-upstream, follow the host's resolv.conf (re-read when it changes).
+    follow = None if upstreams else Path("/etc/resolv.conf")
+    return DnsService(settings, workers=config.dns_workers, follow=follow)
+
+
 async def run_agent(config: AgentConfig) -> None:
     lock = _lock(config.state_dir)
     store = open_store(config.store_url or str(config.state_dir / "plexus.db"))
     core = Core(
-        config=config, store=store, dataplane=NetlinkDataplane(), firewall=NftFirewall(open_nft())
+        config=config,
+        store=store,
+        dataplane=NetlinkDataplane(),
+        firewall=NftFirewall(open_nft()),
+        dns=_dns(config),
     )
     api = Api(core)
     runners = [await serve(api.app(), config.socket)]
@@ -59,6 +74,8 @@ async def run_agent(config: AgentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     periodic: asyncio.Task[None] | None = None
     try:
+        if core.dns is not None:
+            await core.dns.start()
         reconciler = Reconciler(core, api.containers)
         report = await reconciler.recover()
         log.info("recovered: %s", report if report else "nothing to repair")
@@ -73,6 +90,8 @@ async def run_agent(config: AgentConfig) -> None:
                 await periodic
         for runner in runners:
             await runner.cleanup()
+        if core.dns is not None:
+            await core.dns.close()
         await core.dataplane.close()
         await core.store.close()
         for path in (config.socket, config.docker_plugin_socket):

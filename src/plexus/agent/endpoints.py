@@ -85,7 +85,7 @@ class EndpointService:
                 ep = await self.core.dataplane.ensure_endpoint(net, ep)
             ep = replace(ep, state="ready")
             self.core.endpoints[ep.key] = ep
-            await self.core.sync_firewall()
+            await self.core.publish()
             await self.core.store.put(self._key(ep), ep.to_json())
         except BaseException:
             await self._rollback(ep)
@@ -206,7 +206,7 @@ class EndpointService:
             errors.append(f"store: {exc}")
         self.core.endpoints.pop(ep.key, None)
         try:
-            await self.core.sync_firewall()
+            await self.core.publish()
         except PlexusError as exc:
             errors.append(f"firewall: {exc}")
         try:
@@ -250,13 +250,16 @@ class EndpointService:
         added = [c for c in new_claims if c not in old_claims]
         result = await self.core.store.txn(
             [Compare(self._key(ep), "value", "==", ep.to_json()), *map(Compare.absent, added)],
-            [Put(self._key(ep), new.to_json()), *(Put(c, owner) for c in added),
-             *(Delete(c) for c in old_claims if c not in new_claims)],
+            [
+                Put(self._key(ep), new.to_json()),
+                *(Put(c, owner) for c in added),
+                *(Delete(c) for c in old_claims if c not in new_claims),
+            ],
         )
         if not result.succeeded:
             raise Conflict(f"the ports of {key} changed meanwhile, or a host port was taken")
         self.core.endpoints[key] = new
-        await self.core.sync_firewall()
+        await self.core.publish()
         return new
 
     async def detach(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from plexus.agent.core import Core, log
+from plexus.dns import OPTION_UPSTREAMS, format_upstreams, parse_upstreams
 from plexus.errors import AlreadyExists, Conflict, InUse, InvalidArgument, NotFound, PlexusError
 from plexus.ipam import allocator
 from plexus.model import keys, parse
@@ -33,6 +34,7 @@ class NetworkSpec:
     # A subnet claim holding this value (an IPAM pool of a front door, e.g. "pool:docker") is
     # taken over by the new network instead of being a conflict.
     adopt_claim: str = ""
+    dns_upstreams: Sequence[str] = ()  # IP[:PORT] resolvers for this network's names
 
 
 def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
@@ -57,6 +59,13 @@ def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
         if not any(s.ip_range == rng for s in subnets):
             raise InvalidArgument("ip-range", str(rng), "not inside any --subnet")
     return subnets
+
+
+def _options(spec: NetworkSpec) -> dict[str, str]:
+    options = dict(spec.options)
+    if spec.dns_upstreams:
+        options[OPTION_UPSTREAMS] = format_upstreams(parse_upstreams(spec.dns_upstreams))
+    return options
 
 
 class NetworkService:
@@ -87,7 +96,7 @@ class NetworkService:
         self.core.networks[net.name] = net
         try:
             await self.core.dataplane.ensure_network(net)
-            await self.core.sync_firewall()
+            await self.core.publish()
         except PlexusError:
             await self._forget(net)
             raise
@@ -123,7 +132,7 @@ class NetworkService:
             internal=spec.internal,
             mtu=spec.mtu,
             labels=dict(spec.labels),
-            options=dict(spec.options),
+            options=_options(spec),
             created=time.time(),
         )
 
@@ -197,7 +206,7 @@ class NetworkService:
         await self.core.store.txn([], ops)
         self.core.networks.pop(net.name, None)
         errors: list[str] = []
-        for step in (self.core.dataplane.delete_network(net), self.core.sync_firewall()):
+        for step in (self.core.dataplane.delete_network(net), self.core.publish()):
             try:
                 await step
             except PlexusError as exc:

@@ -77,6 +77,9 @@ class Reconciler:
             await self._converge_firewall(full_firewall, report)
         except PlexusError as exc:
             report.errors.append(f"firewall: {exc}")
+        if self.core.dns is not None:  # level-triggered: retries listeners that failed to bind
+            self.core.dns.update(self.core.networks.values(), self.core.endpoints.values())
+            report.errors += [f"dns: {e}" for e in await self.core.dns.sync_listeners()]
         return report
 
     async def _release_gone(self, report: Report) -> None:
@@ -141,8 +144,11 @@ class Reconciler:
         live = {
             keys.endpoint(e.node, e.container_id, e.ifname) for e in self.core.endpoints.values()
         }
-        stale = [kv for kv in listed
-                 if _owner(kv.value).startswith(mine) and _owner(kv.value) not in live]
+        stale = [
+            kv
+            for kv in listed
+            if _owner(kv.value).startswith(mine) and _owner(kv.value) not in live
+        ]
         for kv in stale:
             done = await self.core.store.txn(
                 [Compare(kv.key, "mod", "==", kv.mod_revision)], [Delete(kv.key)]
@@ -152,11 +158,11 @@ class Reconciler:
 
     async def _converge_firewall(self, full: bool, report: Report) -> None:
         if full:
-            await self.core.sync_firewall(full=True)
+            await self.core.publish(full=True)
             return
         if await self.core.firewall.current() != self.core.fw_applied:
             report.repaired.append("firewall table")
-            await self.core.sync_firewall(full=True)
+            await self.core.publish(full=True)
 
     async def run_forever(self) -> None:
         """The periodic pass; each one is bounded and logged when it changed something."""

@@ -22,7 +22,8 @@ from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.api import views
 from plexus.cni.config import CniRequest
 from plexus.cni.service import CniService, to_cni_error
-from plexus.errors import InvalidArgument, NotReady, PlexusError
+from plexus.dns import DnsService
+from plexus.errors import InvalidArgument, NotFound, NotReady, PlexusError
 from plexus.model import parse
 from plexus.model.types import Endpoint
 
@@ -106,6 +107,8 @@ class Api:
         r.add_post("/v1/endpoints", self.endpoint_attach)
         r.add_post("/v1/endpoints/detach", self.endpoint_detach)
         r.add_post("/v1/cni", self.cni_call)
+        r.add_get("/v1/dns/stats", self.dns_stats)
+        r.add_get("/v1/dns/lookup", self.dns_lookup)
         return app
 
     def _require_ready(self) -> None:
@@ -150,6 +153,7 @@ class Api:
             mtu=_get(b, "mtu", int, 1500),
             labels=_labels(b),
             options=_labels(b, "options"),
+            dns_upstreams=_strings(b, "dns_upstreams"),
         )
         net = await self.networks.create(spec)
         return web.json_response(views.network(net), status=201)
@@ -229,6 +233,21 @@ class Api:
             missing_ok=_get(b, "missing_ok", bool, False),
         )
         return web.json_response(views.endpoint(ep) if ep else {})
+
+    def _dns(self) -> DnsService:
+        if self.core.dns is None:
+            raise NotFound("the agent runs without DNS (--no-dns)")
+        return self.core.dns
+
+    async def dns_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._dns().stats())
+
+    async def dns_lookup(self, request: web.Request) -> web.Response:
+        q = request.query
+        explanation = await self._dns().lookup(
+            q.get("network", ""), q.get("name", ""), q.get("type", "A"), q.get("client") or None
+        )
+        return web.json_response({**explanation.to_dict(), "text": explanation.text()})
 
     async def cni_call(self, request: web.Request) -> web.Response:
         """The CNI shim's one endpoint. Always HTTP 200: the CNI outcome is in the body."""

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlencode
 
 import click
 
@@ -85,8 +86,28 @@ def cli(ctx: click.Context, socket: str) -> None:
     help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN",
 )
 @click.option("--reconcile-interval", default=10.0, show_default=True, type=float)
-@click.option("--docker-plugin-socket", default="/run/docker/plugins/plexus.sock",
-              show_default=True, help="serve the Docker network+IPAM plugin here ('' to disable)")
+@click.option(
+    "--dns-upstream",
+    multiple=True,
+    help="resolver for names plexus does not own, "
+    "IP[:PORT] (repeatable; default: the host's resolv.conf)",
+)
+@click.option("--dns-domain", default="plexus.internal", show_default=True)
+@click.option("--dns-ttl", default=5, show_default=True, type=int)
+@click.option(
+    "--dns-workers",
+    default=1,
+    show_default=True,
+    type=int,
+    help="DNS server processes (0: in the agent's own loop)",
+)
+@click.option("--no-dns", is_flag=True, help="run without the embedded DNS server")
+@click.option(
+    "--docker-plugin-socket",
+    default="/run/docker/plugins/plexus.sock",
+    show_default=True,
+    help="serve the Docker network+IPAM plugin here ('' to disable)",
+)
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
 def agent(
@@ -97,6 +118,11 @@ def agent(
     pool: str,
     pool6: str,
     reconcile_interval: float,
+    dns_upstream: tuple[str, ...],
+    dns_domain: str,
+    dns_ttl: int,
+    dns_workers: int,
+    no_dns: bool,
     docker_plugin_socket: str,
     verbose: bool,
 ) -> None:
@@ -126,6 +152,11 @@ def agent(
             pool6_prefix=l6,
             reconcile_interval=reconcile_interval,
             docker_plugin_socket=Path(docker_plugin_socket) if docker_plugin_socket else None,
+            dns=not no_dns,
+            dns_domain=dns_domain,
+            dns_ttl=dns_ttl,
+            dns_upstreams=dns_upstream,
+            dns_workers=dns_workers,
         )
         daemon.main(config, verbose)
     except PlexusError as exc:
@@ -166,7 +197,8 @@ def network() -> None:
 @click.option("--internal", is_flag=True)
 @click.option("--mtu", type=int, default=1500, show_default=True)
 @click.option("--label", multiple=True, help="KEY=VALUE")
-@click.option("-o", "--opt", multiple=True, help="driver option KEY=VALUE")
+@click.option("-o", "--opt", multiple=True, help="driver option KEY=VALUE (dns=false: no DNS)")
+@click.option("--dns-upstream", multiple=True, help="this network's resolvers, IP[:PORT]")
 @_json_opt
 @click.pass_context
 def network_create(
@@ -181,6 +213,7 @@ def network_create(
     mtu: int,
     label: tuple[str, ...],
     opt: tuple[str, ...],
+    dns_upstream: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a network."""
@@ -199,6 +232,7 @@ def network_create(
             "mtu": mtu,
             "labels": _kv(label, "label"),
             "options": _kv(opt, "opt"),
+            "dns_upstreams": list(dns_upstream),
         },
     )
     if as_json:
@@ -444,6 +478,40 @@ def detach(ctx: click.Context, container_id: str, network: str, ifname: str) -> 
         "/v1/endpoints/detach",
         {"container_id": container_id, "network": network, "ifname": ifname},
     )
+
+
+# -- dns ----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def dns() -> None:
+    """Ask the embedded DNS server."""
+
+
+@dns.command("lookup")
+@click.argument("name")
+@click.option("--network", required=True, help="the network the question arrives on")
+@click.option("--type", "qtype", default="A", show_default=True)
+@click.option("--client", default="", help="the asking container's address")
+@_json_opt
+@click.pass_context
+def dns_lookup(
+    ctx: click.Context, name: str, network: str, qtype: str, client: str, as_json: bool
+) -> None:
+    """What the server answers for NAME on NETWORK, and why."""
+    query = urlencode({"name": name, "network": network, "type": qtype, "client": client})
+    answer = _call(ctx, "GET", f"/v1/dns/lookup?{query}")
+    if as_json:
+        _emit(answer)
+    else:
+        click.echo(answer["text"])
+
+
+@dns.command("stats")
+@click.pass_context
+def dns_stats(ctx: click.Context) -> None:
+    """Query counters, upstream health and latency, as JSON."""
+    _emit(_call(ctx, "GET", "/v1/dns/stats"))
 
 
 def main() -> None:

@@ -43,11 +43,14 @@ def install(dirs: list[str]) -> list[Path]:
         _write(lib / f"{MODULE}.py", source, 0o644)
         # Unchecked hash-based bytecode: loaded without even a stat of the source.
         py_compile.compile(
-            str(lib / f"{MODULE}.py"), doraise=True,
+            str(lib / f"{MODULE}.py"),
+            doraise=True,
             invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
         )
-        stub = (f"#!{interpreter()} -IS\nimport sys\nsys.path.insert(0, {str(lib)!r})\n"
-                f"from {MODULE} import main\nmain()\n")
+        stub = (
+            f"#!{interpreter()} -IS\nimport sys\nsys.path.insert(0, {str(lib)!r})\n"
+            f"from {MODULE} import main\nmain()\n"
+        )
         for name in NAMES:
             _write(Path(d) / name, stub, 0o755)
             written.append(Path(d) / name)

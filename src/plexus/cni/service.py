@@ -20,6 +20,7 @@ from plexus.cni.results import add_result
 from plexus.dataplane import links
 from plexus.dataplane.driver import container_netlink, host_ifname
 from plexus.dataplane.nft.state import publications
+from plexus.dns import dns_enabled
 from plexus.errors import (
     AlreadyExists,
     Conflict,
@@ -121,8 +122,23 @@ class CniService:
                 default_route=True,
             )
         )
-        dns = req.config.get("dns") if isinstance(req.config.get("dns"), dict) else None
-        return add_result(req.version, net, ep, dns)
+        return add_result(req.version, net, ep, self._dns(req, net))
+
+    def _dns(self, req: CniRequest, net: Network) -> dict[str, Any]:
+        """The config's dns block, completed with plexus's resolver (the network's gateways)
+        when the network has one."""
+        given = req.config.get("dns")
+        dns: dict[str, Any] = dict(given) if isinstance(given, dict) else {}
+        if self.core.dns is not None and net.driver == "bridge" and dns_enabled(net):
+            gateways = [
+                str(s.gateway)
+                for s in sorted(net.subnets, key=lambda s: s.version)
+                if s.gateway is not None
+            ]
+            dns.setdefault("nameservers", gateways)
+            if self.core.dns.settings.domain:
+                dns.setdefault("search", [self.core.dns.settings.domain])
+        return dns
 
     async def delete(self, req: CniRequest) -> None:
         # Best effort and idempotent: nothing to delete is success; no netns is fine.

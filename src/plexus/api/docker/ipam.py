@@ -74,8 +74,11 @@ class DockerIpam:
 
     async def _save(self, pool: Pool, prev: Pool | None) -> bool:
         key = _pool_key(pool.id)
-        guard = Compare.absent(key) if prev is None else Compare(
-            key, "value", "==", json.dumps(asdict(prev)))
+        guard = (
+            Compare.absent(key)
+            if prev is None
+            else Compare(key, "value", "==", json.dumps(asdict(prev)))
+        )
         res = await self.core.store.txn([guard], [Put(key, json.dumps(asdict(pool)))])
         return res.succeeded
 
@@ -106,7 +109,7 @@ class DockerIpam:
         pool, prefix = (cfg.pool6, cfg.pool6_prefix) if v6 else (cfg.pool4, cfg.pool4_prefix)
         refused, _ = await self.core.store.list(REFUSED)
         avoid = [p for p, _ in await self.networks.taken_prefixes()]
-        avoid += [ipaddress.ip_network(kv.key[len(REFUSED):].replace("_", "/")) for kv in refused]
+        avoid += [ipaddress.ip_network(kv.key[len(REFUSED) :].replace("_", "/")) for kv in refused]
         return str(allocator.pick_subnet(pool, prefix, avoid))
 
     async def _reference(self, cidr: str, sub: str, auto: bool) -> bool:
@@ -127,8 +130,11 @@ class DockerIpam:
         ops: list[Put] = [Put(_pool_key(new.id), json.dumps(asdict(new)))]
         if claim is None:
             ops.append(Put(claim_key, POOL_CLAIM))
-        pool_guard = Compare.absent(_pool_key(new.id)) if prev is None else Compare(
-            _pool_key(new.id), "value", "==", json.dumps(asdict(prev)))
+        pool_guard = (
+            Compare.absent(_pool_key(new.id))
+            if prev is None
+            else Compare(_pool_key(new.id), "value", "==", json.dumps(asdict(prev)))
+        )
         res = await self.core.store.txn([*guards, pool_guard], ops)
         return res.succeeded
 
@@ -179,8 +185,10 @@ class DockerIpam:
             cursor = await self.core.store.get(cursor_key)
             res = await self.core.store.txn(
                 [Compare.absent(key), *([] if want else [Compare.unchanged(cursor, cursor_key)])],
-                [Put(key, OWNER_PREFIX + pool.id),
-                 *([] if want else [Put(cursor_key, str(address))])],
+                [
+                    Put(key, OWNER_PREFIX + pool.id),
+                    *([] if want else [Put(cursor_key, str(address))]),
+                ],
             )
             if res.succeeded:
                 await self._mark_used(pool)
@@ -228,7 +236,9 @@ class DockerIpam:
         cursor = await self.core.store.get(keys.ipam_cursor(pool.cidr))
         try:
             return allocator.next_free(
-                pool.network, pool.range, taken,
+                pool.network,
+                pool.range,
+                taken,
                 ipaddress.ip_address(cursor.value) if cursor else None,
             )
         except Exhausted:

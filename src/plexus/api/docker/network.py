@@ -72,7 +72,7 @@ class DockerNetworkDriver:
         kvs, _ = await self.core.store.list(NETWORKS)
         out: dict[str, list[str]] = {}
         for kv in kvs:
-            out.setdefault(json.loads(kv.value)["name"], []).append(kv.key[len(NETWORKS):])
+            out.setdefault(json.loads(kv.value)["name"], []).append(kv.key[len(NETWORKS) :])
         return out
 
     async def create_network(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -92,24 +92,36 @@ class DockerNetworkDriver:
             await self.networks.create(spec)
             created = True
         mapping = json.dumps({"name": name, "created": created})
-        await self.core.store.txn([Compare.absent(NETWORKS + network_id)],
-                                  [Put(NETWORKS + network_id, mapping)])
+        await self.core.store.txn(
+            [Compare.absent(NETWORKS + network_id)], [Put(NETWORKS + network_id, mapping)]
+        )
         log.info("docker network %s served by plexus network %s", network_id[:12], name)
         return {}
 
-    def _spec(self, name: str, network_id: str, options: dict[str, Any],
-              generic: dict[str, Any], body: dict[str, Any]) -> NetworkSpec:
+    def _spec(
+        self,
+        name: str,
+        network_id: str,
+        options: dict[str, Any],
+        generic: dict[str, Any],
+        body: dict[str, Any],
+    ) -> NetworkSpec:
         data = [*(body.get("IPv4Data") or []), *(body.get("IPv6Data") or [])]
         subnets = [str(d["Pool"]) for d in data if d.get("Pool")]
         gateways = [str(d["Gateway"]).split("/")[0] for d in data if d.get("Gateway")]
         mtu = generic.get("plexus.mtu") or generic.get("com.docker.network.driver.mtu") or 1500
         extra = {k: str(v) for k, v in generic.items() if not k.startswith("plexus.name")}
         return NetworkSpec(
-            name=name, driver="bridge", subnets=subnets, gateways=gateways,
+            name=name,
+            driver="bridge",
+            subnets=subnets,
+            gateways=gateways,
             ipv6=_truthy(options.get("com.docker.network.enable_ipv6")),
             internal=_truthy(options.get("com.docker.network.internal"))
             or _truthy(generic.get("plexus.internal")),
-            mtu=int(mtu), labels={"docker.network.id": network_id}, options=extra,
+            mtu=int(mtu),
+            labels={"docker.network.id": network_id},
+            options=extra,
             adopt_claim=POOL_CLAIM,
         )
 
@@ -126,8 +138,11 @@ class DockerNetworkDriver:
             try:
                 await self.networks.remove(name)
             except InUse as exc:  # CNI or plexus containers still use it: keep it for them
-                log.info("docker network %s removed; plexus network kept: %s", network_id[:12],
-                         exc.message)
+                log.info(
+                    "docker network %s removed; plexus network kept: %s",
+                    network_id[:12],
+                    exc.message,
+                )
             else:
                 await self._return_to_pools(net)
         await self.core.store.delete(NETWORKS + network_id)
@@ -152,14 +167,26 @@ class DockerNetworkDriver:
             ipaddress.ip_interface(iface[k]) for k in ("Address", "AddressIPv6") if iface.get(k)
         ]
         options = body.get("Options") or {}
-        mac = str(iface.get("MacAddress") or options.get(
-            "com.docker.network.endpoint.macaddress") or "")
-        await self.endpoints.attach(AttachSpec(
-            container_id=endpoint_id, network=name, netns="", ifname=IFNAME, mac=mac,
-            addresses=addresses, assigned_by=OWNER_PREFIX, owner="docker", peer_in_host=True,
-            default_route=True, ports=ports_from_portmap(options.get(PORTMAP)),
-            one_per_network=False, name=str(options.get("plexus.container_name", "")),
-        ))
+        mac = str(
+            iface.get("MacAddress") or options.get("com.docker.network.endpoint.macaddress") or ""
+        )
+        await self.endpoints.attach(
+            AttachSpec(
+                container_id=endpoint_id,
+                network=name,
+                netns="",
+                ifname=IFNAME,
+                mac=mac,
+                addresses=addresses,
+                assigned_by=OWNER_PREFIX,
+                owner="docker",
+                peer_in_host=True,
+                default_route=True,
+                ports=ports_from_portmap(options.get(PORTMAP)),
+                one_per_network=False,
+                name=str(options.get("plexus.container_name", "")),
+            )
+        )
         # Docker supplied the interface; answering with other values would be an error.
         return {"Interface": {}}
 
@@ -174,12 +201,16 @@ class DockerNetworkDriver:
 
     async def endpoint_info(self, body: dict[str, Any]) -> dict[str, Any]:
         ep = self._require(str(body.get("EndpointID", "")))
-        return {"Value": {"plexus.network": ep.network, "plexus.host_ifname": ep.host_ifname,
-                          "plexus.addresses": ",".join(map(str, ep.addresses))}}
+        return {
+            "Value": {
+                "plexus.network": ep.network,
+                "plexus.host_ifname": ep.host_ifname,
+                "plexus.addresses": ",".join(map(str, ep.addresses)),
+            }
+        }
 
     async def delete_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
-        await self.endpoints.detach(str(body.get("EndpointID", "")), ifname=IFNAME,
-                                    missing_ok=True)
+        await self.endpoints.detach(str(body.get("EndpointID", "")), ifname=IFNAME, missing_ok=True)
         return {}
 
     async def join(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +224,8 @@ class DockerNetworkDriver:
         gw6 = next((str(g) for g in ep.gateways if g.version == 6), "")
         return {
             "InterfaceName": {"SrcName": peer_ifname(ep), "DstPrefix": IFNAME},
-            "Gateway": gw4, "GatewayIPv6": gw6,
+            "Gateway": gw4,
+            "GatewayIPv6": gw6,
             # An internal network has no gateway on purpose; Docker must not add its
             # docker_gwbridge to make up for it.
             "DisableGatewayService": net.internal,
@@ -202,8 +234,9 @@ class DockerNetworkDriver:
     async def _update(self, ep: Endpoint, **changes: Any) -> None:
         new = replace(ep, **changes)
         key = keys.endpoint(ep.node, ep.container_id, ep.ifname)
-        res = await self.core.store.txn([Compare(key, "value", "==", ep.to_json())],
-                                        [Put(key, new.to_json())])
+        res = await self.core.store.txn(
+            [Compare(key, "value", "==", ep.to_json())], [Put(key, new.to_json())]
+        )
         if not res.succeeded:
             raise Conflict(f"endpoint {ep.key} changed meanwhile")
         self.core.endpoints[ep.key] = new
@@ -232,7 +265,8 @@ def _agree(net: Network, spec: NetworkSpec) -> None:
     have = {str(s.cidr) for s in net.subnets}
     wanted = {str(ipaddress.ip_network(s)) for s in spec.subnets}
     if wanted and wanted != have:
-        raise Conflict(f"plexus network {net.name!r} has subnets {sorted(have)}, "
-                       f"not {sorted(wanted)}")
+        raise Conflict(
+            f"plexus network {net.name!r} has subnets {sorted(have)}, not {sorted(wanted)}"
+        )
     if spec.internal != net.internal:
         raise Conflict(f"plexus network {net.name!r} has internal={net.internal}")

@@ -41,24 +41,40 @@ class DockerPlugin:
     def app(self) -> web.Application:
         app = web.Application()
         d, i = self.driver, self.ipam
-        app.router.add_post("/Plugin.Activate", self._handler(
-            _static({"Implements": ["NetworkDriver", "IpamDriver"]}), "Err", needs_ready=False))
+        app.router.add_post(
+            "/Plugin.Activate",
+            self._handler(
+                _static({"Implements": ["NetworkDriver", "IpamDriver"]}), "Err", needs_ready=False
+            ),
+        )
         network: dict[str, Call] = {
             "GetCapabilities": _static({"Scope": "local", "ConnectivityScope": "local"}),
-            "CreateNetwork": d.create_network, "DeleteNetwork": d.delete_network,
-            "CreateEndpoint": d.create_endpoint, "DeleteEndpoint": d.delete_endpoint,
-            "EndpointOperInfo": d.endpoint_info, "Join": d.join, "Leave": d.leave,
+            "CreateNetwork": d.create_network,
+            "DeleteNetwork": d.delete_network,
+            "CreateEndpoint": d.create_endpoint,
+            "DeleteEndpoint": d.delete_endpoint,
+            "EndpointOperInfo": d.endpoint_info,
+            "Join": d.join,
+            "Leave": d.leave,
             "ProgramExternalConnectivity": d.program_external,
             "RevokeExternalConnectivity": d.revoke_external,
-            "DiscoverNew": _static({}), "DiscoverDelete": _static({}),
+            "DiscoverNew": _static({}),
+            "DiscoverDelete": _static({}),
         }
         ipam: dict[str, Call] = {
-            "GetCapabilities": _static({"RequiresMACAddress": False,
-                                        "RequiresRequestReplay": False}),
-            "GetDefaultAddressSpaces": _static({"LocalDefaultAddressSpace": "plexus-local",
-                                                "GlobalDefaultAddressSpace": "plexus-global"}),
-            "RequestPool": i.request_pool, "ReleasePool": i.release_pool,
-            "RequestAddress": i.request_address, "ReleaseAddress": i.release_address,
+            "GetCapabilities": _static(
+                {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+            ),
+            "GetDefaultAddressSpaces": _static(
+                {
+                    "LocalDefaultAddressSpace": "plexus-local",
+                    "GlobalDefaultAddressSpace": "plexus-global",
+                }
+            ),
+            "RequestPool": i.request_pool,
+            "ReleasePool": i.release_pool,
+            "RequestAddress": i.request_address,
+            "ReleaseAddress": i.release_address,
         }
         for name, call in network.items():
             app.router.add_post(f"/NetworkDriver.{name}", self._handler(call, "Err"))
