@@ -11,7 +11,7 @@ import pytest
 
 from plexus.cni.install import install
 from plexus.testing.podman import INDEX_HTML, Podman
-from plexus.testing.world import Agent, World, ping
+from plexus.testing.world import Agent, World, http_get, ping
 
 from .helpers import links, nft_elements, store_rows
 
@@ -55,7 +55,7 @@ def test_podman_containers_on_a_plexus_network(podman: Podman, agent: Agent,
                        f"echo | timeout 5 nc {agent.address('native')} 80").stdout.startswith(
                            "native")
     # the published port, from another host
-    assert INDEX_HTML.strip() in _http_get("outside", world.host_addr("host1"), 8080)
+    assert INDEX_HTML.strip() in http_get("outside", world.host_addr("host1"), 8080)
     # plexus sees podman's containers, by name, with their aliases
     ps = {c["name"]: c for c in agent.json("ps")}
     assert ps["web"]["owner"] == "cni" and ps["web"]["ports"] == ["8080:80/tcp"]
@@ -75,19 +75,3 @@ def test_stop_and_rm_leave_nothing_behind(podman: Podman, agent: Agent) -> None:
     assert store_rows(agent.state_dir, "/plexus/ports/") == {}
     assert [l["ifname"] for l in links("host1") if l["ifname"].startswith("pxv")] == []
     assert all(not v for k, v in nft_elements("host1").items() if k.startswith("pub"))
-
-
-def _http_get(ns: str, ip: str, port: int) -> str:
-    import socket
-
-    from plexus.dataplane.netns import run_in_netns
-
-    def go() -> str:
-        with socket.create_connection((ip, port), timeout=5) as s:
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            chunks = []
-            while chunk := s.recv(4096):
-                chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace")
-
-    return run_in_netns(f"/run/netns/{ns}", go)

@@ -40,6 +40,7 @@ class AgentConfig:
     pool6_prefix: int = 64
     reconcile_interval: float = 10.0
     docker_plugin_socket: Path | None = None  # None: do not serve the Docker plugin
+    docker_api: Path | None = None  # dockerd's API socket, to learn container names
     dns: bool = True
     dns_domain: str = "plexus.internal"
     dns_ttl: int = 5

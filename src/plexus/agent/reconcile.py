@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from plexus.agent.containers import ContainerService, is_alive
 from plexus.agent.core import Core, log
 from plexus.agent.endpoints import _owner
+from plexus.dataplane import docker_user
 from plexus.dataplane.driver import host_ifname, network_alias, owner_alias
 from plexus.errors import PlexusError
 from plexus.model import keys
@@ -66,6 +67,8 @@ class Reconciler:
         report = Report() if report is None else report
         await self._release_gone(report)
         await self._ensure_networks(report)
+        if any(n.driver == "bridge" for n in self.core.networks.values()):
+            await docker_user.ensure_accept_rules()  # dockerd may have (re)started meanwhile
         # One dump per pass (it costs ~0.4 s per 1,000 links in pyroute2). Every link in it was
         # made for an endpoint already in the cache (the cache is written before the kernel), so
         # deciding against the cache *after* the dump never mistakes a new link for an orphan.

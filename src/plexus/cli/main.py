@@ -102,6 +102,8 @@ def cli(ctx: click.Context, socket: str) -> None:
     help="DNS server processes (0: in the agent's own loop)",
 )
 @click.option("--no-dns", is_flag=True, help="run without the embedded DNS server")
+@click.option("--docker-api", default="/run/docker.sock", show_default=True,
+              help="dockerd's API socket, to learn container names ('' to disable)")
 @click.option(
     "--docker-plugin-socket",
     default="/run/docker/plugins/plexus.sock",
@@ -123,6 +125,7 @@ def agent(
     dns_ttl: int,
     dns_workers: int,
     no_dns: bool,
+    docker_api: str,
     docker_plugin_socket: str,
     verbose: bool,
 ) -> None:
@@ -152,6 +155,7 @@ def agent(
             pool6_prefix=l6,
             reconcile_interval=reconcile_interval,
             docker_plugin_socket=Path(docker_plugin_socket) if docker_plugin_socket else None,
+            docker_api=Path(docker_api) if docker_api else None,
             dns=not no_dns,
             dns_domain=dns_domain,
             dns_ttl=dns_ttl,

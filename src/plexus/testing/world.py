@@ -85,6 +85,29 @@ def wait_tcp(ns: str, ip: str, port: int, timeout: float = 10.0) -> str:
         time.sleep(0.1)
 
 
+def http_get(ns: str, ip: str, port: int, timeout: float = 5.0) -> str:
+    """GET / over HTTP/1.0 from namespace ``ns``; the whole response ("" if it fails)."""
+
+    def go() -> str:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        chunks = []
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect((ip, port))
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                for _ in range(1024):  # bounded: 4 MiB at most
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except OSError:
+                return ""
+        return b"".join(chunks).decode(errors="replace")
+
+    return run_in_netns(netns_path(ns), go)
+
+
 def udp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> str:
     def go() -> str:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET

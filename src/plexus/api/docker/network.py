@@ -10,15 +10,19 @@ restarted container never meets "endpoint already exists".
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from plexus.agent.core import Core, log
 from plexus.agent.endpoints import AttachSpec, EndpointService
 from plexus.agent.networks import NetworkService, NetworkSpec
+from plexus.api.docker import names
 from plexus.api.docker.ipam import OWNER_PREFIX, POOL_CLAIM, POOLS
+from plexus.dataplane import docker_user
 from plexus.dataplane.driver import peer_ifname
 from plexus.errors import Conflict, InUse, InvalidArgument, NotFound
 from plexus.model import keys, parse
@@ -57,6 +61,7 @@ class DockerNetworkDriver:
         self.core = core
         self.networks = networks
         self.endpoints = endpoints
+        self._learning: set[asyncio.Task[None]] = set()
 
     async def _mapping(self, network_id: str) -> dict[str, Any]:
         kv = await self.core.store.get(NETWORKS + network_id)
@@ -78,6 +83,7 @@ class DockerNetworkDriver:
     async def create_network(self, body: dict[str, Any]) -> dict[str, Any]:
         network_id = str(body.get("NetworkID", ""))
         parse.name("NetworkID", network_id, max_len=128)
+        await docker_user.ensure_accept_rules()  # dockerd runs: its FORWARD policy is DROP
         if await self.core.store.get(NETWORKS + network_id) is not None:
             return {}  # replayed: already done
         options = body.get("Options") or {}
@@ -220,6 +226,8 @@ class DockerNetworkDriver:
             raise NotFound(f"network {ep.network} is gone")
         sandbox = str(body.get("SandboxKey") or "")
         await self._update(ep, netns=sandbox)
+        await docker_user.ensure_accept_rules()
+        self._learn_names(ep.key, str(body.get("NetworkID", "")), ep.container_id)
         gw4 = next((str(g) for g in ep.gateways if g.version == 4), "")
         gw6 = next((str(g) for g in ep.gateways if g.version == 6), "")
         return {
@@ -230,6 +238,27 @@ class DockerNetworkDriver:
             # docker_gwbridge to make up for it.
             "DisableGatewayService": net.internal,
         }
+
+    def _learn_names(self, key: str, network_id: str, endpoint_id: str) -> None:
+        socket = self.core.config.docker_api
+        if socket is None or not socket.exists():
+            return
+        task = asyncio.create_task(self._learn(key, socket, network_id, endpoint_id))
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
+
+    async def _learn(self, key: str, socket: Path, network_id: str, endpoint_id: str) -> None:
+        name, aliases = await names.lookup(socket, network_id, endpoint_id)
+        ep = self.core.endpoints.get(key)
+        if not name or ep is None:
+            return
+        try:
+            await self._update(ep, name=name, aliases=tuple(aliases))
+        except Conflict:
+            return  # changed meanwhile (left, deleted): nothing to name any more
+        await self.core.publish_dns()
+        log.info("docker endpoint %s is container %s (aliases %s)", endpoint_id[:12], name,
+                 ", ".join(aliases) or "none")
 
     async def _update(self, ep: Endpoint, **changes: Any) -> None:
         new = replace(ep, **changes)
