@@ -1,4 +1,6 @@
 # plexus — everything the project needs is installed from here (Debian packages + .venv).
+# Package installs run with a policy-rc.d that forbids starting services: docker.io would
+# otherwise start a dockerd in the root namespace; the tests start their own, sandboxed.
 #   make demo    build a small topology in a sandbox, prove it with traffic, report, tear down
 #   make test    unit tests, then integration tests inside a throw-away sandbox
 #   make bench   side-by-side benchmarks against the reference tools
@@ -21,7 +23,10 @@ $(STAMPS)/deps: Makefile
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=1; printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; rc=$$?; \
+	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
+	  exit $$rc; \
 	fi
 	@touch $@
 
@@ -55,6 +60,10 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/attach.py
 	$(SANDBOX) $(PY) bench/throughput.py
 	$(SANDBOX) $(PY) bench/memory.py
+	$(SANDBOX) $(PY) bench/cni.py
+	$(SANDBOX) $(PY) bench/podman.py
+	$(SANDBOX) $(PY) bench/docker.py
+	$(SANDBOX) $(PY) bench/dns.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
 	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni

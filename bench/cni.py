@@ -4,7 +4,8 @@ executes them: fork+exec+wait of the plugin binary in the host netns "host1" (wh
 runs), CNI_* in the environment, the config on stdin, the result on stdout.
 
     tests/sandbox .venv/bin/python bench/cni.py [--count 200] [--warmup 5] [--churn 500]
-                                                [--parallel 8] [--startup 40] [--no-api]
+                                                [--parallel 8] [--startup 30] [--api-every 4]
+                                                [--no-api]
 
 Phases, all in one run, so that both sides are measured on the same machine at the same time:
   start-up   VERSION (the shim alone: interpreter start + its imports), STATUS with a 1.1.0
@@ -14,10 +15,13 @@ Phases, all in one run, so that both sides are measured on the same machine at t
              also creates the networks and the bridges), interleaved one container at a time
              with the first mover rotating, like bench/attach.py. A third, breakdown-only side
              (not a target) sends the shim's exact request, ``POST /v1/cni``, from this
-             process: the agent's share of a plexus ADD/DEL without any process start;
+             process, on every --api-every'th container: the agent's share of a plexus ADD/DEL
+             without any process start;
   churn      --churn ADDs from --parallel workers (threads that entered host1, each forking
              the plugin), then as many DELs; containers/s. Each side churns alone (plexus,
              then the reference) so neither pays for the other's links.
+CPU: plexus = the shim process + the agent and its children (DNS workers); reference = the
+bridge plugin and the children it waits for (host-local, iptables).
 Correctness is checked and reported (a failed check makes the exit status 1): every result a
 valid 1.0.0 result in its subnet with a default route, no duplicate address, a veth per
 container after the churn's ADDs, and nothing left after DEL (no pxv* veths, GET /v1/endpoints
@@ -66,7 +70,7 @@ from plexus.testing.world import World
 HOST = "host1"
 HOST_NS = f"/run/netns/{HOST}"
 PX_NET, PX_SUBNET = "bench", "10.88.0.0/16"
-API_NET, API_SUBNET = "benchapi", "10.89.0.0/16"  # breakdown side: its own network and bridge
+API_NET, API_SUBNET = "benchapi", "10.87.0.0/16"  # breakdown side: its own network and bridge
 REF_NET, REF_BRIDGE, REF_SUBNET = "refnet", "cni-ref0", "10.77.0.0/16"
 VERSION = "1.0.0"  # the newest version the reference plugins speak
 TIMEOUT = 60.0
@@ -79,10 +83,21 @@ def _children_cpu() -> float:
 
 
 def _proc_cpu(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of ``pid`` and its descendants (the agent's DNS worker processes, and any
+    child it has waited for): utime + stime + cutime + cstime of each, from /proc."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_plugin(binary: str | Path, command: str, config: dict[str, Any], container_id: str = "",
@@ -432,14 +447,16 @@ def report_latency(px: Side, ref: Side, api: Side | None, count: int) -> tuple[f
         rows.append(cells)
     print_table(heads, rows, f"latency over {count} containers per side (sequential)")
     print("  plexus: the installed shim `plexus`, executed in host1; reference: `bridge` +"
-          " host-local, isGateway + ipMasq.")
-    print("  CPU: plexus = the shim process + the agent; reference = the bridge plugin and its"
-          " children (host-local, iptables).")
+          " host-local,")
+    print("  isGateway + ipMasq. CPU: plexus = the shim process + the agent and its DNS"
+          " workers;")
+    print("  reference = the bridge plugin and its children (host-local, iptables).")
     if api:
         print(f"  agent only ({_measured(api, count)} containers): the shim's exact request,"
-              " POST /v1/cni, sent by this process (no")
-        print("  process start) to a network of its own; its CPU is the agent's. It is the"
-              " agent's share of a plexus ADD/DEL.")
+              " POST /v1/cni, sent by")
+        print("  this process (no process start) to a network of its own; its CPU is the"
+              " agent's. It is")
+        print("  the agent's share of a plexus ADD/DEL, not a target.")
     return (_stat(px, "add p50", count) / _stat(ref, "add p50", count),
             _stat(px, "del p50", count) / _stat(ref, "del p50", count))
 
@@ -456,9 +473,10 @@ def report_breakdown(px: Side, ref: Side, api: Side, start: dict[str, list[float
     print_table(["ms", "plexus (shim)", "agent only", "difference", "share", "reference"], rows,
                 "where a plexus ADD/DEL goes (p50; separate samples, so the split is an estimate)")
     print("  difference = the shim process: exec, interpreter start, imports, the request,"
-          " exit. For scale: a bare")
-    print(f"  `python -IS` {bare:.2f} ms, the shim's VERSION {version:.2f} ms"
-          f" (~{version - bare:.2f} ms compiling + importing), a Go plugin's VERSION {go:.2f} ms.")
+          " exit.")
+    print(f"  For scale: a bare `python -IS` {bare:.2f} ms, the shim's VERSION {version:.2f} ms"
+          f" (~{version - bare:.2f} ms")
+    print(f"  of the shim's own imports and work), a Go plugin's VERSION {go:.2f} ms.")
 
 
 def report_churn(px: Churn, ref: Churn, n: int, parallel: int) -> None:
@@ -503,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-every", type=int, default=4,
                     help="the agent-only breakdown side takes every n-th container")
     ap.add_argument("--no-api", action="store_true", help="no agent-only breakdown side")
+    ap.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
+                    help="extra `plexus agent` argument (repeatable), e.g. --agent-arg=--no-dns")
     args = ap.parse_args(argv)
     if not require_sandbox("cni.py"):
         return 2
@@ -516,13 +536,16 @@ def main(argv: list[str] | None = None) -> int:
         f"reference: {CNI_PATH}/bridge {REF_BRIDGE}, host-local {REF_SUBNET}",
         f"latency: {count} containers per side (+{warmup} warm-up), interleaved;"
         f" churn: {n_churn} containers, {parallel} workers",
-        f"{os.cpu_count()} CPUs, load average {_load()} at start",
+        f"{os.cpu_count()} CPUs, load average {_load()} at start"
+        + (f"; agent args: {' '.join(args.agent_arg)}" if args.agent_arg else ""),
     ])
     failed: list[str] = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="plexus-bench-cni-") as tmp, \
             World(Path(tmp) / "world") as world:
-        agent = world.add_host(HOST)
+        agent = world.add_host(HOST, start_agent=False)
+        # No dockerd to learn names from: the sandbox's /run/docker.sock is the host's.
+        agent.start(extra=["--docker-api", "", *args.agent_arg])
         assert agent.proc is not None
         pid = agent.proc.pid
         client = Client(str(agent.socket))

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from plexus.testing.world import nsexec
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``check`` (bounded) for state the agent finishes after answering, such as the
+    kernel's deletion of a veth after a CNI DEL."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def links(ns: str) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from plexus.cni.install import install
 from plexus.testing.cni import CniResult, chain, exec_plugin
 from plexus.testing.world import Agent, World, nsexec, sh, tcp_request, wait_tcp
 
-from .helpers import addresses, links, nft_elements, store_rows
+from .helpers import addresses, links, nft_elements, store_rows, wait_until
 
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
@@ -87,7 +87,7 @@ def test_add_check_del_in_every_version(cni: Cni, version: str) -> None:
         assert chk.error_code == 1
     for _ in range(2):  # DEL is idempotent
         assert cni.run("DEL", cni.conf(version, prevResult=add.out), container_id="c1", netns=ns).ok
-    assert "eth0" not in {l["ifname"] for l in links(ns)}
+    assert wait_until(lambda: "eth0" not in {l["ifname"] for l in links(ns)})
     assert store_rows(cni.agent.state_dir, "/plexus/ipam/") == {}
 
 
@@ -386,6 +386,5 @@ def test_five_hundred_adds_from_eight_processes(cni: Cni) -> None:
         assert all(r.ok for r in pool.map(delete, range(500)))
     assert store_rows(cni.agent.state_dir, "/plexus/ipam/") == {}
     assert store_rows(cni.agent.state_dir, "/plexus/endpoints/") == {}
-    veths = [l for l in links("host1") if l["ifname"].startswith("pxv")]
-    assert veths == []
+    assert wait_until(lambda: not [l for l in links("host1") if l["ifname"].startswith("pxv")])
     assert json.loads(json.dumps(nft_elements("host1")))["bridges"]

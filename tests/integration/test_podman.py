@@ -13,7 +13,7 @@ from plexus.cni.install import install
 from plexus.testing.podman import INDEX_HTML, Podman
 from plexus.testing.world import Agent, World, http_get, ping
 
-from .helpers import links, nft_elements, store_rows
+from .helpers import links, nft_elements, store_rows, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("podman") is None or not Path("/bin/busybox").exists(),
@@ -73,5 +73,5 @@ def test_stop_and_rm_leave_nothing_behind(podman: Podman, agent: Agent) -> None:
     assert store_rows(agent.state_dir, "/plexus/endpoints/") == {}
     assert store_rows(agent.state_dir, "/plexus/ipam/") == {}
     assert store_rows(agent.state_dir, "/plexus/ports/") == {}
-    assert [l["ifname"] for l in links("host1") if l["ifname"].startswith("pxv")] == []
+    assert wait_until(lambda: not [l for l in links("host1") if l["ifname"].startswith("pxv")])
     assert all(not v for k, v in nft_elements("host1").items() if k.startswith("pub"))

@@ -196,7 +196,7 @@ class EndpointService:
         if errors:
             log.error("rollback of %s left errors: %s", ep.key, "; ".join(errors))
 
-    async def _teardown(self, ep: Endpoint) -> list[str]:
+    async def _teardown(self, ep: Endpoint, wait_kernel: bool = True) -> list[str]:
         """Forget the endpoint in the store first, then in the kernel, so a crash in between
         leaves only an orphan link, which the reconciler deletes. Collects every error."""
         errors: list[str] = []
@@ -211,7 +211,7 @@ class EndpointService:
             errors.append(f"firewall: {exc}")
         try:
             if ep.has_links:
-                await self.core.dataplane.delete_endpoint(ep)
+                await self.core.dataplane.delete_endpoint(ep, wait=wait_kernel)
         except PlexusError as exc:
             errors.append(f"link: {exc}")
         return errors
@@ -263,15 +263,22 @@ class EndpointService:
         return new
 
     async def detach(
-        self, container_id: str, network: str = "", ifname: str = "", missing_ok: bool = False
+        self,
+        container_id: str,
+        network: str = "",
+        ifname: str = "",
+        missing_ok: bool = False,
+        wait_kernel: bool = True,
     ) -> Endpoint | None:
+        """``wait_kernel=False`` answers once the endpoint is released (store, addresses,
+        firewall, DNS) and lets the kernel finish deleting the veth in the background."""
         ep = self._find(container_id, network, ifname)
         if ep is None:
             if missing_ok:
                 return None
             what = f"network {network}" if network else f"interface {ifname or '?'}"
             raise NotFound(f"{container_id} is not attached to {what}")
-        errors = await self._teardown(ep)
+        errors = await self._teardown(ep, wait_kernel)
         if errors:
             raise PlexusError(f"detach {ep.key}: " + "; ".join(errors))
         log.info("detached %s from %s", ep.container_id, ep.network)

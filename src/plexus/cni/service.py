@@ -142,7 +142,11 @@ class CniService:
 
     async def delete(self, req: CniRequest) -> None:
         # Best effort and idempotent: nothing to delete is success; no netns is fine.
-        await self.endpoints.detach(req.container_id, ifname=req.ifname, missing_ok=True)
+        # The runtime deletes the namespace next; the kernel's veth teardown (~15-20 ms) need
+        # not hold up its answer (a new ADD of the same endpoint waits for it).
+        await self.endpoints.detach(
+            req.container_id, ifname=req.ifname, missing_ok=True, wait_kernel=False
+        )
 
     async def check(self, req: CniRequest) -> None:
         if cfg.version_tuple(req.version) < (0, 4):

@@ -257,7 +257,9 @@ def main() -> None:
         _fail(version, Failure(999, f"internal error in the plexus CNI shim: {exc!r}"))
     if result is not None:
         sys.stdout.write(dumps(result))
-    sys.exit(0)
+    sys.stdout.flush()
+    # Skip the interpreter's orderly shutdown (~1 ms of a CNI call): nothing is left to clean.
+    posix._exit(0)
 
 
 def _fail(version: str, exc: Failure) -> NoReturn:
@@ -266,7 +268,9 @@ def _fail(version: str, exc: Failure) -> NoReturn:
         error["details"] = exc.details
     sys.stdout.write(dumps(error))
     print(f"plexus: {exc.msg}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
-    sys.exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    posix._exit(1)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ for unit tests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
 import ipaddress
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, cast
@@ -19,8 +21,11 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from plexus.dataplane import links, netns
-from plexus.errors import DataplaneError
+from plexus.errors import AlreadyExists, DataplaneError
 from plexus.model.types import Endpoint, IPNetwork, Network
+
+log = logging.getLogger("plexus.dataplane")
+LOOPBACK_INDEX = 1
 
 
 def host_ifname(ep: Endpoint) -> str:
@@ -57,7 +62,10 @@ class Dataplane(Protocol):
         (Docker moves and renames it at Join); returns ``ep`` with ``host_ifname`` set."""
         ...
 
-    async def delete_endpoint(self, ep: Endpoint) -> None: ...
+    async def delete_endpoint(self, ep: Endpoint, wait: bool = True) -> None:
+        """``wait=False``: return once the deletion is under way (a CNI DEL); an ensure of the
+        same endpoint waits for it to finish."""
+        ...
 
     async def owned_links(self) -> dict[str, str]:
         """Links plexus made in the host namespace: name → owner alias."""
@@ -90,9 +98,21 @@ def _kernel_errors(fn: F) -> F:
 
 
 class NetlinkDataplane:
+    """Programs the agent's namespace through one netlink socket and each container's through a
+    socket opened inside it.
+
+    Two kernel facts shape it: a netlink socket serves one dump at a time (a second concurrent
+    dump fails with EBUSY), hence ``_dump_lock``; and deleting a veth costs ~15-20 ms of the
+    kernel's time (unregistering under RTNL), which a CNI DEL need not wait for, hence
+    ``delete_endpoint(wait=False)`` with ``_deleting``, which a later ADD of the same endpoint
+    waits on before it creates the pair again.
+    """
+
     def __init__(self) -> None:
         self._host: AsyncIPRoute | None = None
         self._forwarding: set[int] = set()
+        self._dump_lock = asyncio.Lock()
+        self._deleting: dict[str, asyncio.Task[None]] = {}
 
     async def _ipr(self) -> AsyncIPRoute:
         if self._host is None:
@@ -101,6 +121,9 @@ class NetlinkDataplane:
         return self._host
 
     async def close(self) -> None:
+        for task in list(self._deleting.values()):
+            with contextlib.suppress(Exception):
+                await task
         if self._host is not None:
             self._host.close()
             self._host = None
@@ -136,37 +159,50 @@ class NetlinkDataplane:
         if net.driver == "bridge":
             await links.delete_link(await self._ipr(), net.bridge)
 
+    async def _settle(self, name: str) -> None:
+        """Wait for a background deletion of link ``name`` (a DEL just before this ADD)."""
+        task = self._deleting.get(name)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+
     @_kernel_errors
     async def ensure_endpoint(self, net: Network, ep: Endpoint) -> Endpoint:
         if net.driver == "host":
             return replace(ep, host_ifname="", mac="")
+        name = host_ifname(ep)
+        await self._settle(name)
         async with container_netlink(ep.netns) as ctr:
-            await links.set_up(ctr, "lo")
+            # lo is ifindex 1 in every network namespace: no lookup needed.
+            await ctr.link("set", index=LOOPBACK_INDEX, state="up")
             if net.driver == "none":
                 return ep
-            name = host_ifname(ep)
             await self._ensure_veth(net, ep, name, ctr)
-            index = await links.link_index(ctr, ep.ifname)
-            if index is None:
+            link = await links.get_link_by_name(ctr, ep.ifname)
+            if link is None:
                 raise DataplaneError(f"{ep.ifname} missing in {ep.netns} after creation")
+            index = link["index"]
             await links.ensure_addresses(ctr, index, ep.addresses)
             await ctr.link("set", index=index, state="up")
             await links.ensure_default_routes(ctr, ep.gateways)
-            mac = (await links.get_link(ctr, index)).get("address")
-        return replace(ep, host_ifname=name, mac=mac)
+        return replace(ep, host_ifname=name, mac=str(link.get("address") or ""))
 
     async def _ensure_veth(self, net: Network, ep: Endpoint, name: str, ctr: AsyncIPRoute) -> None:
         host = await self._ipr()
         bridge = await links.link_index(host, net.bridge)
         if bridge is None:
             raise DataplaneError(f"bridge {net.bridge} of network {net.name} is missing")
-        have_host = await links.link_index(host, name) is not None
-        have_ctr = await links.link_index(ctr, ep.ifname) is not None
-        if have_host and not have_ctr:
-            await links.delete_link(host, name)  # half a pair: start again
-            have_host = False
-        if not have_host:
+        try:
+            # The common case, a new endpoint: create first, look only if that fails.
             await links.create_veth(host, name, ep.netns, ep.ifname, net.mtu, ep.mac)
+        except AlreadyExists:
+            have_host = await links.link_index(host, name) is not None
+            have_ctr = await links.link_index(ctr, ep.ifname) is not None
+            if have_ctr and not have_host:
+                raise  # the container already has an interface of that name
+            if have_host and not have_ctr:
+                await links.delete_link(host, name)  # half a pair: start again
+                await links.create_veth(host, name, ep.netns, ep.ifname, net.mtu, ep.mac)
         await links.attach_to_bridge(host, name, bridge, owner_alias(ep))
 
     @_kernel_errors
@@ -187,14 +223,29 @@ class NetlinkDataplane:
         return replace(ep, host_ifname=name, mac=mac)
 
     @_kernel_errors
-    async def delete_endpoint(self, ep: Endpoint) -> None:
+    async def delete_endpoint(self, ep: Endpoint, wait: bool = True) -> None:
         # Deleting the host end removes the peer too; if the container's namespace is already
         # gone, the kernel destroyed the pair with it and there is nothing to do.
-        await links.delete_link(await self._ipr(), ep.host_ifname or host_ifname(ep))
+        name = ep.host_ifname or host_ifname(ep)
+        await self._settle(name)
+        if wait:
+            await links.delete_link(await self._ipr(), name)
+            return
+        task = asyncio.create_task(self._delete_later(name))
+        self._deleting[name] = task
+        task.add_done_callback(lambda t: self._deleting.pop(name, None))
+
+    async def _delete_later(self, name: str) -> None:
+        try:
+            await links.delete_link(await self._ipr(), name)
+        except (NetlinkError, OSError, DataplaneError) as exc:
+            # The periodic reconcile deletes it as an orphan if this did not.
+            log.warning("background delete of %s failed: %s", name, exc)
 
     @_kernel_errors
     async def owned_links(self) -> dict[str, str]:
-        return await links.owned_links(await self._ipr())
+        async with self._dump_lock:
+            return await links.owned_links(await self._ipr())
 
     @_kernel_errors
     async def delete_link(self, name: str) -> None:
@@ -202,7 +253,8 @@ class NetlinkDataplane:
 
     @_kernel_errors
     async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:
-        found = await links.local_prefixes(await self._ipr())
+        async with self._dump_lock:
+            found = await links.local_prefixes(await self._ipr())
         return [(ipaddress.ip_network(p, strict=False), where) for p, where in found]
 
 
@@ -246,7 +298,7 @@ class FakeDataplane:
     async def ensure_detached_veth(self, net: Network, ep: Endpoint) -> Endpoint:
         return await self.ensure_endpoint(net, ep)
 
-    async def delete_endpoint(self, ep: Endpoint) -> None:
+    async def delete_endpoint(self, ep: Endpoint, wait: bool = True) -> None:
         self.veths.pop(ep.host_ifname or host_ifname(ep), None)
 
     async def owned_links(self) -> dict[str, str]:

@@ -27,6 +27,17 @@ async def link_index(ipr: AsyncIPRoute, name: str) -> int | None:
     return int(found[0]) if found else None
 
 
+async def get_link_by_name(ipr: AsyncIPRoute, name: str) -> dict[str, Any] | None:
+    """index and address of link ``name`` in one request (None if absent)."""
+    try:
+        msg = (await ipr.link("get", ifname=name))[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    return {"index": msg["index"], "address": msg.get("address")}
+
+
 async def get_link(ipr: AsyncIPRoute, index: int) -> Any:
     return (await ipr.link("get", index=index))[0]
 

@@ -171,9 +171,12 @@ class Agent:
             str(self.state_dir),
             "--node",
             self.host,
-            # Never the real /run/docker/plugins: each simulated host has its own plugin socket.
+            # Never the real /run/docker/plugins: each simulated host has its own plugin socket;
+            # and never the host's dockerd API (a test that runs a dockerd passes its socket).
             "--docker-plugin-socket",
             str(self.docker_socket),
+            "--docker-api",
+            "",
             *extra,
         ]
         with open(self.log, "ab") as out:

@@ -256,7 +256,7 @@ class DockerNetworkDriver:
             await self._update(ep, name=name, aliases=tuple(aliases))
         except Conflict:
             return  # changed meanwhile (left, deleted): nothing to name any more
-        await self.core.publish_dns()
+        self.core.publish_dns_soon()
         log.info("docker endpoint %s is container %s (aliases %s)", endpoint_id[:12], name,
                  ", ".join(aliases) or "none")
 
