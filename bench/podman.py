@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import header, percentile, print_table, require_sandbox
 
 from plexus.cni.install import install
-from plexus.testing.podman import Podman
+from plexus.testing.podman import Podman, bridge_plugins
 from plexus.testing.world import World
 
 NET = "pxbench"
@@ -37,9 +37,13 @@ def measure(runs: int, tmp: Path) -> dict[str, list[float]]:
             cni.write_conflist(NET, [{"type": "plexus", "socket": str(agent.socket),
                                       "subnets": ["10.71.0.0/24"],
                                       "capabilities": {"portMappings": True}}])
+            # For context: the reference plugins through the same CNI backend.
+            cni.write_conflist("refnet", bridge_plugins("refnet", "cni-ref0", "10.72.0.0/24",
+                                                        ipam_dir=cni.ipam_dir))
             sides = {
                 "plexus (CNI)": lambda: cni.run_rm(NET),
                 "netavark": lambda: nv.run_rm(None),
+                "reference CNI": lambda: cni.run_rm("refnet"),
                 "none": lambda: cni.run_rm("none"),
             }
             for fn in sides.values():  # warm caches (image layers, plugin start-up)
@@ -48,7 +52,8 @@ def measure(runs: int, tmp: Path) -> dict[str, list[float]]:
             times: dict[str, list[float]] = {k: [] for k in sides}
             order = list(sides)
             for i in range(runs):
-                for name in order[i % 3:] + order[: i % 3]:
+                k = i % len(order)
+                for name in order[k:] + order[:k]:
                     times[name].append(sides[name]() * 1000)
         return times
     finally:
@@ -63,6 +68,7 @@ def main() -> int:
     args = ap.parse_args()
     header("podman run --rm busybox true: plexus CNI network vs netavark vs --network none", [
         f"{args.runs} runs per side after 2 warm-ups, interleaved with rotating order",
+        "reference CNI = bridge + host-local + portmap through the same CNI backend (context)",
         "Podman 4.3 (Debian), runc, both in the simulated host's netns next to the agent",
     ])
     with tempfile.TemporaryDirectory(prefix="plexus-bench-podman-") as tmp:

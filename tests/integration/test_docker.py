@@ -101,8 +101,13 @@ def test_docker_plexus_and_cni_containers_share_a_network(env: Env) -> None:
                   check=False).stdout.startswith("native")
     assert d.exec("dk", "ping", "-c1", "-W2", pod, check=False).returncode == 0
     assert ping(a.netns("native"), dk)
-    # a plexus container finds the Docker container by name (plexus DNS)
+    # a plexus container finds the Docker container by name (plexus DNS) ...
     assert _resolve(a, "native", "dk") == dk
+    # ... and a Docker container started with --dns GATEWAY finds plexus and CNI containers:
+    # Docker's embedded resolver answers Docker's names and forwards the rest to plexus.
+    d.run("asker", "shared", extra=["--dns", "10.102.0.1"])
+    out = d.exec("asker", "nslookup", "native", check=False).stdout
+    assert a.address("native") in out, out
     exec_plugin(bindir / "plexus", "DEL", {"cniVersion": "1.0.0", "name": "shared",
                                             "type": "plexus", "socket": str(a.socket)},
                 container_id="pod1", netns="/run/netns/pod", in_netns="/run/netns/host1",
