@@ -21,10 +21,11 @@ from .helpers import addresses, links, nft_elements, store_rows, wait_until
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
-@pytest.fixture
-def plugin_dir(tmp_path: Path) -> Path:
+@pytest.fixture(params=["compiled", "python"])
+def plugin_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """Both shims: the compiled one (the default where cc exists) and the Python fallback."""
     d = tmp_path / "cni-bin"
-    install([str(d)])
+    install([str(d)], compiled=request.param == "compiled")
     return d
 
 

@@ -17,7 +17,7 @@ from plexus.testing.cni import exec_plugin
 from plexus.testing.docker import INDEX_HTML, Dockerd
 from plexus.testing.world import Agent, World, http_get, ping
 
-from .helpers import links, nft_elements, store_rows
+from .helpers import links, nft_elements, store_rows, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dockerd") is None or not Path("/bin/busybox").exists(),
@@ -75,9 +75,14 @@ def test_docker_containers_on_plexus_networks(env: Env) -> None:
     # the plexus network is a plexus network: plexus sees Docker's containers with their names
     nets = {n["name"]: n for n in a.json("network", "ls")}
     assert {"front", "back"} <= set(nets) or any("docker" in n for n in nets), nets
-    ps = {c["name"]: c for c in a.json("ps")}
-    assert "web" in ps and ps["web"]["owner"] == "docker" and "api" in ps["app"]["endpoints"][0][
-        "aliases"], ps.keys()
+    # names and aliases come from dockerd's API, learned in the background after Join
+    def learned() -> bool:
+        ps = {c["name"]: c for c in a.json("ps")}
+        return "web" in ps and "api" in ps.get("app", {}).get("endpoints", [{}])[0].get(
+            "aliases", [])
+
+    assert wait_until(learned), a.json("ps")
+    assert {c["name"]: c["owner"] for c in a.json("ps")}["web"] == "docker"
 
 
 def test_docker_plexus_and_cni_containers_share_a_network(env: Env) -> None:

@@ -149,8 +149,9 @@ class NetworkService:
             for kv in claims
             if kv.value.startswith("pool:") and kv.value != adopt
         ]
-        own = {n.bridge for n in self.core.networks.values()}
         local = await self.core.dataplane.local_prefixes()
+        # After the await: a network created meanwhile is ours, and so is its bridge's address.
+        own = {n.bridge for n in self.core.networks.values()}
         return taken + [(p, w) for p, w in local if not any(b in w for b in own)]
 
     async def _check_overlaps(self, subnets: list[Subnet], adopt: str = "") -> None:

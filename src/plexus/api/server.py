@@ -20,6 +20,7 @@ from plexus.agent.core import Core, log
 from plexus.agent.endpoints import AttachSpec
 from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.api import views
+from plexus.cni import shim
 from plexus.cni.config import CniRequest
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
@@ -107,6 +108,7 @@ class Api:
         r.add_post("/v1/endpoints", self.endpoint_attach)
         r.add_post("/v1/endpoints/detach", self.endpoint_detach)
         r.add_post("/v1/cni", self.cni_call)
+        r.add_post("/v1/cni/exec", self.cni_exec)
         r.add_get("/v1/dns/stats", self.dns_stats)
         r.add_get("/v1/dns/lookup", self.dns_lookup)
         return app
@@ -249,6 +251,27 @@ class Api:
         )
         return web.json_response({**explanation.to_dict(), "text": explanation.text()})
 
+    async def cni_exec(self, request: web.Request) -> web.Response:
+        """The compiled shim's endpoint: the plugin's environment and raw stdin in; the exact
+        stdout and exit code out (``X-CNI-Exit``), so the shim only copies bytes. Validation is
+        the Python shim's own, run here."""
+        b = await _body(request)
+        env = {str(k): str(v) for k, v in _get(b, "env", dict, {}).items()}
+        stdin, argv0 = _get(b, "stdin", str, ""), _get(b, "argv0", str, "plexus")
+        try:
+            if env.get("CNI_COMMAND") == "VERSION":
+                result: dict[str, Any] | None = shim.version_result(stdin)
+            else:
+                _, fields = shim.prepare(argv0, env, stdin)
+                result = await self.cni.handle(CniRequest(**fields))
+        except shim.Failure as exc:
+            return _cni_failure(stdin, exc.code, exc.msg, exc.details)
+        except PlexusError as exc:
+            err = to_cni_error(exc)
+            return _cni_failure(stdin, err.code, err.message, err.details)
+        text = "" if result is None else shim.dumps(result)
+        return web.Response(text=text, headers={"X-CNI-Exit": "0"})
+
     async def cni_call(self, request: web.Request) -> web.Response:
         """The CNI shim's one endpoint. Always HTTP 200: the CNI outcome is in the body."""
         b = await _body(request)
@@ -278,6 +301,21 @@ class Api:
                 body["details"] = err.details
             return web.json_response({"error": body})
         return web.json_response({"result": result})
+
+
+def _cni_failure(stdin: str, code: int, msg: str, details: str = "") -> web.Response:
+    try:
+        version = str(shim.loads(stdin).get("cniVersion", "1.1.0"))
+    except (ValueError, AttributeError):
+        version = "1.1.0"
+    error: dict[str, Any] = {"cniVersion": version, "code": code, "msg": msg}
+    if details:
+        error["details"] = details
+    log_line = (msg + (f" ({details})" if details else "")).replace("\n", " ")[:400]
+    return web.Response(
+        text=shim.dumps(error),
+        headers={"X-CNI-Exit": "1", "X-CNI-Log": log_line.encode("ascii", "replace").decode()},
+    )
 
 
 async def serve(app: web.Application, socket_path: Path) -> web.AppRunner:

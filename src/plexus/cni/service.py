@@ -7,6 +7,7 @@ Errors leave here as ``CniError`` with the spec's code; other PlexusErrors are m
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 from typing import Any
@@ -54,6 +55,8 @@ class CniService:
         self.core = core
         self.networks = networks
         self.endpoints = endpoints
+        # Parallel first ADDs of one config would each try to create its network.
+        self._creating: dict[str, asyncio.Lock] = {}
 
     async def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == "STATUS":
@@ -84,17 +87,17 @@ class CniService:
         it, and then required to agree with it (code 7 otherwise)."""
         spec = cfg.network_spec(req)
         existing = self.core.networks.get(req.network)
+        if existing is None and spec is not None:
+            async with self._creating.setdefault(req.network, asyncio.Lock()):
+                existing = self.core.networks.get(req.network)
+                if existing is None:
+                    return await self.networks.create(spec)
         if existing is None:
-            if spec is None:
-                raise CniError(
-                    7,
-                    f"network {req.network!r} does not exist and the config gives "
-                    "no options (subnets, ...) to create it",
-                )
-            try:
-                return await self.networks.create(spec)
-            except AlreadyExists:  # a concurrent ADD created it first
-                existing = self.networks.get(req.network)
+            raise CniError(
+                7,
+                f"network {req.network!r} does not exist and the config gives "
+                "no options (subnets, ...) to create it",
+            )
         if spec is not None:
             _agree(existing, spec)
         return existing

@@ -175,20 +175,18 @@ def call_agent(path: str, body: dict[str, object]) -> dict[str, Json]:
     return answer
 
 
-def run(argv: list[str], env: Env, stdin: str) -> dict[str, Json] | None:
+def version_result(stdin: str) -> dict[str, Json]:
+    try:
+        asked = loads(stdin or "{}").get("cniVersion", "1.1.0")
+    except (ValueError, AttributeError):
+        asked = "1.1.0"
+    return {"cniVersion": asked if asked in SUPPORTED else "1.1.0", "supportedVersions": SUPPORTED}
+
+
+def prepare(argv0: str, env: Env, stdin: str) -> tuple[str, dict[str, Json]]:
+    """Validate what the spec makes the plugin's job and build the agent's request: (socket
+    path, body). Shared with the agent, which runs it for the compiled shim."""
     command = env.get("CNI_COMMAND", "")
-    if not command:
-        print("plexus CNI plugin, CNI spec versions " + ", ".join(SUPPORTED), file=sys.stderr)
-        return None
-    if command == "VERSION":
-        try:
-            asked = loads(stdin or "{}").get("cniVersion", "1.1.0")
-        except (ValueError, AttributeError):
-            asked = "1.1.0"
-        return {
-            "cniVersion": asked if asked in SUPPORTED else "1.1.0",
-            "supportedVersions": SUPPORTED,
-        }
     if command not in REQUIRED:
         raise Failure(4, f"unknown CNI_COMMAND {command!r}")
     check_env(command, env)
@@ -197,7 +195,7 @@ def run(argv: list[str], env: Env, stdin: str) -> dict[str, Json] | None:
     except ValueError as exc:
         raise Failure(6, f"failed to decode network configuration: {exc}") from None
     check_config(command, config)
-    mode = "ipam" if argv[0].rsplit("/", 1)[-1].endswith("-ipam") else "main"
+    mode = "ipam" if argv0.rsplit("/", 1)[-1].endswith("-ipam") else "main"
     # An IPAM plugin's own settings live in the "ipam" block of the main plugin's config.
     ipam = config.get("ipam") if isinstance(config.get("ipam"), dict) else {}
     own = ipam if mode == "ipam" else config
@@ -211,6 +209,17 @@ def run(argv: list[str], env: Env, stdin: str) -> dict[str, Json] | None:
         "config": config,
         "mode": mode,
     }
+    return path, body
+
+
+def run(argv: list[str], env: Env, stdin: str) -> dict[str, Json] | None:
+    command = env.get("CNI_COMMAND", "")
+    if not command:
+        print("plexus CNI plugin, CNI spec versions " + ", ".join(SUPPORTED), file=sys.stderr)
+        return None
+    if command == "VERSION":
+        return version_result(stdin)
+    path, body = prepare(argv[0], env, stdin)
     try:
         answer = call_agent(path, body)
     except (FileNotFoundError, ConnectionRefusedError) as exc:

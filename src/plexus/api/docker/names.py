@@ -36,12 +36,13 @@ async def lookup(socket: Path, network_id: str, endpoint_id: str) -> tuple[str, 
     async with aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=str(socket)), timeout=timeout
     ) as session:
+        partial: tuple[str, list[str]] = ("", [])
         for _ in range(ATTEMPTS):
             found = await _find(session, network_id, endpoint_id)
             if found is not None:
                 return found
             await asyncio.sleep(PAUSE)
-    return "", []
+    return partial
 
 
 async def _find(
@@ -59,6 +60,10 @@ async def _find(
             aliases = next((n.get("Aliases") or [] for n in networks.values()
                             if n.get("NetworkID") == network_id), [])
             name = str(ctr.get("Name") or info.get("Name") or "").lstrip("/")
+            if not aliases:
+                # Docker fills in Aliases (at least the short ID, on a user-defined network)
+                # once the start is under way: not yet.
+                return None
             return name, [str(a) for a in aliases if a != name]
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         log.debug("docker API lookup of %s: %s", endpoint_id[:12], exc)
