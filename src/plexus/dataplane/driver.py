@@ -212,6 +212,7 @@ class NetlinkDataplane:
         if bridge is None:
             raise DataplaneError(f"bridge {net.bridge} of network {net.name} is missing")
         name, peer = host_ifname(ep), peer_ifname(ep)
+        await self._settle(name)  # a background delete of the last life must not hit this one
         await links.delete_link(host, name)  # a stale pair from an earlier life of the endpoint
         await links.delete_link(host, peer)
         await links.create_veth(host, name, None, peer, net.mtu, ep.mac)

@@ -216,7 +216,11 @@ class DockerNetworkDriver:
         }
 
     async def delete_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
-        await self.endpoints.detach(str(body.get("EndpointID", "")), ifname=IFNAME, missing_ok=True)
+        # As for a CNI DEL: answer once released; the kernel finishes the veth in the background
+        # (a CreateEndpoint of the same endpoint waits for it).
+        await self.endpoints.detach(
+            str(body.get("EndpointID", "")), ifname=IFNAME, missing_ok=True, wait_kernel=False
+        )
         return {}
 
     async def join(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +230,8 @@ class DockerNetworkDriver:
             raise NotFound(f"network {ep.network} is gone")
         sandbox = str(body.get("SandboxKey") or "")
         await self._update(ep, netns=sandbox)
-        await docker_user.ensure_accept_rules()
+        # The DOCKER-USER rules are ensured at CreateNetwork and by the periodic reconcile, not
+        # here: checking costs up to six iptables runs, on every container start.
         self._learn_names(ep.key, str(body.get("NetworkID", "")), ep.container_id)
         gw4 = next((str(g) for g in ep.gateways if g.version == 4), "")
         gw6 = next((str(g) for g in ep.gateways if g.version == 6), "")
