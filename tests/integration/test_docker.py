@@ -74,7 +74,16 @@ def test_docker_containers_on_plexus_networks(env: Env) -> None:
     assert INDEX_HTML.strip() in d.fetch("app", f"http://{host}:8080/")
     # the plexus network is a plexus network: plexus sees Docker's containers with their names
     nets = {n["name"]: n for n in a.json("network", "ls")}
-    assert {"front", "back"} <= set(nets) or any("docker" in n for n in nets), nets
+    docker_ids = {n: d.docker("network", "inspect", "-f", "{{.Id}}", n).stdout.strip()
+                  for n in ("front", "back")}
+    served = {i for n in nets.values() for i in n["docker_networks"]}
+    assert set(docker_ids.values()) <= served, (docker_ids, nets)
+    assert "docker-" in a.cli("network", "ls").stdout  # named after the Docker network
+    # connect / disconnect a running container to a second plexus network
+    d.docker("network", "connect", "--alias", "db-client", "back", "web")
+    assert INDEX_HTML.strip() in d.fetch("web", f"http://{db}/")
+    d.docker("network", "disconnect", "back", "web")
+    assert d.fetch("web", f"http://{db}/", timeout=2) == ""
     # names and aliases come from dockerd's API, learned in the background after Join
     def learned() -> bool:
         ps = {c["name"]: c for c in a.json("ps")}

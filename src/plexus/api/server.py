@@ -7,6 +7,7 @@ deeper.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from plexus.agent.core import Core, log
 from plexus.agent.endpoints import AttachSpec
 from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.api import views
+from plexus.api.docker.network import NETWORKS as DOCKER_NETWORKS
 from plexus.cni import shim
 from plexus.cni.config import CniRequest
 from plexus.cni.service import CniService, to_cni_error
@@ -129,11 +131,23 @@ class Api:
             }
         )
 
+    async def _served(self) -> dict[str, list[str]]:
+        """plexus network → the Docker network IDs it serves."""
+        kvs, _ = await self.core.store.list(DOCKER_NETWORKS)
+        served: dict[str, list[str]] = {}
+        for kv in kvs:
+            served.setdefault(json.loads(kv.value)["name"], []).append(
+                kv.key[len(DOCKER_NETWORKS) :]
+            )
+        return served
+
     async def network_list(self, request: web.Request) -> web.Response:
         counts = {n: len(self.core.endpoints_on(n)) for n in self.core.networks}
-        return web.json_response(
-            [views.network(n, counts.get(n.name, 0)) for n in self.networks.all()]
-        )
+        served = await self._served()
+        return web.json_response([
+            {**views.network(n, counts.get(n.name, 0)), "docker_networks": served.get(n.name, [])}
+            for n in self.networks.all()
+        ])
 
     async def network_get(self, request: web.Request) -> web.Response:
         net = self.networks.get(request.match_info["name"])

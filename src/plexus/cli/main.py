@@ -272,10 +272,11 @@ def network_ls(ctx: click.Context, as_json: bool) -> None:
             ",".join(s["cidr"] for s in n["subnets"]) or "-",
             "internal" if n["internal"] else "",
             str(n["endpoints"]),
+            ",".join(d[:12] for d in n.get("docker_networks", [])) or "-",
         )
         for n in nets
     ]
-    _table(rows, ("NAME", "ID", "DRIVER", "SUBNETS", "FLAGS", "ENDPOINTS"))
+    _table(rows, ("NAME", "ID", "DRIVER", "SUBNETS", "FLAGS", "ENDPOINTS", "DOCKER"))
 
 
 @network.command("inspect")

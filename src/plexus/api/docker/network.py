@@ -188,7 +188,9 @@ class DockerNetworkDriver:
                 owner="docker",
                 peer_in_host=True,
                 default_route=True,
-                ports=ports_from_portmap(options.get(PORTMAP)),
+                # Docker repeats the container's port bindings in every CreateEndpoint but calls
+                # ProgramExternalConnectivity only for the endpoint that gives the gateway:
+                # publish there, or a second network would publish the same ports twice.
                 one_per_network=False,
                 name=str(options.get("plexus.container_name", "")),
             )
