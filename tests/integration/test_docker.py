@@ -50,6 +50,8 @@ def env() -> Iterator[Env]:
         finally:
             if docker is not None:
                 docker.stop(check=False)  # before the agent: a dead plugin slows Docker down
+            for agent_log in Path(tmp).glob("world/*/agent-*.log"):
+                shutil.copy(agent_log, Path(tempfile.gettempdir()) / "plexus-docker-agent.log")
             world.close()
 
 

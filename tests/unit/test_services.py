@@ -223,3 +223,16 @@ async def test_recovery_releases_endpoints_whose_netns_is_gone(
     report = await Reconciler(core, ContainerService(core)).recover()
     assert report.released == ["a/eth0"]
     assert (await core.store.list(keys.IPAM))[0] == []
+
+
+async def test_recovery_leaves_docker_endpoints_to_docker(
+    core: Core, nets: NetworkService, eps: EndpointService
+) -> None:
+    """Docker mounts the namespace at SandboxKey only after Join: a missing path is no sign
+    that the container is gone, so only Docker's own Leave/DeleteEndpoint releases."""
+    await nets.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
+    await eps.attach(AttachSpec(container_id="d", network="n", netns="/not/yet/mounted",
+                                owner="docker", peer_in_host=True))
+    report = await Reconciler(core, ContainerService(core)).recover()
+    assert report.released == []
+    assert len((await core.store.list(keys.IPAM))[0]) == 1

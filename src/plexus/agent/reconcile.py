@@ -89,6 +89,11 @@ class Reconciler:
         """Endpoints whose network namespace no longer exists: the container is gone without a
         detach (killed runtime, lost DEL). Free their addresses."""
         for ep in list(self.core.endpoints.values()):
+            # Not Docker's: it joins an endpoint before runc has made the namespace that its
+            # prestart hook then mounts at SandboxKey, and it says goodbye itself (Leave,
+            # DeleteEndpoint, or cleanup when dockerd restarts).
+            if ep.owner == "docker":
+                continue
             if ep.state == "ready" and ep.netns and not os.path.exists(ep.netns):
                 report.released.append(ep.key)
                 report.errors += await self.endpoints._teardown(ep)

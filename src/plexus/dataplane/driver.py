@@ -75,6 +75,8 @@ class Dataplane(Protocol):
 
     async def local_prefixes(self) -> list[tuple[IPNetwork, str]]: ...
 
+    async def has_link(self, name: str) -> bool: ...
+
     async def close(self) -> None: ...
 
 
@@ -229,6 +231,7 @@ class NetlinkDataplane:
         # gone, the kernel destroyed the pair with it and there is nothing to do.
         name = ep.host_ifname or host_ifname(ep)
         await self._settle(name)
+        log.debug("deleting %s of endpoint %s (wait=%s)", name, ep.key, wait)
         if wait:
             await links.delete_link(await self._ipr(), name)
             return
@@ -244,12 +247,17 @@ class NetlinkDataplane:
             log.warning("background delete of %s failed: %s", name, exc)
 
     @_kernel_errors
+    async def has_link(self, name: str) -> bool:
+        return await links.link_index(await self._ipr(), name) is not None
+
+    @_kernel_errors
     async def owned_links(self) -> dict[str, str]:
         async with self._dump_lock:
             return await links.owned_links(await self._ipr())
 
     @_kernel_errors
     async def delete_link(self, name: str) -> None:
+        log.info("deleting link %s (not wanted by any network or endpoint)", name)
         await links.delete_link(await self._ipr(), name)
 
     @_kernel_errors
@@ -313,6 +321,9 @@ class FakeDataplane:
 
     async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:
         return list(self.prefixes)
+
+    async def has_link(self, name: str) -> bool:
+        return name in self.bridges or name in self.veths
 
     async def close(self) -> None:
         return None

@@ -231,6 +231,11 @@ class DockerNetworkDriver:
         if net is None:
             raise NotFound(f"network {ep.network} is gone")
         sandbox = str(body.get("SandboxKey") or "")
+        if not await self.core.dataplane.has_link(peer_ifname(ep)):
+            # Docker moves this end at Join; if it is gone, make the pair again rather than
+            # answer with a name Docker cannot find.
+            log.warning("veth end of %s was missing at Join; recreating it", ep.key)
+            ep = await self.core.dataplane.ensure_detached_veth(net, ep)
         await self._update(ep, netns=sandbox)
         # The DOCKER-USER rules are ensured at CreateNetwork and by the periodic reconcile, not
         # here: checking costs up to six iptables runs, on every container start.
