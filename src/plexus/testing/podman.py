@@ -43,28 +43,28 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import secrets
 import select
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from plexus.testing.image import BUSYBOX as BUSYBOX  # re-exported for the tests
+from plexus.testing.image import INDEX_HTML as INDEX_HTML
+from plexus.testing.image import ContainerCommands, build_image_tar
+
 IMAGE = "localhost/plexus-busybox:latest"
-BUSYBOX = Path("/bin/busybox")
 REFERENCE_PLUGIN_DIR = Path("/usr/lib/cni")
 RUNC = "/usr/bin/runc"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PREFIX = "plexus-podman-"
 BACKENDS = ("cni", "netavark")
-INDEX_HTML = "hello from plexus-busybox\n"
 
 
 class PodmanError(RuntimeError):
@@ -124,46 +124,7 @@ def _in_sandbox_mount_ns() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def build_image_tar(path: Path, busybox: Path = BUSYBOX) -> Path:
-    """A tiny root filesystem: busybox-static, a /bin symlink per applet, /www/index.html."""
-    if not busybox.is_file():
-        raise PodmanError(f"{busybox} missing: apt-get install busybox-static")
-    mtime = 1_700_000_000  # fixed, so the image is reproducible
-
-    def add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755) -> None:
-        info = tarfile.TarInfo(name)
-        info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, mtime
-        tar.addfile(info)
-
-    def add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), mode, mtime
-        tar.addfile(info, io.BytesIO(data))
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for d in ("bin", "etc", "proc", "sys", "dev", "root", "run", "var", "www", "usr"):
-            add_dir(tar, d)
-        add_dir(tar, "tmp", 0o1777)
-        add_file(tar, "bin/busybox", busybox.read_bytes(), 0o755)
-        applets = subprocess.run(
-            [str(busybox), "--list"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.split()
-        for applet in applets:
-            if applet == "busybox":
-                continue
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-            info.mtime, info.mode = mtime, 0o777
-            tar.addfile(info)
-        passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
-        add_file(tar, "etc/passwd", passwd)
-        add_file(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n")
-        add_file(tar, "www/index.html", INDEX_HTML.encode())
-    return path
-
-
-class Podman:
+class Podman(ContainerCommands):
     """One isolated Podman installation under ``workdir`` (see the module docstring).
 
     ``backend``: "cni" (our conflists in ``cni_config_dir``, plugins from ``cni_plugin_dir``)
@@ -575,21 +536,10 @@ runroot = "{self.runroot}"
             raise PodmanError(f"podman run --rm failed ({r.returncode}):\n{r.stderr.strip()}")
         return elapsed
 
-    def exec(
-        self, name: str, *cmd: str, check: bool = True, timeout: float = 30
+    def container_cli(
+        self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        return self.podman("exec", name, *cmd, check=check, timeout=timeout)
-
-    def fetch(self, name: str, url: str, timeout: int = 5) -> str:
-        """HTTP GET from inside container ``name`` ("" on failure).
-
-        Debian's busybox-static 1.35 ``wget -T`` segfaults, so the limit is busybox ``timeout``.
-        """
-        r = self.exec(
-            name, "timeout", str(timeout), "wget", "-q", "-O", "-", url,
-            check=False, timeout=timeout + 15,
-        )  # fmt: skip
-        return r.stdout if r.returncode == 0 else ""
+        return self.podman(*args, check=check, timeout=timeout)
 
     def stop(self, *names: str, timeout: float = 60) -> None:
         self.podman("stop", "-t", "0", *names, timeout=timeout)
