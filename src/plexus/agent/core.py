@@ -111,17 +111,21 @@ class Core:
             except PlexusError as exc:
                 log.error("dns update failed: %s", exc)
 
-    async def publish_dns(self) -> None:
+    async def publish_dns(self, resync: bool = False) -> list[str]:
+        """Swap in fresh records; sync listeners when the networks changed (or ``resync``: the
+        reconciler's level-triggered retry). Returns the listener errors."""
         if self.dns is None:
-            return
+            return []
         self.dns.update(self.networks.values(), self.endpoints.values())
         networks = tuple(sorted(self.networks.values(), key=lambda n: n.name))
-        if networks != self._dns_networks:
-            errors = await self.dns.sync_listeners()
-            if errors:
-                log.warning("dns listeners: %s", "; ".join(errors))
-            else:
-                self._dns_networks = networks
+        if networks == self._dns_networks and not resync:
+            return []
+        errors = await self.dns.sync_listeners()
+        if errors:
+            log.warning("dns listeners: %s", "; ".join(errors))
+        else:
+            self._dns_networks = networks
+        return errors
 
     async def _publish_firewall(self, full: bool) -> None:
         async with self.fw_lock:

@@ -51,7 +51,7 @@ class AttachSpec:
     peer_in_host: bool = False
 
 
-def _owner(value: str) -> str:
+def claim_owner(value: str) -> str:
     """Claims hold the owning endpoint's key, as a bare string (addresses) or in JSON (ports)."""
     if value.startswith("{"):
         return str(json.loads(value).get("endpoint", ""))
@@ -226,7 +226,7 @@ class EndpointService:
             owned: list[tuple[str, str]] = []
             for claim in claims:
                 kv = await self.core.store.get(claim)
-                if kv is not None and _owner(kv.value) == key:
+                if kv is not None and claim_owner(kv.value) == key:
                     owned.append((claim, kv.value))
             result = await self.core.store.txn(
                 [Compare(c, "value", "==", v) for c, v in owned],

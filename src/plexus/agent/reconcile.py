@@ -16,9 +16,9 @@ import asyncio
 import os
 from dataclasses import dataclass, field
 
-from plexus.agent.containers import ContainerService, is_alive
+from plexus.agent.containers import ContainerService
 from plexus.agent.core import Core, log
-from plexus.agent.endpoints import _owner
+from plexus.agent.endpoints import claim_owner
 from plexus.dataplane import docker_user
 from plexus.dataplane.driver import host_ifname, network_alias, owner_alias
 from plexus.errors import PlexusError
@@ -60,8 +60,6 @@ class Reconciler:
             if c.state == "creating":
                 report.rolled_back.append(f"container {c.name}")
                 report.errors += await self.containers._remove(c)
-            elif c.state == "running" and not is_alive(c):
-                pass  # exited while we were down; `ps` shows it as exited
 
     async def converge(self, report: Report | None = None, full_firewall: bool = False) -> Report:
         report = Report() if report is None else report
@@ -80,9 +78,8 @@ class Reconciler:
             await self._converge_firewall(full_firewall, report)
         except PlexusError as exc:
             report.errors.append(f"firewall: {exc}")
-        if self.core.dns is not None:  # level-triggered: retries listeners that failed to bind
-            self.core.dns.update(self.core.networks.values(), self.core.endpoints.values())
-            report.errors += [f"dns: {e}" for e in await self.core.dns.sync_listeners()]
+        # level-triggered: retries listeners that failed to bind
+        report.errors += [f"dns: {e}" for e in await self.core.publish_dns(resync=True)]
         return report
 
     async def _release_gone(self, report: Report) -> None:
@@ -155,7 +152,7 @@ class Reconciler:
         stale = [
             kv
             for kv in listed
-            if _owner(kv.value).startswith(mine) and _owner(kv.value) not in live
+            if claim_owner(kv.value).startswith(mine) and claim_owner(kv.value) not in live
         ]
         for kv in stale:
             done = await self.core.store.txn(

@@ -7,7 +7,6 @@ deeper.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from plexus.agent.core import Core, log
 from plexus.agent.endpoints import AttachSpec
 from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.api import views
-from plexus.api.docker.network import NETWORKS as DOCKER_NETWORKS
+from plexus.api.docker.network import served as docker_served
 from plexus.cni import shim
 from plexus.cni.config import CniRequest
 from plexus.cni.service import CniService, to_cni_error
@@ -131,23 +130,18 @@ class Api:
             }
         )
 
-    async def _served(self) -> dict[str, list[str]]:
-        """plexus network → the Docker network IDs it serves."""
-        kvs, _ = await self.core.store.list(DOCKER_NETWORKS)
-        served: dict[str, list[str]] = {}
-        for kv in kvs:
-            served.setdefault(json.loads(kv.value)["name"], []).append(
-                kv.key[len(DOCKER_NETWORKS) :]
-            )
-        return served
-
     async def network_list(self, request: web.Request) -> web.Response:
         counts = {n: len(self.core.endpoints_on(n)) for n in self.core.networks}
-        served = await self._served()
-        return web.json_response([
-            {**views.network(n, counts.get(n.name, 0)), "docker_networks": served.get(n.name, [])}
-            for n in self.networks.all()
-        ])
+        served = await docker_served(self.core.store)
+        return web.json_response(
+            [
+                {
+                    **views.network(n, counts.get(n.name, 0)),
+                    "docker_networks": served.get(n.name, []),
+                }
+                for n in self.networks.all()
+            ]
+        )
 
     async def network_get(self, request: web.Request) -> web.Response:
         net = self.networks.get(request.match_info["name"])
@@ -310,11 +304,13 @@ class Api:
                 err.code,
                 err.message,
             )
-            body: dict[str, Any] = {"code": err.code, "msg": err.message}
-            if err.details:
-                body["details"] = err.details
-            return web.json_response({"error": body})
+            return web.json_response({"error": _cni_error(err.code, err.message, err.details)})
         return web.json_response({"result": result})
+
+
+def _cni_error(code: int, msg: str, details: str = "") -> dict[str, Any]:
+    """The spec's error object (without cniVersion, which the caller knows or the shim adds)."""
+    return {"code": code, "msg": msg, **({"details": details} if details else {})}
 
 
 def _cni_failure(stdin: str, code: int, msg: str, details: str = "") -> web.Response:
@@ -322,9 +318,7 @@ def _cni_failure(stdin: str, code: int, msg: str, details: str = "") -> web.Resp
         version = str(shim.loads(stdin).get("cniVersion", "1.1.0"))
     except (ValueError, AttributeError):
         version = "1.1.0"
-    error: dict[str, Any] = {"cniVersion": version, "code": code, "msg": msg}
-    if details:
-        error["details"] = details
+    error = {"cniVersion": version, **_cni_error(code, msg, details)}
     log_line = (msg + (f" ({details})" if details else "")).replace("\n", " ")[:400]
     return web.Response(
         text=shim.dumps(error),

@@ -106,11 +106,11 @@ def check_fields(config: dict[str, Any]) -> None:
             raise CniError(2, f"unsupported field {key!r} with value {value!r} in network config")
 
 
-def _ranges(ipam: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
-    """host-local style ``ranges``: [[{"subnet", "gateway", "rangeStart", "rangeEnd"}]]."""
+def _ranges(ipam: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Subnets and gateways of host-local style ``ranges``: [[{"subnet", "gateway"}]]
+    (rangeStart/rangeEnd are not supported; the whole subnet is allocated from)."""
     subnets: list[str] = []
     gateways: list[str] = []
-    ip_ranges: list[str] = []
     for rangeset in ipam.get("ranges") or []:
         for r in rangeset if isinstance(rangeset, list) else [rangeset]:
             if not isinstance(r, dict) or "subnet" not in r:
@@ -118,7 +118,7 @@ def _ranges(ipam: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
             subnets.append(str(r["subnet"]))
             if r.get("gateway"):
                 gateways.append(str(r["gateway"]))
-    return subnets, gateways, ip_ranges
+    return subnets, gateways
 
 
 def network_spec(req: CniRequest) -> NetworkSpec | None:
@@ -128,7 +128,7 @@ def network_spec(req: CniRequest) -> NetworkSpec | None:
     ipam = req.config.get("ipam") if isinstance(req.config.get("ipam"), dict) else {}
     assert isinstance(ipam, dict)
     c = ipam if req.mode == "ipam" else req.config
-    rsubnets, rgateways, ranges = _ranges(ipam)
+    rsubnets, rgateways = _ranges(ipam)
     if not any(k in c for k in NETWORK_OPTIONS) and not rsubnets:
         return None
     subnets = [str(s) for s in _list(c, "subnets")] + ([str(c["subnet"])] if "subnet" in c else [])
@@ -139,7 +139,6 @@ def network_spec(req: CniRequest) -> NetworkSpec | None:
         driver="ipam" if req.mode == "ipam" else "bridge",
         subnets=subnets + rsubnets,
         gateways=gateways,
-        ip_ranges=ranges,
         ipv6=bool(c.get("ipv6", False)),
         internal=bool(c.get("internal", False)),
         mtu=int(c.get("mtu", 1500)),

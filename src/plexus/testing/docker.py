@@ -784,21 +784,6 @@ class Dockerd(ContainerCommands):
 
     # ---------------------------------------------------------------- inspection
 
-    def inspect(self, name: str) -> dict[str, Any]:
-        data = json.loads(self.docker("inspect", "--type", "container", name).stdout)
-        return dict(data[0])
-
-    def container_networks(self, name: str) -> dict[str, dict[str, Any]]:
-        """Network name -> Docker's view (IPAddress, IPPrefixLen, Gateway, MacAddress, Aliases)."""
-        return dict(self.inspect(name)["NetworkSettings"].get("Networks") or {})
-
-    def ip(self, name: str, network: str | None = None) -> str:
-        nets = self.container_networks(name)
-        for net, info in nets.items():
-            if network in (None, net) and info.get("IPAddress"):
-                return str(info["IPAddress"])
-        raise KeyError(f"{name} has no IPv4 address on {network or 'any network'}: {nets}")
-
     def container_pid(self, name: str) -> int:
         return int(self.inspect(name)["State"]["Pid"])
 

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 BUSYBOX = Path("/bin/busybox")
 INDEX_HTML = "hello from plexus-busybox\n"
@@ -97,7 +99,7 @@ def _shared_libraries(binary: Path) -> list[str]:
 
 
 class ContainerCommands:
-    """``exec`` and ``fetch`` for a harness whose CLI (docker, podman) has ``exec``."""
+    """What the docker and podman CLIs do alike: exec, fetch, inspect, addresses."""
 
     def container_cli(
         self, *args: str, check: bool = True, timeout: float = 60
@@ -119,3 +121,19 @@ class ContainerCommands:
             check=False, timeout=timeout + 15,
         )  # fmt: skip
         return r.stdout if r.returncode == 0 else ""
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        data = json.loads(self.container_cli("inspect", "--type", "container", name).stdout)
+        return dict(data[0])
+
+    def container_networks(self, name: str) -> dict[str, dict[str, Any]]:
+        """Network name -> the runtime's view (IPAddress, IPPrefixLen, Gateway, MacAddress,
+        Aliases)."""
+        return dict(self.inspect(name)["NetworkSettings"].get("Networks") or {})
+
+    def ip(self, name: str, network: str | None = None) -> str:
+        nets = self.container_networks(name)
+        for net, info in nets.items():
+            if network in (None, net) and info.get("IPAddress"):
+                return str(info["IPAddress"])
+        raise KeyError(f"{name} has no IPv4 address on {network or 'any network'}: {nets}")

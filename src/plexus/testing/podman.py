@@ -553,20 +553,8 @@ runroot = "{self.runroot}"
 
     # ---------------------------------------------------------------- inspection
 
-    def inspect(self, name: str) -> dict[str, Any]:
-        data = json.loads(self.podman("inspect", "--type", "container", name).stdout)
-        return dict(data[0])
-
     def networks(self, name: str) -> dict[str, dict[str, Any]]:
-        """Network name -> podman's view (IPAddress, IPPrefixLen, Gateway, MacAddress, Aliases)."""
-        return dict(self.inspect(name)["NetworkSettings"].get("Networks") or {})
-
-    def ip(self, name: str, network: str | None = None) -> str:
-        nets = self.networks(name)
-        for net, info in nets.items():
-            if network in (None, net) and info.get("IPAddress"):
-                return str(info["IPAddress"])
-        raise KeyError(f"{name} has no IPv4 address on {network or 'any network'}: {nets}")
+        return self.container_networks(name)
 
     def sandbox_key(self, name: str) -> str:
         """The container's netns path (``/run/netns/netns-<uuid>`` for bridge networks)."""

@@ -36,13 +36,12 @@ async def lookup(socket: Path, network_id: str, endpoint_id: str) -> tuple[str, 
     async with aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=str(socket)), timeout=timeout
     ) as session:
-        partial: tuple[str, list[str]] = ("", [])
         for _ in range(ATTEMPTS):
             found = await _find(session, network_id, endpoint_id)
             if found is not None:
                 return found
             await asyncio.sleep(PAUSE)
-    return partial
+    return "", []
 
 
 async def _find(
@@ -57,8 +56,14 @@ async def _find(
             networks = (ctr.get("NetworkSettings") or {}).get("Networks") or {}
             # During start-up the per-network EndpointID may still be empty; the NetworkID
             # is there from the start.
-            aliases = next((n.get("Aliases") or [] for n in networks.values()
-                            if n.get("NetworkID") == network_id), [])
+            aliases = next(
+                (
+                    n.get("Aliases") or []
+                    for n in networks.values()
+                    if n.get("NetworkID") == network_id
+                ),
+                [],
+            )
             name = str(ctr.get("Name") or info.get("Name") or "").lstrip("/")
             if not aliases:
                 # Docker fills in Aliases (at least the short ID, on a user-defined network)

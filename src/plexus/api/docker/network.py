@@ -27,7 +27,7 @@ from plexus.dataplane.driver import peer_ifname
 from plexus.errors import Conflict, InUse, InvalidArgument, NotFound
 from plexus.model import keys, parse
 from plexus.model.types import Endpoint, IPInterface, Network, PortMapping
-from plexus.store.base import Compare, Put
+from plexus.store.base import Compare, Datastore, Put
 
 NETWORKS = "/plexus/docker/networks/"
 GENERIC = "com.docker.network.generic"
@@ -56,6 +56,15 @@ def ports_from_portmap(items: object) -> list[PortMapping]:
     return out
 
 
+async def served(store: Datastore) -> dict[str, list[str]]:
+    """plexus network name → the Docker network IDs it serves."""
+    kvs, _ = await store.list(NETWORKS)
+    out: dict[str, list[str]] = {}
+    for kv in kvs:
+        out.setdefault(json.loads(kv.value)["name"], []).append(kv.key[len(NETWORKS) :])
+    return out
+
+
 class DockerNetworkDriver:
     def __init__(self, core: Core, networks: NetworkService, endpoints: EndpointService) -> None:
         self.core = core
@@ -73,12 +82,7 @@ class DockerNetworkDriver:
         return str((await self._mapping(network_id))["name"])
 
     async def served(self) -> dict[str, list[str]]:
-        """plexus network name → the Docker network IDs it serves."""
-        kvs, _ = await self.core.store.list(NETWORKS)
-        out: dict[str, list[str]] = {}
-        for kv in kvs:
-            out.setdefault(json.loads(kv.value)["name"], []).append(kv.key[len(NETWORKS) :])
-        return out
+        return await served(self.core.store)
 
     async def create_network(self, body: dict[str, Any]) -> dict[str, Any]:
         network_id = str(body.get("NetworkID", ""))
@@ -269,8 +273,12 @@ class DockerNetworkDriver:
         except Conflict:
             return  # changed meanwhile (left, deleted): nothing to name any more
         self.core.publish_dns_soon()
-        log.info("docker endpoint %s is container %s (aliases %s)", endpoint_id[:12], name,
-                 ", ".join(aliases) or "none")
+        log.info(
+            "docker endpoint %s is container %s (aliases %s)",
+            endpoint_id[:12],
+            name,
+            ", ".join(aliases) or "none",
+        )
 
     async def _update(self, ep: Endpoint, **changes: Any) -> None:
         new = replace(ep, **changes)
