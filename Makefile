@@ -12,6 +12,8 @@ STAMPS := .stamps
 DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns docker.io dnsperf gcc libc6-dev
 SANDBOX := tests/sandbox
 PYTEST_ARGS ?=
+# The demo and the benchmarks use the test harnesses (tests/harness), which live with the tests.
+export PYTHONPATH := $(CURDIR)
 
 .PHONY: all deps venv test unit integration demo bench lint clean install-cni
 
@@ -50,11 +52,11 @@ integration: deps venv
 test: deps venv lint unit integration
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/mypy src
+	$(VENV)/bin/ruff check src tests bench demo
+	$(VENV)/bin/mypy src tests/harness
 
 demo: deps venv
-	$(SANDBOX) $(PY) -m plexus.demo
+	$(SANDBOX) $(PY) -m demo
 
 bench: deps venv
 	$(SANDBOX) $(PY) bench/attach.py

@@ -42,7 +42,7 @@ from _common import (
 )
 
 from plexus.api.client import ApiError, Client
-from plexus.testing.world import World
+from tests.harness.world import World
 
 PX_NET, PX_SUBNET = "bench", "10.88.0.0/16"
 REF_NET, REF_BRIDGE, REF_SUBNET = "refnet", "cni-ref0", "10.77.0.0/16"

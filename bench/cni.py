@@ -65,7 +65,7 @@ from _common import (
 from plexus.api.client import Client
 from plexus.cni import shim
 from plexus.cni.install import install, interpreter
-from plexus.testing.world import World
+from tests.harness.world import World
 
 HOST = "host1"
 HOST_NS = f"/run/netns/{HOST}"

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import header, print_table, require_sandbox
 
-from plexus.testing.docker import IPERF_IMAGE, Dockerd
-from plexus.testing.world import World
+from tests.harness.docker import IPERF_IMAGE, Dockerd
+from tests.harness.world import World
 
 
 def run_rm_times(d: Dockerd, runs: int) -> dict[str, list[float]]:

@@ -30,7 +30,7 @@ from _common import (
 )
 
 from plexus.api.client import ApiError, Client
-from plexus.testing.world import World
+from tests.harness.world import World
 
 NET, SUBNET = "mem", "10.88.0.0/20"  # 4,094 addresses
 HOST = "host1"

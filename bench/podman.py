@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import header, percentile, print_table, require_sandbox
 
 from plexus.cni.install import install
-from plexus.testing.podman import Podman, bridge_plugins
-from plexus.testing.world import World
+from tests.harness.podman import Podman, bridge_plugins
+from tests.harness.world import World
 
 NET = "pxbench"
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from _common import header, netns_batch, print_table, require_sandbox, sh
 
-from plexus.testing.world import World, nsexec
+from tests.harness.world import World, nsexec
 
 PORT = 5201
 NET, SUBNET = "tput", "10.88.0.0/24"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plexus.testing.world import Agent, World
+from tests.harness.world import Agent, World
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

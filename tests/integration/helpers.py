@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from plexus.testing.world import nsexec
+from tests.harness.world import nsexec
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:

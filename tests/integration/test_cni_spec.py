@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from plexus.cni.install import install
-from plexus.testing.cni import CniResult, chain, exec_plugin
-from plexus.testing.world import Agent, World, nsexec, sh, tcp_request, wait_tcp
+from tests.harness.cni import CniResult, chain, exec_plugin
+from tests.harness.world import ECHO, Agent, World, nsexec, sh, tcp_request, wait_tcp
 
 from .helpers import addresses, links, nft_elements, store_rows, wait_until
 
@@ -246,7 +246,7 @@ def test_runtime_config_and_args(cni: Cni, world: World) -> None:
     import sys
 
     server = subprocess.Popen(
-        ["nsenter", f"--net={ns}", sys.executable, "-m", "plexus.testing.echo", "pod", "80"],
+        ["nsenter", f"--net={ns}", sys.executable, ECHO, "pod", "80"],
         start_new_session=True,
         stderr=subprocess.PIPE,
     )
@@ -264,7 +264,7 @@ def test_a_plexus_run_container_reaches_a_cni_container(cni: Cni) -> None:
     cni.agent.run_echo("native", "cninet")
     cni.agent.wait_listening("native")
     pod_ip = add.out["ips"][0]["address"].split("/")[0]
-    from plexus.testing.world import ping
+    from tests.harness.world import ping
 
     assert ping(cni.agent.netns("native"), pod_ip)
     assert tcp_request(ns, cni.agent.address("native"), 80).startswith("native")

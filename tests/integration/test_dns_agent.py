@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from plexus.dns.testing import StubUpstream
-from plexus.testing.world import INTERNET_ADDR, Agent, World, sh
+from tests.harness.world import INTERNET_ADDR, Agent, World, sh
 
 UPSTREAM_RECORDS = {"example.com": ["198.51.100.7"]}
 

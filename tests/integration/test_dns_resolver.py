@@ -34,7 +34,7 @@ from plexus.dns.service import DnsService
 from plexus.dns.testing import StubUpstream, endpoint, network
 from plexus.dns.upstream import ForwardOptions
 from plexus.model.types import Endpoint, Network
-from plexus.testing.world import sh
+from tests.harness.world import sh
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(90)]
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from plexus.cni.install import install
-from plexus.testing.cni import exec_plugin
-from plexus.testing.docker import INDEX_HTML, Dockerd
-from plexus.testing.world import Agent, World, http_get, ping
+from tests.harness.cni import exec_plugin
+from tests.harness.docker import INDEX_HTML, Dockerd
+from tests.harness.world import Agent, World, http_get, ping
 
 from .helpers import links, nft_elements, store_rows, wait_until
 
@@ -137,7 +137,7 @@ def test_internal_network_stays_internal(env: Env) -> None:
     d.run("locked2", "vault")
     assert d.exec("locked", "ping", "-c1", "-W2", d.ip("locked2", "vault"),
                   check=False).returncode == 0
-    from plexus.testing.world import INTERNET_ADDR
+    from tests.harness.world import INTERNET_ADDR
     assert d.exec("locked", "ping", "-c1", "-W2", INTERNET_ADDR, check=False).returncode != 0
 
 
@@ -177,7 +177,7 @@ def test_removing_containers_and_networks_leaves_nothing(env: Env) -> None:
 
 
 def _resolve(agent: Agent, container: str, name: str) -> str:
-    from plexus.testing.world import sh
+    from tests.harness.world import sh
 
     ns = agent.container(container)["netns_name"]
     out = sh("ip", "netns", "exec", ns, "getent", "ahostsv4", name, check=False).stdout

@@ -1,4 +1,4 @@
-"""The real-Docker harness (plexus.testing.docker), proven with Docker's own bridge driver and
+"""The real-Docker harness (tests.harness.docker), proven with Docker's own bridge driver and
 with a fake remote network/IPAM plugin (the plexus plugin is not involved).
 
 A private dockerd (Debian's docker.io 20.10, supervised containerd, runc) runs in a network
@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from plexus.testing.docker import (
+from tests.harness.docker import (
     BUSYBOX,
     CGROUP_PREFIX,
     CGROUP_ROOT,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from plexus.testing.world import Agent, World, nsexec, sh, wait_tcp
+from tests.harness.world import Agent, World, nsexec, sh, wait_tcp
 
 from .helpers import addresses, links, nft_elements, plexus_links, store_rows
 

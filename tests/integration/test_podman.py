@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from plexus.cni.install import install
-from plexus.testing.podman import INDEX_HTML, Podman
-from plexus.testing.world import Agent, World, http_get, ping
+from tests.harness.podman import INDEX_HTML, Podman
+from tests.harness.world import Agent, World, http_get, ping
 
 from .helpers import links, nft_elements, store_rows, wait_until
 

@@ -1,4 +1,4 @@
-"""The real-Podman harness (plexus.testing.podman), proven with the reference CNI plugins.
+"""The real-Podman harness (tests.harness.podman), proven with the reference CNI plugins.
 
 Podman 4.3 (Debian) + runc + the CNI backend, a conflist of ``bridge``/``host-local``/``portmap``
 in our own config dir, containers from a locally imported busybox image. Oracles are the kernel
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from plexus.testing.podman import (
+from tests.harness.podman import (
     CGROUP_PREFIX,
     CGROUP_ROOT,
     INDEX_HTML,

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pytest
 
 from plexus.dataplane.netns import run_in_netns
-from plexus.testing.world import Agent, World, nsexec, sh
+from tests.harness.world import Agent, World, nsexec, sh
 
 from .helpers import addresses, links, nft_elements, plexus_links, store_rows
 
@@ -133,6 +133,6 @@ def test_periodic_reconcile_repairs_drift_and_releases_vanished_namespaces(world
     assert store_rows(agent.state_dir, "/plexus/endpoints/host1/f1/") == {}
     assert len(store_rows(agent.state_dir, "/plexus/ipam/")) == 1
     agent.wait_listening("a")
-    from plexus.testing.world import tcp_request
+    from tests.harness.world import tcp_request
 
     assert tcp_request("outside", world.host_addr("host1"), 8080).startswith("a ")

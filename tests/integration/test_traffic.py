@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from demo.acts import Check, build, checks
 from plexus.api.client import Client
-from plexus.demo import Check, build, checks
-from plexus.testing.world import World, tcp_request, udp_request
+from tests.harness.world import World, tcp_request, udp_request
 
 from .helpers import nft_elements
 

@@ -1,1 +1,3 @@
-"""Test doubles and a sandbox world, shipped as real typed code for tests, the demo and bench."""
+"""Test doubles shipped as real, typed code (as trio.testing does): fakes of the seams that unit
+tests swap in. Harnesses that drive other programs (dockerd, Podman, containerd) live with the
+tests, in tests/harness."""

@@ -30,6 +30,9 @@ from typing import Any
 from plexus.dataplane.netns import run_in_netns
 
 VENV_BIN = Path(sys.executable).parent
+# The traffic-check server that containers of tests, the demo and bench run (a file, so it runs
+# without the repository on the path of the agent that starts it).
+ECHO = str(Path(__file__).with_name("echo.py"))
 OUTSIDE_ADDR = "203.0.113.100"
 INTERNET_ADDR = "198.51.100.1"
 
@@ -247,7 +250,7 @@ class Agent:
         for n in nets:
             args += ["--network", n]
         self.cli(
-            *args, *opts, "--", sys.executable, "-m", "plexus.testing.echo", name, *map(str, ports)
+            *args, *opts, "--", sys.executable, ECHO, name, *map(str, ports)
         )
 
     def wait_listening(self, name: str, port: int = 80, timeout: float = 10) -> None:
@@ -265,7 +268,7 @@ class World:
 
     def __init__(self, workdir: Path) -> None:
         if not in_sandbox():
-            raise RuntimeError("plexus.testing.World must run inside tests/sandbox")
+            raise RuntimeError("tests.harness.World must run inside tests/sandbox")
         self.workdir = workdir
         self.namespaces: list[str] = []
         self.agents: dict[str, Agent] = {}

@@ -1,7 +1,7 @@
 """A tiny TCP+UDP server for traffic checks: answers every connection or datagram with
 ``NAME PEER_IP`` so the client learns both who answered and which source address it saw.
 
-    python -m plexus.testing.echo NAME PORT [PORT...]
+    python tests/harness/echo.py NAME PORT [PORT...]
 """
 
 from __future__ import annotations

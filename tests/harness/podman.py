@@ -55,9 +55,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from plexus.testing.image import BUSYBOX as BUSYBOX  # re-exported for the tests
-from plexus.testing.image import INDEX_HTML as INDEX_HTML
-from plexus.testing.image import ContainerCommands, build_image_tar
+from tests.harness.image import BUSYBOX as BUSYBOX  # re-exported for the tests
+from tests.harness.image import INDEX_HTML as INDEX_HTML
+from tests.harness.image import ContainerCommands, build_image_tar
 
 IMAGE = "localhost/plexus-busybox:latest"
 REFERENCE_PLUGIN_DIR = Path("/usr/lib/cni")
@@ -225,7 +225,7 @@ class Podman(ContainerCommands):
             ]
         )
         self.conf.write_text(
-            f"""# written by plexus.testing.podman
+            f"""# written by tests.harness.podman
 [containers]
 cgroups = "enabled"
 log_driver = "k8s-file"

@@ -68,9 +68,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from plexus.testing.image import BUSYBOX as BUSYBOX  # re-exported for the tests
-from plexus.testing.image import INDEX_HTML as INDEX_HTML
-from plexus.testing.image import ContainerCommands, build_image_tar
+from tests.harness.image import BUSYBOX as BUSYBOX  # re-exported for the tests
+from tests.harness.image import INDEX_HTML as INDEX_HTML
+from tests.harness.image import ContainerCommands, build_image_tar
 
 IMAGE = "plexus-busybox:latest"
 IPERF_IMAGE = "plexus-iperf3:latest"

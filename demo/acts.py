@@ -20,7 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from plexus.testing.world import (
+from tests.harness.world import (
+    ECHO,
     INTERNET_ADDR,
     OUTSIDE_ADDR,
     Agent,
@@ -78,8 +79,7 @@ def build(world: World) -> None:
             "exec",
             "outside",
             sys.executable,
-            "-m",
-            "plexus.testing.echo",
+            ECHO,
             "internet",
             "80",
         ],
