@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from plexus.dns.testing import StubUpstream
+from plexus.testing.dns import StubUpstream
 from tests.harness.world import INTERNET_ADDR, Agent, World, sh
 
 UPSTREAM_RECORDS = {"example.com": ["198.51.100.7"]}

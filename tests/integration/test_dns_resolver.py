@@ -28,12 +28,13 @@ import pytest
 
 from plexus.dataplane.netns import run_in_netns
 from plexus.dns.config import DnsSettings, Upstream
-from plexus.dns.records import RecordTable
+from plexus.dns.model import DnsChanges
+from plexus.dns.records import RecordTable, store_key
 from plexus.dns.server import DnsServer, ListenAddress, ServerOptions
 from plexus.dns.service import DnsService
-from plexus.dns.testing import StubUpstream, endpoint, network
 from plexus.dns.upstream import ForwardOptions
 from plexus.model.types import Endpoint, Network
+from plexus.testing.dns import StubUpstream, endpoint, network
 from tests.harness.world import sh
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(90)]
@@ -315,7 +316,7 @@ async def test_listener_inside_another_namespace(topology: None) -> None:
 # --- worker processes -----------------------------------------------------------------------
 
 
-async def test_worker_processes_serve_update_and_are_restarted(upstreams: Upstreams) -> None:
+async def test_worker_processes_serve_changes_and_are_restarted(upstreams: Upstreams) -> None:
     service = DnsService(DnsSettings(upstreams=(up(ALIVE),)), workers=2, options=OPTIONS)
     await service.start()
     try:
@@ -325,7 +326,8 @@ async def test_worker_processes_serve_update_and_are_restarted(upstreams: Upstre
         assert addrs(r) == ["10.77.0.20"]
         r, _ = await query("dnsc1", FRONT_GW, "example.com")
         assert addrs(r) == ["198.51.100.7"]
-        service.update(networks(), [*containers(), endpoint("late", "front", "10.77.0.77")])
+        late = endpoint("late", "front", "10.77.0.77")  # only the change goes to the workers
+        service.apply(DnsChanges(endpoints={store_key(late): late}))
         async with asyncio.timeout(5):  # every worker has it (each query may hit another one)
             while True:
                 results = [await query("dnsc1", FRONT_GW, "late") for _ in range(6)]

@@ -116,3 +116,23 @@ def test_two_hundred_attaches_eight_at_a_time_never_share_an_address(topology: W
             )
         )
     assert next(e for e in a.json("network", "ls") if e["name"] == "churn")["endpoints"] == 0
+
+
+def test_one_host_port_on_two_host_addresses(topology: World) -> None:
+    """127.0.0.1:8090 to one container and HOSTADDR:8090 to another: two publications, each
+    reachable where it was published (the claim is keyed by host address too)."""
+    a = topology.agents["host1"]
+    host = topology.host_addr("host1")
+    a.cli("network", "create", "twoaddr", "--subnet", "10.97.0.0/24")
+    a.run_echo("local8090", "twoaddr", "-p", "127.0.0.1:8090:80")
+    a.run_echo("lan8090", "twoaddr", "-p", f"{host}:8090:80")
+    for name in ("local8090", "lan8090"):
+        a.wait_listening(name)
+    assert tcp_request("host1", "127.0.0.1", 8090).startswith("local8090")
+    assert tcp_request("outside", host, 8090).startswith("lan8090")
+    taken = a.cli("run", "-d", "--name", "any8090", "--network", "twoaddr", "-p", "8090:80",
+                  "--", "sleep", "60", check=False)
+    assert taken.returncode != 0
+    assert "host port 8090/tcp is already published by" in taken.stderr
+    assert "[" not in taken.stderr  # a port, not a Python list
+    a.cli("rm", "-f", "local8090", "lan8090")

@@ -20,9 +20,10 @@ from plexus.dns.config import (
     resolv_conf_upstreams,
 )
 from plexus.dns.records import RecordTable
-from plexus.dns.testing import endpoint, network
 from plexus.dns.wire import QType, Rcode
 from plexus.errors import InvalidArgument, NotFound
+from plexus.model import keys
+from plexus.testing.dns import endpoint, network
 
 UP = (Upstream(ipaddress.ip_address("203.0.113.53")),)
 SETTINGS = DnsSettings(upstreams=UP)
@@ -270,8 +271,12 @@ def test_generation_and_sources() -> None:
     ep = endpoint("web", "front", "10.1.0.10")
     a, b = table(ep), table(ep)
     assert b.generation > a.generation
-    assert a.sources[1] == (ep,)
+    networks, endpoints = a.sources
+    assert list(networks) == ["front", "back"]
+    # endpoints given as a plain iterable are filed under their datastore keys
+    assert dict(endpoints) == {keys.endpoint("node1", ep.container_id, "eth-front"): ep}
     assert RecordTable.build([], [], generation=7).generation == 7
+    assert RecordTable.build([], {"mine": ep}).sources[1] == {"mine": ep}
 
 
 def test_endpoints_on_unknown_networks_or_without_addresses_are_ignored() -> None:

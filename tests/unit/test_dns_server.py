@@ -21,9 +21,9 @@ from plexus.dns.config import DnsSettings, Upstream
 from plexus.dns.records import RecordTable
 from plexus.dns.server import DnsServer, ListenAddress, ServerOptions, listen_addresses
 from plexus.dns.service import DnsService
-from plexus.dns.testing import StubUpstream, endpoint, network
 from plexus.dns.upstream import ForwardOptions
 from plexus.model.types import Endpoint, Network
+from plexus.testing.dns import StubUpstream, endpoint, network
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from plexus.dns.config import DnsSettings
 from plexus.dns.records import RecordTable
 from plexus.dns.server import DnsServer, ListenAddress, ServerOptions
-from plexus.dns.testing import endpoint, network
+from plexus.testing.dns import endpoint, network
 
 pytestmark = pytest.mark.timeout(60)
 

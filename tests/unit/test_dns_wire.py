@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from plexus.dns.config import DnsSettings, Upstream
 from plexus.dns.records import RecordTable
 from plexus.dns.server import DnsServer, _Forward
-from plexus.dns.testing import endpoint, network
 from plexus.dns.wire import (
     AA,
     QR,
@@ -46,6 +45,7 @@ from plexus.dns.wire import (
     truncated_copy,
     valid_name,
 )
+from plexus.testing.dns import endpoint, network
 
 
 def query(name: str, qtype: str = "A", **kw: object) -> bytes:

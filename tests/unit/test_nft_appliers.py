@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from plexus.dataplane.nft import (
-    FakeFirewall,
     Firewall,
     FirewallState,
     NetRule,
@@ -25,6 +24,7 @@ from plexus.dataplane.nft import (
 from plexus.dataplane.nft._json import Json
 from plexus.dataplane.nft.libnft import LibNft, document, netns_path
 from plexus.errors import DataplaneError, NotReady, Unsupported
+from plexus.testing import FakeFirewall
 
 NETS = (NetRule("pxbr-a", (ipaddress.ip_network("10.1.0.0/24"),)),)
 P1 = Publication("tcp", None, 8080, ipaddress.ip_address("10.1.0.2"), 80)

@@ -1,4 +1,4 @@
-"""`plexus agent`: wire the pieces together and run until told to stop.
+"""`plexus agent`: open the real parts, wire them (``wiring.build``), serve, run until told to stop.
 
 Stopping the agent leaves the network as it is (like dockerd's live-restore): containers keep
 their links, addresses and firewall elements, and the next agent adopts them.
@@ -15,16 +15,21 @@ import signal
 from pathlib import Path
 from typing import IO
 
-from plexus.agent.core import AgentConfig, Core, log
-from plexus.agent.reconcile import Reconciler
-from plexus.api.docker.server import DockerPlugin
-from plexus.api.server import Api, serve
-from plexus.dataplane.driver import NetlinkDataplane
+from aiohttp import web
+
+from plexus.agent import wiring
+from plexus.api.server import serve
+from plexus.config import AgentConfig
+from plexus.dataplane import docker_user
+from plexus.dataplane.drivers import build_drivers
+from plexus.dataplane.host import HostNetlink
 from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
-from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.store import open_store
+from plexus.store.migrate import migrate
+
+log = logging.getLogger("plexus.agent")
 
 
 def _lock(state_dir: Path) -> IO[str]:
@@ -42,58 +47,39 @@ def _lock(state_dir: Path) -> IO[str]:
     return handle
 
 
-def _dns(config: AgentConfig) -> DnsService | None:
-    if not config.dns:
-        return None
-    upstreams = parse_upstreams(config.dns_upstreams)
-    settings = DnsSettings(domain=config.dns_domain, ttl=config.dns_ttl, upstreams=upstreams)
-    # Without --dns-upstream, follow the host's resolv.conf (re-read when it changes).
-    follow = None if upstreams else Path("/etc/resolv.conf")
-    return DnsService(settings, workers=config.dns_workers, follow=follow)
+async def _docker_exceptions() -> None:
+    await docker_user.ensure_accept_rules()
 
 
 async def run_agent(config: AgentConfig) -> None:
     lock = _lock(config.state_dir)
     store = open_store(config.store_url or str(config.state_dir / "plexus.db"))
-    core = Core(
-        config=config,
-        store=store,
-        dataplane=NetlinkDataplane(),
-        firewall=NftFirewall(open_nft()),
-        dns=_dns(config),
+    await migrate(store)
+    host = HostNetlink()
+    agent = wiring.build(
+        config, store, build_drivers(host), NftFirewall(open_nft()), host, host,
+        dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
     )
-    api = Api(core)
-    runners = [await serve(api.app(), config.socket)]
-    if config.docker_plugin_socket is not None:
-        plugin = DockerPlugin(core, api.networks, api.endpoints)
-        runners.append(await serve(plugin.app(), config.docker_plugin_socket))
-        log.info("docker plugin on %s", config.docker_plugin_socket)
+    runners: list[web.AppRunner] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    periodic: asyncio.Task[None] | None = None
     try:
-        if core.dns is not None:
-            await core.dns.start()
-        reconciler = Reconciler(core, api.containers)
-        report = await reconciler.recover()
-        log.info("recovered: %s", report if report else "nothing to repair")
-        core.ready = True
+        # The API answers "starting" while the agent recovers (the CNI shim maps it to 11).
+        runners.append(await serve(agent.api().app(), config.socket))
+        await agent.start()
+        if agent.docker is not None and config.docker_plugin_socket is not None:
+            runners.append(await serve(agent.docker.app(), config.docker_plugin_socket))
+            log.info("docker plugin on %s", config.docker_plugin_socket)
+        agent.run_periodic()
         log.info("agent ready on %s (node %s)", config.socket, config.node)
-        periodic = asyncio.create_task(reconciler.run_forever())
         await stop.wait()
     finally:
-        if periodic is not None:
-            periodic.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await periodic
         for runner in runners:
             await runner.cleanup()
-        if core.dns is not None:
-            await core.dns.close()
-        await core.dataplane.close()
-        await core.store.close()
+        await agent.close()
+        await store.close()
         for path in (config.socket, config.docker_plugin_socket):
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):

@@ -7,27 +7,28 @@ deeper.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from plexus import __version__
-from plexus.agent.containers import ContainerService, RunSpec
-from plexus.agent.core import Core, log
-from plexus.agent.endpoints import AttachSpec
-from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.api import views
-from plexus.api.docker.network import served as docker_served
-from plexus.cni import shim
-from plexus.cni.config import CniRequest
+from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
-from plexus.errors import InvalidArgument, NotFound, NotReady, PlexusError
+from plexus.errors import InvalidArgument, NotFound, PlexusError
 from plexus.model import parse
 from plexus.model.types import Endpoint
+from plexus.runtime.containers import ContainerRuntime, RunSpec
+from plexus.services.endpoints import AttachSpec, EndpointService
+from plexus.services.networks import NetworkService, NetworkSpec
+
+log = logging.getLogger("plexus.api")
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -85,13 +86,25 @@ def _labels(body: dict[str, Any], key: str = "labels") -> dict[str, str]:
     return value
 
 
+class Admin(Protocol):
+    """What the agent itself answers: its state, and a full reconcile pass on demand."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def reconcile(self) -> dict[str, Any]: ...
+
+
 class Api:
-    def __init__(self, core: Core) -> None:
-        self.core = core
-        self.networks = NetworkService(core)
-        self.containers = ContainerService(core)
-        self.endpoints = self.containers.endpoints
-        self.cni = CniService(core, self.networks, self.endpoints)
+    def __init__(self, networks: NetworkService, endpoints: EndpointService,
+                 containers: ContainerRuntime, cni: CniService, dns: DnsService | None,
+                 admin: Admin) -> None:
+        self.ctx = networks.ctx
+        self.networks = networks
+        self.endpoints = endpoints
+        self.containers = containers
+        self.cni = cni
+        self.dns = dns
+        self.admin = admin
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware])
@@ -109,44 +122,43 @@ class Api:
         r.add_post("/v1/endpoints", self.endpoint_attach)
         r.add_post("/v1/endpoints/detach", self.endpoint_detach)
         r.add_post("/v1/cni", self.cni_call)
-        r.add_post("/v1/cni/exec", self.cni_exec)
+        r.add_post("/v1/reconcile", self.reconcile)
         r.add_get("/v1/dns/stats", self.dns_stats)
         r.add_get("/v1/dns/lookup", self.dns_lookup)
         return app
 
     def _require_ready(self) -> None:
-        if not self.core.ready:
-            raise NotReady("the agent is still starting (recovering state)")
+        self.ctx.require_ready()
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "ready": self.core.ready,
-                "node": self.core.node,
-                "version": __version__,
-                "networks": len(self.core.networks),
-                "endpoints": len(self.core.endpoints),
-                "pid": os.getpid(),
-            }
-        )
+        cache = self.ctx.cache
+        return web.json_response({
+            "ready": self.ctx.ready,
+            "node": self.ctx.node,
+            "version": __version__,
+            "networks": len(cache.networks),
+            "endpoints": len(cache.local_endpoints()),
+            "pid": os.getpid(),
+            **self.admin.status(),
+        })
+
+    async def reconcile(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        return web.json_response(await self.admin.reconcile())
 
     async def network_list(self, request: web.Request) -> web.Response:
-        counts = {n: len(self.core.endpoints_on(n)) for n in self.core.networks}
-        served = await docker_served(self.core.store)
-        return web.json_response(
-            [
-                {
-                    **views.network(n, counts.get(n.name, 0)),
-                    "docker_networks": served.get(n.name, []),
-                }
-                for n in self.networks.all()
-            ]
-        )
+        cache = self.ctx.cache
+        return web.json_response([
+            {**views.network(n, len(cache.endpoints_on(n.name))),
+             "docker_networks": cache.served_by(n.name)}
+            for n in self.networks.all()
+        ])
 
     async def network_get(self, request: web.Request) -> web.Response:
         net = self.networks.get(request.match_info["name"])
-        view = views.network(net, len(self.core.endpoints_on(net.name)))
-        view["containers"] = [views.endpoint(e) for e in self.core.endpoints_on(net.name)]
+        eps = self.ctx.cache.endpoints_on(net.name)
+        view = views.network(net, len(eps))
+        view["containers"] = [views.endpoint(e) for e in eps]
         return web.json_response(view)
 
     async def network_create(self, request: web.Request) -> web.Response:
@@ -171,11 +183,11 @@ class Api:
     async def network_remove(self, request: web.Request) -> web.Response:
         self._require_ready()
         force = request.query.get("force", "") in ("1", "true")
-        await self.networks.remove(request.match_info["name"], force=force)
-        return web.json_response({}, status=200)
+        detached = await self.networks.remove(request.match_info["name"], force=force)
+        return web.json_response({"detached": detached}, status=200)
 
     async def container_list(self, request: web.Request) -> web.Response:
-        own = await self.containers.all()
+        own = self.containers.all()
         items = [views.container(c, self.endpoints.of_container(c.id)) for c in own]
         others: dict[str, list[Endpoint]] = {}
         known = {c.id for c in own}
@@ -186,7 +198,7 @@ class Api:
         return web.json_response(sorted(items, key=lambda c: str(c["name"])))
 
     async def container_get(self, request: web.Request) -> web.Response:
-        c = await self.containers.get(request.match_info["name"])
+        c = self.containers.get(request.match_info["name"])
         return web.json_response(views.container(c, self.endpoints.of_container(c.id)))
 
     async def container_run(self, request: web.Request) -> web.Response:
@@ -245,9 +257,9 @@ class Api:
         return web.json_response(views.endpoint(ep) if ep else {})
 
     def _dns(self) -> DnsService:
-        if self.core.dns is None:
+        if self.dns is None:
             raise NotFound("the agent runs without DNS (--no-dns)")
-        return self.core.dns
+        return self.dns
 
     async def dns_stats(self, request: web.Request) -> web.Response:
         return web.json_response(await self._dns().stats())
@@ -259,70 +271,31 @@ class Api:
         )
         return web.json_response({**explanation.to_dict(), "text": explanation.text()})
 
-    async def cni_exec(self, request: web.Request) -> web.Response:
-        """The compiled shim's endpoint: the plugin's environment and raw stdin in; the exact
-        stdout and exit code out (``X-CNI-Exit``), so the shim only copies bytes. Validation is
-        the Python shim's own, run here."""
+    async def cni_call(self, request: web.Request) -> web.Response:
+        """Both CNI shims' one endpoint: the plugin's environment and raw stdin in; the exact
+        stdout and exit code out (``X-CNI-Exit``, and a one-line ``X-CNI-Log`` for stderr), so a
+        shim only copies bytes. Validation runs here, once (``cni.validate``)."""
         b = await _body(request)
         env = {str(k): str(v) for k, v in _get(b, "env", dict, {}).items()}
         stdin, argv0 = _get(b, "stdin", str, ""), _get(b, "argv0", str, "plexus")
         try:
-            if env.get("CNI_COMMAND") == "VERSION":
-                result: dict[str, Any] | None = shim.version_result(stdin)
-            else:
-                _, fields = shim.prepare(argv0, env, stdin)
-                result = await self.cni.handle(CniRequest(**fields))
-        except shim.Failure as exc:
-            return _cni_failure(stdin, exc.code, exc.msg, exc.details)
-        except PlexusError as exc:
-            err = to_cni_error(exc)
-            return _cni_failure(stdin, err.code, err.message, err.details)
-        text = "" if result is None else shim.dumps(result)
-        return web.Response(text=text, headers={"X-CNI-Exit": "0"})
-
-    async def cni_call(self, request: web.Request) -> web.Response:
-        """The CNI shim's one endpoint. Always HTTP 200: the CNI outcome is in the body."""
-        b = await _body(request)
-        req = CniRequest(
-            command=_get(b, "command", str, ""),
-            container_id=_get(b, "container_id", str, ""),
-            netns=_get(b, "netns", str, ""),
-            ifname=_get(b, "ifname", str, ""),
-            args=_get(b, "args", str, ""),
-            config=_get(b, "config", dict, {}),
-            mode=_get(b, "mode", str, "main"),
-        )
-        try:
+            req = validate.prepare(argv0, env, stdin)
             result = await self.cni.handle(req)
         except PlexusError as exc:
             err = to_cni_error(exc)
-            log.info(
-                "cni %s %s/%s failed (%d): %s",
-                req.command,
-                req.container_id,
-                req.ifname,
-                err.code,
-                err.message,
-            )
-            return web.json_response({"error": _cni_error(err.code, err.message, err.details)})
-        return web.json_response({"result": result})
+            log.info("cni %s %s/%s failed (%d): %s", env.get("CNI_COMMAND"),
+                     env.get("CNI_CONTAINERID"), env.get("CNI_IFNAME"), err.code, err.message)
+            return _cni_failure(validate.version_of(stdin), err)
+        text = "" if result is None else json.dumps(result)
+        return web.Response(text=text, headers={"X-CNI-Exit": "0"})
 
 
-def _cni_error(code: int, msg: str, details: str = "") -> dict[str, Any]:
-    """The spec's error object (without cniVersion, which the caller knows or the shim adds)."""
-    return {"code": code, "msg": msg, **({"details": details} if details else {})}
-
-
-def _cni_failure(stdin: str, code: int, msg: str, details: str = "") -> web.Response:
-    try:
-        version = str(shim.loads(stdin).get("cniVersion", "1.1.0"))
-    except (ValueError, AttributeError):
-        version = "1.1.0"
-    error = {"cniVersion": version, **_cni_error(code, msg, details)}
-    log_line = (msg + (f" ({details})" if details else "")).replace("\n", " ")[:400]
+def _cni_failure(version: str, err: PlexusError) -> web.Response:
+    cni = to_cni_error(err)
+    line = (cni.message + (f" ({cni.details})" if cni.details else "")).replace("\n", " ")[:400]
     return web.Response(
-        text=shim.dumps(error),
-        headers={"X-CNI-Exit": "1", "X-CNI-Log": log_line.encode("ascii", "replace").decode()},
+        text=json.dumps(validate.error_body(version, cni)),
+        headers={"X-CNI-Exit": "1", "X-CNI-Log": line.encode("ascii", "replace").decode()},
     )
 
 

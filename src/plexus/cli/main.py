@@ -49,6 +49,29 @@ def _emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _command_words(
+    ctx: click.Context, param: click.Parameter, words: tuple[str, ...]
+) -> tuple[str, ...]:
+    """COMMAND of `run` and `exec`, without a leading `--`: it ends plexus's options and is never
+    the command's first word (no program is called `--`). click consumes a `--` only while it is
+    still reading options; with allow_interspersed_args=False it stops at the first other word
+    and passes the rest through, so in `plexus exec api -- ip addr` (NAME comes first) the `--`
+    reaches COMMAND."""
+    if words[:1] == ("--",):
+        words = words[1:]
+    if not words:
+        raise click.MissingParameter(ctx=ctx, param=param)
+    return words
+
+
+def _command_argument(fn: F) -> F:
+    """The COMMAND argument: every word from the first one that is not plexus's (options after it
+    belong to the command, hence allow_interspersed_args=False on the command)."""
+    return click.argument(
+        "command", nargs=-1, required=True, callback=_command_words, metavar="[--] COMMAND..."
+    )(fn)
+
+
 @click.group()
 @click.option(
     "--socket",
@@ -66,6 +89,13 @@ def cli(ctx: click.Context, socket: str) -> None:
 
 @cli.command()
 @click.option("--state-dir", default="/var/lib/plexus", show_default=True, type=click.Path())
+@click.option(
+    "--socket",
+    "api_socket",
+    default=None,
+    help="serve the API on this unix socket, rather than plexus's --socket "
+    f"(or $PLEXUS_SOCKET, or {DEFAULT_SOCKET})",
+)
 @click.option("--node", default=socketlib.gethostname(), show_default=True)
 @click.option(
     "--store",
@@ -115,6 +145,7 @@ def cli(ctx: click.Context, socket: str) -> None:
 def agent(
     ctx: click.Context,
     state_dir: str,
+    api_socket: str | None,
     node: str,
     store_url: str,
     pool: str,
@@ -131,7 +162,7 @@ def agent(
 ) -> None:
     """Run the agent (the daemon) in the foreground."""
     from plexus.agent import daemon
-    from plexus.agent.core import AgentConfig
+    from plexus.config import AgentConfig
     from plexus.errors import PlexusError
     from plexus.model import parse
 
@@ -146,7 +177,9 @@ def agent(
         p6, l6 = split("pool6", pool6)
         config = AgentConfig(
             state_dir=Path(state_dir),
-            socket=Path(ctx.obj["socket"]),
+            # `plexus agent --socket` is where users look for it; the group's option (which also
+            # reads $PLEXUS_SOCKET) is what every client command shares. The nearer one wins.
+            socket=Path(api_socket if api_socket is not None else ctx.obj["socket"]),
             node=node,
             store_url=store_url,
             pool4=p4,
@@ -181,6 +214,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
             f"agent {state} on node {data['node']}: {data['networks']} networks, "
             f"{data['endpoints']} endpoints (plexus {data['version']})"
         )
+        # What the reconcilers keep failing on (they retry with backoff and carry on).
+        for e in data.get("errors", []):
+            click.echo(
+                f"failing: {e['reconciler']} {e['object']} (attempt {e['attempts']}): {e['error']}"
+            )
+
+
+@cli.command()
+@click.pass_context
+def reconcile(ctx: click.Context) -> None:
+    """Compare everything with the kernel now (the periodic full pass), print what was found."""
+    _emit(_call(ctx, "POST", "/v1/reconcile"))
 
 
 # -- networks ---------------------------------------------------------------------------------
@@ -311,7 +356,7 @@ def network_rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
 @click.option("--namespace", default="", help="the policy namespace of the container")
 @click.option("--alias", "aliases", multiple=True, help="extra DNS name")
 @_json_opt
-@click.argument("command", nargs=-1, required=True)
+@_command_argument
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -360,7 +405,7 @@ def _wait(ctx: click.Context, name: str) -> None:
 
 @cli.command("exec", context_settings={"allow_interspersed_args": False})
 @click.argument("name")
-@click.argument("command", nargs=-1, required=True)
+@_command_argument
 @click.pass_context
 def exec_(ctx: click.Context, name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside container NAME's network namespace."""

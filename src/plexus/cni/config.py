@@ -22,12 +22,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from plexus.agent.networks import NetworkSpec
+from plexus.cni import spec
 from plexus.errors import InvalidArgument, PlexusError
 from plexus.model import parse
 from plexus.model.types import IPAddress, PortMapping
+from plexus.services.networks import NetworkSpec
 
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 NETWORK_OPTIONS = ("subnet", "subnets", "gateway", "ipv6", "internal", "mtu", "ipMasq")
 KNOWN_FIELDS = frozenset(
     {
@@ -66,9 +66,9 @@ class CniError(PlexusError):
 
 def version_tuple(v: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in v.split("."))
+        return spec.version_tuple(v)
     except ValueError:
-        raise CniError(1, f"invalid cniVersion {v!r}") from None
+        raise CniError(spec.INCOMPATIBLE_VERSION, f"invalid cniVersion {v!r}") from None
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from plexus.cni import spec
+
 DEFAULT_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 NAMES = ("plexus", "plexus-ipam")
 MODULE = "plexus_cni_shim"
+SPEC_MODULE = "plexus_cni_spec"  # plexus/cni/spec.py, which the shim imports by this name
 LIBDIR = ".plexus-cni"
 
 
@@ -46,8 +49,13 @@ def compile_shim(target: Path) -> bool:
         return False
     tmp = target.with_name(f".{target.name}.tmp")
     source = Path(__file__).parent / "shim.c"
+    defines = [
+        "-DPLEXUS_CNI_VERSIONS=" + ", ".join(f'"{v}"' for v in spec.VERSIONS),
+        f'-DPLEXUS_CNI_SOCKET="{spec.DEFAULT_SOCKET}"',
+    ]
     done = subprocess.run(
-        [cc, "-O2", "-o", str(tmp), str(source)], capture_output=True, text=True, timeout=120
+        [cc, "-O2", *defines, "-o", str(tmp), str(source)],
+        capture_output=True, text=True, timeout=120,
     )
     if done.returncode != 0:
         print(
@@ -61,18 +69,20 @@ def compile_shim(target: Path) -> bool:
 
 def install(dirs: list[str], compiled: bool = True) -> list[Path]:
     """``compiled=False`` installs the Python shim even where a compiler exists."""
-    source = (Path(__file__).parent / "shim.py").read_text()
+    here = Path(__file__).parent
+    modules = {MODULE: (here / "shim.py").read_text(), SPEC_MODULE: (here / "spec.py").read_text()}
     written = []
     for d in dirs:
         lib = Path(d) / LIBDIR
         lib.mkdir(parents=True, exist_ok=True)
-        _write(lib / f"{MODULE}.py", source, 0o644)
-        # Unchecked hash-based bytecode: loaded without even a stat of the source.
-        py_compile.compile(
-            str(lib / f"{MODULE}.py"),
-            doraise=True,
-            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-        )
+        for module, source in modules.items():
+            _write(lib / f"{module}.py", source, 0o644)
+            # Unchecked hash-based bytecode: loaded without even a stat of the source.
+            py_compile.compile(
+                str(lib / f"{module}.py"),
+                doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            )
         stub = (
             f"#!{interpreter()} -IS\nimport sys\nsys.path.insert(0, {str(lib)!r})\n"
             f"from {MODULE} import main\nmain()\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from plexus.cni.config import version_tuple
+from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, Network
 
 
@@ -23,7 +24,7 @@ def add_result(
     v = version_tuple(version)
     interfaces: list[dict[str, Any]] = []
     iface_index: int | None = None
-    if ep.has_links and ep.host_ifname:
+    if ep.has_links and traits(net.driver).links:
         interfaces.append({"name": ep.host_ifname})  # the host end of the veth
     if ep.has_links:
         iface_index = len(interfaces)

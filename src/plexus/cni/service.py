@@ -1,5 +1,5 @@
-"""The CNI verbs, run inside the agent. The shim (``cni/shim.py``) validated the environment and
-forwards the request; this module gives each verb the semantics of the spec (SPEC.md 1.1.0).
+"""The CNI verbs, run inside the agent. ``validate`` turned what a shim forwarded into a request;
+this module gives each verb the semantics of the spec (SPEC.md 1.1.0) on plexus's services.
 
 Errors leave here as ``CniError`` with the spec's code; other PlexusErrors are mapped in
 ``to_cni_error``, at this boundary only.
@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from plexus.agent.core import Core, log
-from plexus.agent.endpoints import AttachSpec, EndpointService
-from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.cni import config as cfg
 from plexus.cni.config import CniError, CniRequest
 from plexus.cni.results import add_result
-from plexus.dataplane import links
-from plexus.dataplane.driver import container_netlink, host_ifname
-from plexus.dataplane.nft.state import publications
 from plexus.dns import dns_enabled
 from plexus.errors import (
     AlreadyExists,
@@ -31,9 +27,16 @@ from plexus.errors import (
     NotReady,
     PlexusError,
 )
+from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, Network, Owner
+from plexus.services.endpoints import AttachSpec, EndpointService
+from plexus.services.networks import NetworkService, NetworkSpec
 
+log = logging.getLogger("plexus.cni")
 ENV_FIELDS = {"container_id", "netns", "ifname"}
+
+Check = Callable[[Endpoint], Awaitable[list[str]]]
+"""What is wrong with an endpoint in the kernel (links, addresses, published ports): a read."""
 
 
 def to_cni_error(exc: PlexusError) -> CniError:
@@ -51,10 +54,13 @@ def to_cni_error(exc: PlexusError) -> CniError:
 
 
 class CniService:
-    def __init__(self, core: Core, networks: NetworkService, endpoints: EndpointService) -> None:
-        self.core = core
+    def __init__(self, networks: NetworkService, endpoints: EndpointService, check: Check,
+                 dns_domain: str | None) -> None:
+        self.ctx = networks.ctx
         self.networks = networks
         self.endpoints = endpoints
+        self._check_kernel = check
+        self.dns_domain = dns_domain  # None: the agent runs without DNS
         # Parallel first ADDs of one config would each try to create its network.
         self._creating: dict[str, asyncio.Lock] = {}
 
@@ -62,16 +68,10 @@ class CniService:
         if req.command == "STATUS":
             self._status()
             return None
-        if not self.core.ready:
+        if not self.ctx.ready:
             raise CniError(11, "the plexus agent is starting; try again later")
         if req.mode == "main":  # in IPAM mode the top level is another plugin's business
             cfg.check_fields(req.config)
-        if req.version not in cfg.SUPPORTED_VERSIONS:
-            raise CniError(
-                1,
-                "incompatible CNI versions",
-                f"config is {req.version!r}, plugin supports {cfg.SUPPORTED_VERSIONS}",
-            )
         verbs = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check, "GC": self.gc}
         verb = verbs.get(req.command)
         if verb is None:
@@ -79,17 +79,17 @@ class CniService:
         return await verb(req)
 
     def _status(self) -> None:
-        if not self.core.ready:
+        if not self.ctx.ready:
             raise CniError(50, "the plexus agent is not ready (recovering state)")
 
     async def _network(self, req: CniRequest) -> Network:
         """The plexus network of this config: created on first use when the config describes
         it, and then required to agree with it (code 7 otherwise)."""
         spec = cfg.network_spec(req)
-        existing = self.core.networks.get(req.network)
+        existing = self.ctx.cache.network(req.network)
         if existing is None and spec is not None:
             async with self._creating.setdefault(req.network, asyncio.Lock()):
-                existing = self.core.networks.get(req.network)
+                existing = self.ctx.cache.network(req.network)
                 if existing is None:
                     return await self.networks.create(spec)
         if existing is None:
@@ -132,24 +132,22 @@ class CniService:
         when the network has one."""
         given = req.config.get("dns")
         dns: dict[str, Any] = dict(given) if isinstance(given, dict) else {}
-        if self.core.dns is not None and net.driver == "bridge" and dns_enabled(net):
+        if self.dns_domain is not None and traits(net.driver).dns and dns_enabled(net):
             gateways = [
                 str(s.gateway)
                 for s in sorted(net.subnets, key=lambda s: s.version)
                 if s.gateway is not None
             ]
             dns.setdefault("nameservers", gateways)
-            if self.core.dns.settings.domain:
-                dns.setdefault("search", [self.core.dns.settings.domain])
+            if self.dns_domain:
+                dns.setdefault("search", [self.dns_domain])
         return dns
 
     async def delete(self, req: CniRequest) -> None:
         # Best effort and idempotent: nothing to delete is success; no netns is fine.
         # The runtime deletes the namespace next; the kernel's veth teardown (~15-20 ms) need
         # not hold up its answer (a new ADD of the same endpoint waits for it).
-        await self.endpoints.detach(
-            req.container_id, ifname=req.ifname, missing_ok=True, wait_kernel=False
-        )
+        await self.endpoints.detach(req.container_id, ifname=req.ifname, missing_ok=True)
 
     async def check(self, req: CniRequest) -> None:
         if cfg.version_tuple(req.version) < (0, 4):
@@ -162,8 +160,7 @@ class CniService:
             raise CniError(3, f"no attachment for container {req.container_id} {req.ifname}")
         problems = self._check_reservation(req, ep)
         if ep.has_links:
-            problems += await self._check_links(ep)
-            problems += await self._check_firewall(ep)
+            problems += await self._check_kernel(ep)
         if problems:
             raise CniError(999, f"CHECK failed for {ep.key}: " + "; ".join(problems))
 
@@ -178,32 +175,6 @@ class CniService:
             problems.append(f"netns {req.netns} differs from the ADD's {ep.netns}")
         return problems
 
-    async def _check_links(self, ep: Endpoint) -> list[str]:
-        problems: list[str] = []
-        try:
-            async with container_netlink(ep.netns) as ctr:
-                state = await links.link_state(ctr, ep.ifname)
-        except (NotFound, OSError) as exc:
-            return [f"network namespace {ep.netns} is gone ({exc})"]
-        if state is None:
-            return [f"interface {ep.ifname} is missing in {ep.netns}"]
-        if not state["up"]:
-            problems.append(f"interface {ep.ifname} is down")
-        missing = {str(a) for a in ep.addresses} - set(state["addresses"])
-        if missing:
-            problems.append(f"{ep.ifname} lacks {sorted(missing)}")
-        owned = await self.core.dataplane.owned_links()
-        if (ep.host_ifname or host_ifname(ep)) not in owned:
-            problems.append(f"host veth {ep.host_ifname} is missing")
-        return problems
-
-    async def _check_firewall(self, ep: Endpoint) -> list[str]:
-        current = await self.core.firewall.current()
-        if current is None:
-            return ["plexus's nftables table is missing or damaged"]
-        missing = [p for p in publications(ep) if p not in current.pubs]
-        return [f"published port {p.host_port}/{p.protocol} is not programmed" for p in missing]
-
     async def gc(self, req: CniRequest) -> None:
         """Release every attachment of this network (made through CNI) that the runtime no
         longer lists. Keeps going on error and reports them all."""
@@ -211,13 +182,13 @@ class CniService:
             raise CniError(1, "config version does not allow GC")
         valid = _valid_attachments(req.config)
         errors = []
-        for ep in self.endpoints.all():
-            if ep.network != req.network or ep.owner not in ("cni", "cni-ipam"):
+        for ep in self.ctx.cache.endpoints_on(req.network):
+            if ep.node != self.ctx.node or ep.owner not in ("cni", "cni-ipam"):
                 continue
             if (ep.container_id, ep.ifname) in valid:
                 continue
             try:
-                await self.endpoints.detach(ep.container_id, ifname=ep.ifname, missing_ok=True)
+                await self.endpoints.release([ep])
                 log.info("cni gc released %s on %s", ep.key, ep.network)
             except PlexusError as exc:
                 errors.append(str(exc))

@@ -3,14 +3,18 @@
  *
  * A runtime executes the plugin for every verb, and a Python interpreter alone takes ~7 ms to
  * start, half of an ADD. This program starts in ~1 ms and only copies bytes: it sends the CNI_*
- * environment and the raw stdin to the agent (POST /v1/cni/exec), where the Python shim's own
- * validation runs, and writes the agent's answer to stdout with the exit code the agent chose.
+ * environment and the raw stdin to the agent (POST /v1/cni, the endpoint the Python shim uses
+ * too), where plexus.cni.validate runs, and writes the agent's answer to stdout with the exit
+ * code the agent chose.
  * It answers two things itself, because the agent cannot: VERSION, and "the agent is not
  * reachable" (code 11, or 50 for STATUS). Wherever it is unsure, it errs on the side of the
  * protocol: every failure is a CNI error JSON on stdout and a non-zero exit.
  *
  * The socket path comes from the config's "socket" (the "ipam" block's for plexus-ipam), then
  * $PLEXUS_SOCKET, then /run/plexus/plexus.sock, as in the Python shim.
+ *
+ * The spec's versions are not written here: plexus.cni.install compiles this file with
+ * -DPLEXUS_CNI_VERSIONS='"0.3.0", ...' and -DPLEXUS_CNI_SOCKET from plexus/cni/spec.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,8 +25,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define DEFAULT_SOCKET "/run/plexus/plexus.sock"
-#define SUPPORTED "[\"0.3.0\", \"0.3.1\", \"0.4.0\", \"1.0.0\", \"1.1.0\"]"
+#if !defined(PLEXUS_CNI_VERSIONS) || !defined(PLEXUS_CNI_SOCKET)
+#error "build with python -m plexus.cni.install (it defines the spec's versions)"
+#endif
+#define DEFAULT_SOCKET PLEXUS_CNI_SOCKET
+static const char *known[] = {PLEXUS_CNI_VERSIONS};
+#define NKNOWN (sizeof known / sizeof *known)
 
 extern char **environ;
 
@@ -153,20 +161,24 @@ int main(int argc, char **argv) {
     (void)argc;
     const char *command = getenv("CNI_COMMAND");
     struct buf in = {0};
-    char version[32] = "1.1.0";
+    char version[32];
+    snprintf(version, sizeof version, "%s", known[NKNOWN - 1]);
     if (!command || !*command) {
-        fprintf(stderr, "plexus CNI plugin, CNI spec versions %s\n", SUPPORTED);
+        fprintf(stderr, "plexus CNI plugin, CNI spec versions");
+        for (size_t i = 0; i < NKNOWN; i++) fprintf(stderr, "%s %s", i ? "," : "", known[i]);
+        fprintf(stderr, "\n");
         return 0;
     }
     if (read_all(0, &in) < 0) fail(version, 5, "cannot read stdin", strerror(errno));
     if (!in.data) put(&in, "", 0);
     json_lookup(in.data, NULL, "cniVersion", version, sizeof version);
     if (strcmp(command, "VERSION") == 0) {
-        static const char *known[] = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"};
-        const char *answer = "1.1.0";
-        for (size_t i = 0; i < sizeof known / sizeof *known; i++)
+        const char *answer = known[NKNOWN - 1];
+        for (size_t i = 0; i < NKNOWN; i++)
             if (strcmp(version, known[i]) == 0) answer = known[i];
-        printf("{\"cniVersion\": \"%s\", \"supportedVersions\": %s}", answer, SUPPORTED);
+        printf("{\"cniVersion\": \"%s\", \"supportedVersions\": [", answer);
+        for (size_t i = 0; i < NKNOWN; i++) printf("%s\"%s\"", i ? ", " : "", known[i]);
+        printf("]}");
         return 0;
     }
 
@@ -211,7 +223,7 @@ int main(int argc, char **argv) {
     }
     struct buf req = {0};
     char head[256];
-    snprintf(head, sizeof head, "POST /v1/cni/exec HTTP/1.0\r\nHost: plexus\r\n"
+    snprintf(head, sizeof head, "POST /v1/cni HTTP/1.0\r\nHost: plexus\r\n"
              "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n", body.len);
     puts_(&req, head);
     put(&req, body.data, body.len);

@@ -1,18 +1,17 @@
-"""plexus's CNI plugin binary: a thin shim that forwards each verb to the agent.
+"""plexus's CNI plugin, in Python: a thin shim that forwards each call to the agent.
 
-A runtime executes the plugin for every ADD, DEL, CHECK, STATUS, GC and VERSION, so it must start
-fast: this file imports only the standard library (nothing from plexus, no site-packages; it is
-installed with ``#!<python> -I -S``) and speaks HTTP/1.0 over the agent's unix socket by hand.
+The fallback for hosts without a C compiler (``shim.c`` is the default: ~1 ms to start against
+~7 ms here). Like the C shim it only forwards: the plugin's ``CNI_*`` environment and raw stdin
+go to the agent (``POST /v1/cni``), which validates them (``plexus.cni.validate``, one place for
+both shims) and answers with the exact stdout and exit code; the shim copies them. It answers
+two things itself, because the agent cannot: VERSION, and "the agent is not reachable" (code 11,
+or 50 for STATUS).
 
-Start-up is most of a CNI call's cost (Podman runs VERSION on every plugin several times per
-container), so even ``json``, ``re`` and ``socket`` are avoided: importing them costs ~17 ms
-(``json`` pulls in ``re``, ``enum``, ``functools``), against ~1 ms for the C modules they wrap
-(``_json``'s scanner and string encoder, ``_socket``).
-
-It validates what the spec makes the plugin's job before anything reaches the agent (the
-environment, the config's JSON, its name and version), answers VERSION itself, and prints the
-agent's result or error. Errors are a JSON object on stdout with a non-zero exit (libcni parses
-stdout); diagnostics go to stderr.
+A runtime executes the plugin for every verb, so start-up is most of a call's cost: this file
+imports only C modules of the standard library (``json``, ``re`` and ``socket`` cost ~17 ms to
+import; ``_json``, ``_socket`` and ``posix`` ~1 ms) and the spec's facts, installed next to it.
+It speaks HTTP/1.0 over the agent's unix socket by hand. Errors are a JSON object on stdout with
+a non-zero exit (libcni parses stdout); diagnostics go to stderr.
 
 Installed as ``plexus`` (a main plugin) and ``plexus-ipam`` (an IPAM plugin for other main
 plugins such as the reference ``bridge``); the name it is run as selects the mode.
@@ -32,21 +31,17 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any, NoReturn
 
+    from plexus.cni import spec
+
     Env = Mapping[str, str]
     Json = Any
+else:
+    try:
+        import plexus_cni_spec as spec  # installed beside this file by plexus.cni.install
+    except ImportError:
+        from plexus.cni import spec
 
-SUPPORTED = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
-DEFAULT_SOCKET = "/run/plexus/plexus.sock"
-ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-NAME_CHARS = ALNUM | frozenset("_.-")
 TIMEOUT = 120.0
-REQUIRED = {
-    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
-    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
-    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
-    "STATUS": (),
-    "GC": (),
-}
 
 
 class _JsonContext:
@@ -92,8 +87,7 @@ def dumps(value: Json) -> str:
 
 
 def valid_name(name: str) -> bool:
-    """``^[a-zA-Z0-9][a-zA-Z0-9_.-]*$``, the spec's container ID and network name rule."""
-    return bool(name) and name[0] in ALNUM and all(c in NAME_CHARS for c in name)
+    return spec.valid_name(name)
 
 
 class Failure(Exception):
@@ -102,51 +96,35 @@ class Failure(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
-def _vt(version: str) -> tuple[int, ...]:
+def version_result(stdin: str) -> dict[str, Json]:
     try:
-        return tuple(int(x) for x in version.split("."))
-    except ValueError:
-        raise Failure(1, "incompatible CNI versions", f"invalid cniVersion {version!r}") from None
+        asked = loads(stdin or "{}").get("cniVersion", spec.LATEST)
+    except (ValueError, AttributeError):
+        asked = spec.LATEST
+    return {"cniVersion": asked if asked in spec.VERSIONS else spec.LATEST,
+            "supportedVersions": list(spec.VERSIONS)}
 
 
-def check_env(command: str, env: Env) -> None:
-    missing = [k for k in REQUIRED[command] if not env.get(k)]
-    # Set but empty is "unknown container" (3) for skel; absent is a missing variable (4).
-    if "CNI_CONTAINERID" in missing and "CNI_CONTAINERID" in env:
-        raise Failure(3, "missing containerID")
-    if missing:
-        raise Failure(4, f"required env variables [{','.join(missing)}] missing")
-    cid = env.get("CNI_CONTAINERID", "")
-    if cid and not valid_name(cid):
-        raise Failure(4, f"invalid characters in containerID {cid!r}")
-    ifname = env.get("CNI_IFNAME", "")
-    if command in ("ADD", "DEL", "CHECK") and (
-        len(ifname) > 15 or ifname in (".", "..") or any(c in "/:" or c.isspace() for c in ifname)
-    ):
-        raise Failure(4, f"invalid CNI_IFNAME {ifname!r}")
-
-
-def check_config(command: str, config: object) -> None:
+def socket_path(argv0: str, env: Env, stdin: str) -> str:
+    """The config's "socket" (the "ipam" block's for plexus-ipam), then $PLEXUS_SOCKET. A
+    config that is no JSON object names no agent: that much the shim must decide itself, as the
+    C shim does (code 6)."""
+    try:
+        config = loads(stdin)
+    except ValueError as exc:
+        raise Failure(spec.DECODING_FAILURE,
+                      f"failed to decode network configuration: {exc}") from None
     if not isinstance(config, dict):
-        raise Failure(6, "failed to decode network configuration: not a JSON object")
-    name = config.get("name")
-    if not isinstance(name, str) or not name:
-        raise Failure(7, "missing network name")
-    if not valid_name(name):
-        raise Failure(7, f"invalid characters found in network name {name!r}")
-    version = str(config.get("cniVersion", "0.1.0"))
-    if version not in SUPPORTED:
-        raise Failure(
-            1, "incompatible CNI versions", f"config is {version!r}, plugin supports {SUPPORTED}"
-        )
-    if command == "CHECK" and _vt(version) < (0, 4):
-        raise Failure(1, "config version does not allow CHECK")
-    if command in ("GC", "STATUS") and _vt(version) < (1, 1):
-        raise Failure(1, f"config version does not allow {command}")
+        raise Failure(spec.DECODING_FAILURE,
+                      "failed to decode network configuration: not a JSON object")
+    if argv0.rsplit("/", 1)[-1].endswith("-ipam"):
+        config = config.get("ipam") if isinstance(config.get("ipam"), dict) else {}
+    return str(config.get("socket") or env.get("PLEXUS_SOCKET") or spec.DEFAULT_SOCKET)
 
 
-def call_agent(path: str, body: dict[str, object]) -> dict[str, Json]:
-    """POST /v1/cni over the unix socket; returns the decoded JSON answer."""
+def call_agent(path: str, body: dict[str, object]) -> tuple[int, str]:
+    """POST /v1/cni over the unix socket; returns (exit code, stdout) as the agent chose, and
+    copies the agent's one-line diagnostic (X-CNI-Log) to stderr."""
     payload = dumps(body).encode()
     head = (
         f"POST /v1/cni HTTP/1.0\r\nHost: plexus\r\nContent-Type: application/json\r\n"
@@ -165,78 +143,33 @@ def call_agent(path: str, body: dict[str, object]) -> dict[str, Json]:
             chunks.append(chunk)
     finally:
         s.close()
-    raw = b"".join(chunks)
-    status_line, _, rest = raw.partition(b"\r\n")
-    _, _, body_bytes = rest.partition(b"\r\n\r\n")
-    status = int(status_line.split()[1])
-    answer = loads(body_bytes.decode()) if body_bytes else {}
-    if status >= 400 and "error" not in answer:
-        raise Failure(999, f"agent answered HTTP {status}")
-    return answer
+    head_bytes, _, body_bytes = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    if "x-cni-exit" not in headers:
+        raise Failure(spec.TRY_AGAIN_LATER if status == 503 else spec.GENERIC,
+                      "the plexus agent refused the request", body_bytes.decode(errors="replace"))
+    if headers.get("x-cni-log"):
+        print(f"plexus: {headers['x-cni-log']}", file=sys.stderr)
+    return int(headers["x-cni-exit"]), body_bytes.decode()
 
 
-def version_result(stdin: str) -> dict[str, Json]:
-    try:
-        asked = loads(stdin or "{}").get("cniVersion", "1.1.0")
-    except (ValueError, AttributeError):
-        asked = "1.1.0"
-    return {"cniVersion": asked if asked in SUPPORTED else "1.1.0", "supportedVersions": SUPPORTED}
-
-
-def prepare(argv0: str, env: Env, stdin: str) -> tuple[str, dict[str, Json]]:
-    """Validate what the spec makes the plugin's job and build the agent's request: (socket
-    path, body). Shared with the agent, which runs it for the compiled shim."""
+def run(argv0: str, env: Env, stdin: str) -> tuple[int, str]:
     command = env.get("CNI_COMMAND", "")
-    if command not in REQUIRED:
-        raise Failure(4, f"unknown CNI_COMMAND {command!r}")
-    check_env(command, env)
-    try:
-        config = loads(stdin)
-    except ValueError as exc:
-        raise Failure(6, f"failed to decode network configuration: {exc}") from None
-    check_config(command, config)
-    mode = "ipam" if argv0.rsplit("/", 1)[-1].endswith("-ipam") else "main"
-    # An IPAM plugin's own settings live in the "ipam" block of the main plugin's config.
-    ipam = config.get("ipam") if isinstance(config.get("ipam"), dict) else {}
-    own = ipam if mode == "ipam" else config
-    path = str(own.get("socket") or env.get("PLEXUS_SOCKET") or DEFAULT_SOCKET)
-    body = {
-        "command": command,
-        "container_id": env.get("CNI_CONTAINERID", ""),
-        "netns": env.get("CNI_NETNS", ""),
-        "ifname": env.get("CNI_IFNAME", ""),
-        "args": env.get("CNI_ARGS", ""),
-        "config": config,
-        "mode": mode,
-    }
-    return path, body
-
-
-def run(argv: list[str], env: Env, stdin: str) -> dict[str, Json] | None:
-    command = env.get("CNI_COMMAND", "")
-    if not command:
-        print("plexus CNI plugin, CNI spec versions " + ", ".join(SUPPORTED), file=sys.stderr)
-        return None
     if command == "VERSION":
-        return version_result(stdin)
-    path, body = prepare(argv[0], env, stdin)
+        return 0, dumps(version_result(stdin))
+    path = socket_path(argv0, env, stdin)
+    wanted = {k: v for k, v in env.items() if k.startswith("CNI_") or k == "PLEXUS_SOCKET"}
     try:
-        answer = call_agent(path, body)
+        return call_agent(path, {"argv0": argv0, "env": wanted, "stdin": stdin})
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        code = 50 if command == "STATUS" else 11
-        raise Failure(
-            code,
-            f"the plexus agent is not reachable at {path}",
-            f"{exc.strerror}; is `plexus agent` running?",
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise Failure(999, f"talking to the plexus agent at {path} failed", str(exc)) from None
-    if "error" in answer:
-        err = answer["error"]
-        if not isinstance(err, dict):  # the API's generic shape: {"error": "...", "kind": ...}
-            raise Failure(11 if answer.get("kind") == "not-ready" else 999, str(err))
-        raise Failure(int(err.get("code", 999)), err.get("msg", "error"), err.get("details", ""))
-    return answer.get("result")
+        code = spec.NOT_AVAILABLE if command == "STATUS" else spec.TRY_AGAIN_LATER
+        raise Failure(code, f"the plexus agent is not reachable at {path}",
+                      f"{exc.strerror}; is `plexus agent` running?") from None
+    except (OSError, ValueError, IndexError) as exc:
+        raise Failure(spec.GENERIC, f"talking to the plexus agent at {path} failed",
+                      str(exc)) from None
 
 
 def environ() -> dict[str, str]:
@@ -246,29 +179,31 @@ def environ() -> dict[str, str]:
 
 
 def main() -> None:
-    version = "1.1.0"
+    version = spec.LATEST
     env = environ()
+    if not env.get("CNI_COMMAND"):
+        print("plexus CNI plugin, CNI spec versions " + ", ".join(spec.VERSIONS), file=sys.stderr)
+        posix._exit(0)
     try:
         stdin = (
             "" if env.get("CNI_COMMAND") == "VERSION" and sys.stdin.isatty() else sys.stdin.read()
         )
     except OSError as exc:
-        _fail(version, Failure(5, f"cannot read stdin: {exc}"))
+        _fail(version, Failure(spec.IO_FAILURE, f"cannot read stdin: {exc}"))
     try:
         version = str(loads(stdin).get("cniVersion", version))
     except (ValueError, AttributeError):
-        version = "1.1.0"  # not JSON: the error says so in the current version
+        version = spec.LATEST  # not JSON: the error says so in the current version
     try:
-        result = run(sys.argv, env, stdin)
+        code, out = run(sys.argv[0], env, stdin)
     except Failure as exc:
         _fail(version, exc)
     except Exception as exc:  # a bug here must still answer the runtime in the protocol
-        _fail(version, Failure(999, f"internal error in the plexus CNI shim: {exc!r}"))
-    if result is not None:
-        sys.stdout.write(dumps(result))
+        _fail(version, Failure(spec.GENERIC, f"internal error in the plexus CNI shim: {exc!r}"))
+    sys.stdout.write(out)
     sys.stdout.flush()
     # Skip the interpreter's orderly shutdown (~1 ms of a CNI call): nothing is left to clean.
-    posix._exit(0)
+    posix._exit(code)
 
 
 def _fail(version: str, exc: Failure) -> NoReturn:

@@ -6,8 +6,10 @@ the work together. So every local answer sent over UDP is kept, ready-made, in t
 ``wire_cache`` under the query's bytes after the 2-byte ID (flags, counts, question and any OPT
 record: everything the answer depends on, given the table). The next identical query is a dict
 lookup and an ID patch. Round-robin names keep one ready-made answer per rotation and cycle
-through them. The cache dies with the table: ``update`` installs a new table (and with it empty
-caches) in one assignment per listener, on the event loop's thread, between two packets.
+through them. A cached answer never outlives a change that affects it: ``apply`` changes the
+table in place and the table drops the caches of the views that see a changed network (the
+others keep theirs); ``update`` installs a whole new table, and with it empty caches. Both run on
+the event loop's thread, between two packets.
 
 Robustness. Nothing a client sends may raise out of a protocol callback or stall another client:
 - UDP: unparsable datagrams are dropped (FORMERR when at least the header was readable), responses
@@ -37,7 +39,8 @@ from typing import Any
 from plexus.dataplane.netns import run_in_netns
 from plexus.dns.config import DNS_PORT
 from plexus.dns.metrics import nested
-from plexus.dns.records import Explanation, RecordTable, Resolution, View
+from plexus.dns.model import DnsChanges, Explanation, Resolution, View
+from plexus.dns.records import RecordTable
 from plexus.dns.upstream import Forwarder, ForwardOptions
 from plexus.dns.wire import (
     MAX_TCP_MESSAGE,
@@ -193,19 +196,36 @@ class DnsServer:
         """Swap in a new record table: every listener answers from it for its next packet."""
         self._retire(self.table)
         self.table = table
+        self._retable()
+
+    def apply(self, changes: DnsChanges, generation: int | None = None) -> None:
+        """Change the records in place (O(size of the change)); answers cached for the views
+        the change affects are dropped, the others are kept."""
+        dropped = self.table.apply(changes, generation)
+        self._fold(dropped)
+        self._cache_entries = max(0, self._cache_entries - sum(map(len, dropped)))
+        self._retable(track=bool(changes.networks))
+
+    def _retable(self, track: bool = True) -> None:
+        # The table forgets the views of a removed network: listeners take fresh ones.
         for listener in self._listeners.values():
-            listener.udp.retable(table)
-        self.forwarder.track(table.upstreams())
+            listener.udp.retable(self.table)
+        if track:
+            self.forwarder.track(self.table.upstreams())
 
     def _retire(self, table: RecordTable, clear: bool = False) -> None:
         """Fold the fast path's hit counts into the totals (before the caches go away)."""
-        for view in table.views():
-            for entry in view.wire_cache.values():
-                if entry.hits:
-                    self._retired_hits[(entry.qtype, entry.rcode, entry.outcome)] += entry.hits
-            if clear:
+        self._fold([view.wire_cache for view in table.views()])
+        if clear:
+            for view in table.views():
                 view.wire_cache.clear()
         self._cache_entries = 0
+
+    def _fold(self, caches: Iterable[dict[bytes, Any]]) -> None:
+        for cache in caches:
+            for entry in cache.values():
+                if entry.hits:
+                    self._retired_hits[(entry.qtype, entry.rcode, entry.outcome)] += entry.hits
 
     def explain(self, network: str, name: str, qtype: int | str = "A",
                 client: str | None = None) -> Explanation:
@@ -385,11 +405,11 @@ class DnsServer:
         """The response, and for round-robin answers one per rotation."""
         ttl = self.table.settings.ttl
         limit = msg.udp_limit if udp else MAX_TCP_MESSAGE
-        authority = [soa_rr(res.zone, ttl, self.table.generation)] if res.zone and \
+        authority = [soa_rr(res.zone, ttl, view.serial)] if res.zone and \
             res.outcome in ("nodata", "nxdomain") else []
         aa = res.outcome in ("answer", "nodata", "nxdomain")
         if res.soa:
-            answers = [soa_rr(res.zone, ttl, self.table.generation)]
+            answers = [soa_rr(res.zone, ttl, view.serial)]
         elif res.targets:
             answers = [ptr_rr(t, ttl) for t in res.targets]
         else:

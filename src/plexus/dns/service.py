@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from plexus.dns.config import DNS_PORT, DnsSettings, resolv_conf_upstreams
-from plexus.dns.records import Explanation, RecordTable
+from plexus.dns.model import DnsChanges, Explanation
+from plexus.dns.records import RecordTable
 from plexus.dns.server import DnsServer, ListenAddress, ServerOptions, listen_addresses
 from plexus.dns.workers import WorkerPool
 from plexus.model.types import Endpoint, Network
@@ -43,6 +44,7 @@ class DnsService:
         self._pool: WorkerPool | None = None
         if workers > 0:
             self._pool = WorkerPool(workers, options)
+            self._pool.update(self._table)  # one table, changed in place by apply (no worker yet)
         else:
             self._server = DnsServer(self._table, options)
 
@@ -66,7 +68,7 @@ class DnsService:
                 log.info("dns: upstreams from %s are now %s", path,
                          ", ".join(map(str, upstreams)))
                 self.settings = dataclasses.replace(self.settings, upstreams=upstreams)
-                self.update(*self._table.sources)
+                self.install(self._table.rebuilt(self.settings))
 
     async def close(self) -> None:
         if self._follower is not None:
@@ -78,12 +80,28 @@ class DnsService:
         elif self._server is not None:
             await self._server.close()
 
-    def update(self, networks: Iterable[Network], endpoints: Iterable[Endpoint]) -> RecordTable:
-        """Rebuild the records from every network and endpoint and swap them in (no listener is
-        closed; queries in flight finish). ~35 µs per endpoint; call it after each change."""
+    def load(self, networks: Iterable[Network],
+             endpoints: Mapping[str, Endpoint] | Iterable[Endpoint]) -> RecordTable:
+        """Build the records from every network and endpoint and swap them in (no listener is
+        closed; queries in flight finish). For start-up and resyncs: ~35 µs per endpoint, and
+        every worker process is sent the whole state. ``endpoints`` maps the keys later
+        ``apply`` calls use (the agent: datastore keys); a plain iterable is keyed by
+        datastore key."""
         table = RecordTable.build(networks, endpoints, self.settings)
         self.install(table)
         return table
+
+    update = load  # the name before changes could be applied one at a time
+
+    def apply(self, changes: DnsChanges) -> None:
+        """Upsert and remove networks and endpoints: O(size of the change), here and in each
+        worker process, which is sent only the change. Call it for every change (after the
+        transaction committed, from the datastore watch), then ``sync_listeners`` if networks
+        changed."""
+        if self._pool is not None:
+            self._pool.apply(changes)
+        elif self._server is not None:
+            self._server.apply(changes)
 
     def install(self, table: RecordTable) -> None:
         self._table = table

@@ -1,34 +1,61 @@
-"""Where things live in the datastore. One place, so the layout can be read at a glance:
+"""Where things live in the datastore. One place, so the layout can be read at a glance, and every
+front door's keys are here too:
 
+    /plexus/meta/layout                           version of this layout (see store.migrate)
     /plexus/networks/NAME                         Network
-    /plexus/subnets/CIDR                          network name, or "pool:..." while a front door's
-                                                  IPAM (Docker) holds it before the network exists
-    /plexus/ipam/CIDR/ADDRESS                     owner of the address (an endpoint key, or a
-                                                  front door's IPAM claim)
-    /plexus/ipam-cursor/CIDR                      last address handed out
+    /plexus/subnets/CIDR                          the network holding the subnet, or "pool:ID"
+                                                  while an IPAM pool holds it before its network
+                                                  exists (Docker asks for pools first)
+    /plexus/pools/ID                              Pool (ipam.pools): a reserved subnet, counted
+    /plexus/pools-refused/CIDR                    an automatic pool handed back unused: never
+                                                  offered again
+    /plexus/ipam/CIDR/ADDRESS                     owner of the address: an endpoint's store key,
+                                                  or "pool:ID" (an address a pool handed out)
+    /plexus/ipam-blocks/CIDR/START                bitmap of the addresses in use in the block of
+                                                  BLOCK_SIZE addresses starting at START
+    /plexus/ipam-cursor/CIDR                      last address handed out (a hint)
     /plexus/endpoints/NODE/CONTAINER/IFNAME       Endpoint
-    /plexus/ports/NODE/PROTO/PORT                 endpoint key publishing that host port
+    /plexus/ports/NODE/PROTO/PORT                 {host address or "*": endpoint store key}
     /plexus/containers/NODE/NAME                  Container (started by `plexus run`)
+    /plexus/docker/networks/ID                    the plexus network serving a Docker network
 
-CIDRs are written with '_' for '/' so that a key's segments stay split on '/'. Addresses are
-keyed by subnet, not by network: subnets are unique across the datastore, and a Docker IPAM pool
-hands out addresses before its network exists.
+CIDRs are written with '_' for '/' so that a key's segments stay split on '/'. Addresses are keyed
+by subnet, not by network: subnets are unique across the datastore, and a pool hands out
+addresses before its network exists.
+
+Why the blocks: an allocation reads the cursor and one block (a bitmap of 256 addresses) instead
+of listing every claim of the subnet, so its cost does not grow with the number of containers;
+the per-address key stays the owner record, so a release can check who holds the address, and
+both change in the same transaction. Why one key per host port: a compare-and-swap on it guards
+every host address of that port at once ("*" and "127.0.0.1" of one port conflict).
 """
 
 from __future__ import annotations
 
 ROOT = "/plexus/"
+LAYOUT = ROOT + "meta/layout"
 NETWORKS = ROOT + "networks/"
 SUBNETS = ROOT + "subnets/"
+POOLS = ROOT + "pools/"
+POOLS_REFUSED = ROOT + "pools-refused/"
 IPAM = ROOT + "ipam/"
+IPAM_BLOCKS = ROOT + "ipam-blocks/"
 IPAM_CURSOR = ROOT + "ipam-cursor/"
 ENDPOINTS = ROOT + "endpoints/"
 PORTS = ROOT + "ports/"
 CONTAINERS = ROOT + "containers/"
+DOCKER_NETWORKS = ROOT + "docker/networks/"
+
+LAYOUT_VERSION = "2"
+POOL_CLAIM_PREFIX = "pool:"
 
 
-def _cidr(cidr: object) -> str:
+def cidr_segment(cidr: object) -> str:
     return str(cidr).replace("/", "_")
+
+
+def segment_cidr(segment: str) -> str:
+    return segment.replace("_", "/")
 
 
 def network(name: str) -> str:
@@ -36,19 +63,40 @@ def network(name: str) -> str:
 
 
 def subnet(cidr: object) -> str:
-    return SUBNETS + _cidr(cidr)
+    return SUBNETS + cidr_segment(cidr)
+
+
+def pool(pool_id: str) -> str:
+    return POOLS + cidr_segment(pool_id).replace("|", "+")
+
+
+def pool_refused(cidr: object) -> str:
+    return POOLS_REFUSED + cidr_segment(cidr)
+
+
+def pool_claim(pool_id: str) -> str:
+    """The value a pool writes into the subnet and address claims it holds."""
+    return POOL_CLAIM_PREFIX + pool_id
 
 
 def ipam_prefix(cidr: object) -> str:
-    return IPAM + _cidr(cidr) + "/"
+    return IPAM + cidr_segment(cidr) + "/"
 
 
 def ipam_addr(cidr: object, addr: object) -> str:
     return ipam_prefix(cidr) + str(addr)
 
 
+def ipam_block(cidr: object, start: object) -> str:
+    return f"{IPAM_BLOCKS}{cidr_segment(cidr)}/{start}"
+
+
+def ipam_blocks(cidr: object) -> str:
+    return f"{IPAM_BLOCKS}{cidr_segment(cidr)}/"
+
+
 def ipam_cursor(cidr: object) -> str:
-    return IPAM_CURSOR + _cidr(cidr)
+    return IPAM_CURSOR + cidr_segment(cidr)
 
 
 def endpoints(node: str | None = None, container_id: str | None = None) -> str:
@@ -77,3 +125,7 @@ def container(node: str, name: str) -> str:
 
 def containers(node: str) -> str:
     return f"{CONTAINERS}{node}/"
+
+
+def docker_network(network_id: str) -> str:
+    return DOCKER_NETWORKS + network_id

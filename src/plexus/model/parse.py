@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from typing import cast
 
 from plexus.errors import InvalidArgument
-from plexus.model.types import DRIVERS, Driver, IPAddress, IPNetwork, PortMapping, Protocol
+from plexus.model.drivers import traits
+from plexus.model.types import Driver, IPAddress, IPNetwork, PortMapping, Protocol
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
@@ -34,10 +35,7 @@ def ifname(value: str) -> str:
 
 
 def driver(value: str) -> Driver:
-    for known in DRIVERS:
-        if value == known:
-            return known
-    raise InvalidArgument("driver", value, f"one of {', '.join(DRIVERS)}")
+    return traits(value).name
 
 
 def cidr(field: str, value: str) -> IPNetwork:

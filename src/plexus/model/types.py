@@ -6,22 +6,25 @@ immutable; services build new values with ``dataclasses.replace``.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from plexus.model import keys
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
-# "ipam": plexus hands out addresses and programs nothing (another plugin owns the links).
-Driver = Literal["bridge", "host", "none", "ipam"]
+# The name of a driver (``plexus.model.drivers``: bridge, host, none, ipam).
+Driver = str
 Protocol = Literal["tcp", "udp"]
+# "pending" until the request that made the endpoint has seen it programmed: an agent killed in
+# between finds it pending at start-up and rolls it back (its requester got an error).
 EndpointState = Literal["pending", "ready"]
 ContainerState = Literal["creating", "running", "exited"]
-
-DRIVERS: tuple[Driver, ...] = ("bridge", "host", "none", "ipam")
 # Who asked for an endpoint: GC of one front door must never touch another's.
 Owner = Literal["plexus", "cni", "cni-ipam", "docker"]
 
@@ -32,6 +35,10 @@ def _ip(value: str | None) -> IPAddress | None:
 
 def _net(value: str | None) -> IPNetwork | None:
     return None if value is None else ipaddress.ip_network(value)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _dumps(data: dict[str, Any]) -> str:
@@ -121,6 +128,11 @@ class PortMapping:
     def container_last(self) -> int:
         return self.container_port_end or self.container_port
 
+    @property
+    def host_slot(self) -> str:
+        """Where on the host it is published: an address, or "*" for every address."""
+        return "*" if self.host_ip is None else str(self.host_ip)
+
     def pairs(self) -> list[tuple[int, int]]:
         """(host port, container port) for every port in the mapping."""
         hosts = range(self.host_port, self.host_last + 1)
@@ -159,8 +171,7 @@ class Endpoint:
     netns: str  # path of the network namespace ("" for driver host)
     addresses: tuple[IPInterface, ...] = ()
     gateways: tuple[IPAddress, ...] = ()  # default routes (only on the container's first network)
-    mac: str = ""
-    host_ifname: str = ""
+    mac: str = ""  # chosen when the endpoint is made, so every re-creation gets the same
     ports: tuple[PortMapping, ...] = ()
     name: str = ""  # container name, for DNS and listings
     aliases: tuple[str, ...] = ()
@@ -170,10 +181,28 @@ class Endpoint:
     created: float = 0.0
     owner: Owner = "plexus"
     bandwidth: dict[str, int] = field(default_factory=dict)  # stored now, enforced with QoS
+    # The runtime moves the container end itself (Docker): the pair is made in the host's
+    # namespace, its container end named ``peer_ifname``.
+    peer_in_host: bool = False
 
     @property
     def key(self) -> str:
+        """Unique on one node; ``store_key`` is unique across the cluster."""
         return f"{self.container_id}/{self.ifname}"
+
+    @property
+    def store_key(self) -> str:
+        return keys.endpoint(self.node, self.container_id, self.ifname)
+
+    @property
+    def host_ifname(self) -> str:
+        """Deterministic host-side veth name, so every ensure and delete finds the same link."""
+        return "pxv" + _digest(self.key)
+
+    @property
+    def peer_ifname(self) -> str:
+        """The container end while it is in the host's namespace (``peer_in_host``)."""
+        return "pxc" + _digest(self.key)
 
     @property
     def has_links(self) -> bool:
@@ -197,6 +226,7 @@ class Endpoint:
         d["gateways"] = tuple(ipaddress.ip_address(g) for g in d["gateways"])
         d["ports"] = tuple(PortMapping.from_dict(p) for p in d["ports"])
         d["aliases"] = tuple(d["aliases"])
+        d.pop("host_ifname", None)  # derived since layout 2
         return Endpoint(**d)
 
 

@@ -10,12 +10,13 @@ a bounded number of times.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from plexus.agent.core import log
+log = logging.getLogger("plexus.docker")
 
 API = "http://docker/v1.41"
 ATTEMPTS = 40

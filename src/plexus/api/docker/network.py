@@ -1,11 +1,13 @@
-"""Docker's remote network driver on plexus's services (libnetwork docs/remote.md).
+"""Docker's remote network driver (libnetwork docs/remote.md), translated to plexus's services.
 
-Docker's lifecycle maps onto the same calls every front door uses: CreateNetwork creates (or
-joins) a plexus network, CreateEndpoint attaches with the addresses Docker's IPAM chose and makes
-a veth whose container end stays in the host, Join tells Docker that end's name (Docker moves it
-into the sandbox and names it ethN), ProgramExternalConnectivity publishes ports through plexus's
-DNAT maps. Every call is idempotent, so a dockerd or agent restart, a replayed call or a
-restarted container never meets "endpoint already exists".
+Docker's lifecycle maps onto the calls every front door uses: CreateNetwork creates (or joins) a
+plexus network, CreateEndpoint attaches with the addresses Docker's IPAM chose and a veth whose
+container end stays in the host (``peer_in_host``), Join tells Docker that end's name (Docker
+moves it into the sandbox and names it ethN), ProgramExternalConnectivity publishes ports. Every
+call is idempotent, so a dockerd or agent restart, a replayed call or a restarted container
+never meets "endpoint already exists". This module keeps no state of its own: the mapping of
+Docker networks to plexus networks is a datastore key (``keys.docker_network``), read through
+the cache.
 """
 
 from __future__ import annotations
@@ -13,23 +15,23 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from dataclasses import replace
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from plexus.agent.core import Core, log
-from plexus.agent.endpoints import AttachSpec, EndpointService
-from plexus.agent.networks import NetworkService, NetworkSpec
 from plexus.api.docker import names
-from plexus.api.docker.ipam import OWNER_PREFIX, POOL_CLAIM, POOLS
-from plexus.dataplane import docker_user
-from plexus.dataplane.driver import peer_ifname
 from plexus.errors import Conflict, InUse, InvalidArgument, NotFound
 from plexus.model import keys, parse
 from plexus.model.types import Endpoint, IPInterface, Network, PortMapping
-from plexus.store.base import Compare, Datastore, Put
+from plexus.services.endpoints import AttachSpec, EndpointService
+from plexus.services.networks import NetworkService, NetworkSpec
+from plexus.services.pools import SUBNET_CLAIM, PoolService
+from plexus.state.cache import DockerNetwork
+from plexus.store.base import Compare, Delete, Put
 
-NETWORKS = "/plexus/docker/networks/"
+log = logging.getLogger("plexus.docker")
+
 GENERIC = "com.docker.network.generic"
 PORTMAP = "com.docker.network.portmap"
 IFNAME = "eth"  # Docker names the interface itself (DstPrefix + index)
@@ -56,122 +58,92 @@ def ports_from_portmap(items: object) -> list[PortMapping]:
     return out
 
 
-async def served(store: Datastore) -> dict[str, list[str]]:
-    """plexus network name → the Docker network IDs it serves."""
-    kvs, _ = await store.list(NETWORKS)
-    out: dict[str, list[str]] = {}
-    for kv in kvs:
-        out.setdefault(json.loads(kv.value)["name"], []).append(kv.key[len(NETWORKS) :])
-    return out
-
-
 class DockerNetworkDriver:
-    def __init__(self, core: Core, networks: NetworkService, endpoints: EndpointService) -> None:
-        self.core = core
+    def __init__(self, networks: NetworkService, endpoints: EndpointService, pools: PoolService,
+                 docker_api: Path | None, host_exceptions: Callable[[], Awaitable[None]]) -> None:
         self.networks = networks
         self.endpoints = endpoints
+        self.pools = pools
+        self.ctx = networks.ctx
+        self.docker_api = docker_api
+        self._host_exceptions = host_exceptions  # dockerd's FORWARD DROP needs our ACCEPTs
         self._learning: set[asyncio.Task[None]] = set()
 
-    async def _mapping(self, network_id: str) -> dict[str, Any]:
-        kv = await self.core.store.get(NETWORKS + network_id)
-        if kv is None:
+    def _mapping(self, network_id: str) -> DockerNetwork:
+        found = self.ctx.cache.docker_networks.get(network_id)
+        if found is None:
             raise NotFound(f"docker network {network_id[:12]} is not known to plexus")
-        return dict(json.loads(kv.value))
+        return found
 
-    async def network_name(self, network_id: str) -> str:
-        return str((await self._mapping(network_id))["name"])
-
-    async def served(self) -> dict[str, list[str]]:
-        return await served(self.core.store)
+    # -- networks ------------------------------------------------------------------------------
 
     async def create_network(self, body: dict[str, Any]) -> dict[str, Any]:
         network_id = str(body.get("NetworkID", ""))
         parse.name("NetworkID", network_id, max_len=128)
-        await docker_user.ensure_accept_rules()  # dockerd runs: its FORWARD policy is DROP
-        if await self.core.store.get(NETWORKS + network_id) is not None:
+        await self._host_exceptions()
+        if network_id in self.ctx.cache.docker_networks:
             return {}  # replayed: already done
         options = body.get("Options") or {}
         generic = options.get(GENERIC) or {}
         name = str(generic.get("plexus.name") or f"docker-{network_id[:12]}")
-        spec = self._spec(name, network_id, options, generic, body)
-        existing = self.core.networks.get(name)
+        spec = _spec(name, network_id, options, generic, body)
+        existing = self.ctx.cache.network(name)
         if existing is not None:
             _agree(existing, spec)
-            created = False
         else:
             await self.networks.create(spec)
-            created = True
-        mapping = json.dumps({"name": name, "created": created})
-        await self.core.store.txn(
-            [Compare.absent(NETWORKS + network_id)], [Put(NETWORKS + network_id, mapping)]
-        )
+        key = keys.docker_network(network_id)
+        mapping = json.dumps({"name": name, "created": existing is None})
+        result = await self.ctx.commit([Compare.absent(key)], [Put(key, mapping)])
+        await self.ctx.seen(result.revision)
         log.info("docker network %s served by plexus network %s", network_id[:12], name)
         return {}
 
-    def _spec(
-        self,
-        name: str,
-        network_id: str,
-        options: dict[str, Any],
-        generic: dict[str, Any],
-        body: dict[str, Any],
-    ) -> NetworkSpec:
-        data = [*(body.get("IPv4Data") or []), *(body.get("IPv6Data") or [])]
-        subnets = [str(d["Pool"]) for d in data if d.get("Pool")]
-        gateways = [str(d["Gateway"]).split("/")[0] for d in data if d.get("Gateway")]
-        mtu = generic.get("plexus.mtu") or generic.get("com.docker.network.driver.mtu") or 1500
-        extra = {k: str(v) for k, v in generic.items() if not k.startswith("plexus.name")}
-        return NetworkSpec(
-            name=name,
-            driver="bridge",
-            subnets=subnets,
-            gateways=gateways,
-            ipv6=_truthy(options.get("com.docker.network.enable_ipv6")),
-            internal=_truthy(options.get("com.docker.network.internal"))
-            or _truthy(generic.get("plexus.internal")),
-            mtu=int(mtu),
-            labels={"docker.network.id": network_id},
-            options=extra,
-            adopt_claim=POOL_CLAIM,
-        )
-
     async def delete_network(self, body: dict[str, Any]) -> dict[str, Any]:
         network_id = str(body.get("NetworkID", ""))
-        try:
-            mapping = await self._mapping(network_id)
-        except NotFound:
+        mapping = self.ctx.cache.docker_networks.get(network_id)
+        if mapping is None:
             return {}
-        name = str(mapping["name"])
-        others = [m for m in (await self.served()).get(name, []) if m != network_id]
-        net = self.core.networks.get(name)
-        if mapping["created"] and not others and net is not None:
+        others = [i for i in self.ctx.cache.served_by(mapping.name) if i != network_id]
+        net = self.ctx.cache.network(mapping.name)
+        if mapping.created and not others and net is not None:
             try:
-                await self.networks.remove(name)
+                await self.networks.remove(mapping.name)
             except InUse as exc:  # CNI or plexus containers still use it: keep it for them
-                log.info(
-                    "docker network %s removed; plexus network kept: %s",
-                    network_id[:12],
-                    exc.message,
-                )
+                log.info("docker network %s removed; plexus network kept: %s",
+                         network_id[:12], exc.message)
             else:
                 await self._return_to_pools(net)
-        await self.core.store.delete(NETWORKS + network_id)
+        result = await self.ctx.commit([], [Delete(keys.docker_network(network_id))])
+        await self.ctx.seen(result.revision)
         return {}
 
     async def _return_to_pools(self, net: Network) -> None:
-        """Subnets whose Docker pool is still held go back to that pool (Docker releases the
-        pool after the network)."""
+        """Subnets whose pool Docker still holds go back to it (Docker releases the pool after
+        the network)."""
         for s in net.subnets:
-            if await self.core.store.get(POOLS + str(s.cidr).replace("/", "_")) is not None:
-                key = keys.subnet(s.cidr)
-                await self.core.store.txn([Compare.absent(key)], [Put(key, POOL_CLAIM)])
+            if await self.pools.pools_of(str(s.cidr)):
+                await self.pools.return_subnet(str(s.cidr))
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    def _key(self, endpoint_id: str) -> str:
+        return keys.endpoint(self.ctx.node, endpoint_id, IFNAME)
+
+    def _endpoint(self, endpoint_id: str) -> Endpoint | None:
+        return self.ctx.cache.endpoint(self._key(endpoint_id))
+
+    def _require(self, endpoint_id: str) -> Endpoint:
+        ep = self._endpoint(endpoint_id)
+        if ep is None:
+            raise NotFound(f"endpoint {endpoint_id[:12]} not found")
+        return ep
 
     async def create_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
-        name = await self.network_name(str(body.get("NetworkID", "")))
+        name = self._mapping(str(body.get("NetworkID", ""))).name
         endpoint_id = str(body.get("EndpointID", ""))
         iface = body.get("Interface") or {}
-        stale = self._endpoint(endpoint_id)
-        if stale is not None:  # a restarted container, or a replay after a crash
+        if self._endpoint(endpoint_id) is not None:  # a restarted container, or a replay
             await self.endpoints.detach(endpoint_id, ifname=IFNAME, missing_ok=True)
         addresses: list[IPInterface] = [
             ipaddress.ip_interface(iface[k]) for k in ("Address", "AddressIPv6") if iface.get(k)
@@ -182,16 +154,9 @@ class DockerNetworkDriver:
         )
         await self.endpoints.attach(
             AttachSpec(
-                container_id=endpoint_id,
-                network=name,
-                netns="",
-                ifname=IFNAME,
-                mac=mac,
-                addresses=addresses,
-                assigned_by=OWNER_PREFIX,
-                owner="docker",
-                peer_in_host=True,
-                default_route=True,
+                container_id=endpoint_id, network=name, netns="", ifname=IFNAME, mac=mac,
+                addresses=addresses, pool_claims=keys.POOL_CLAIM_PREFIX, owner="docker",
+                peer_in_host=True, default_route=True,
                 # Docker repeats the container's port bindings in every CreateEndpoint but calls
                 # ProgramExternalConnectivity only for the endpoint that gives the gateway:
                 # publish there, or a second network would publish the same ports twice.
@@ -201,15 +166,6 @@ class DockerNetworkDriver:
         )
         # Docker supplied the interface; answering with other values would be an error.
         return {"Interface": {}}
-
-    def _endpoint(self, endpoint_id: str) -> Endpoint | None:
-        return self.core.endpoints.get(f"{endpoint_id}/{IFNAME}")
-
-    def _require(self, endpoint_id: str) -> Endpoint:
-        ep = self._endpoint(endpoint_id)
-        if ep is None:
-            raise NotFound(f"endpoint {endpoint_id[:12]} not found")
-        return ep
 
     async def endpoint_info(self, body: dict[str, Any]) -> dict[str, Any]:
         ep = self._require(str(body.get("EndpointID", "")))
@@ -224,30 +180,24 @@ class DockerNetworkDriver:
     async def delete_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
         # As for a CNI DEL: answer once released; the kernel finishes the veth in the background
         # (a CreateEndpoint of the same endpoint waits for it).
-        await self.endpoints.detach(
-            str(body.get("EndpointID", "")), ifname=IFNAME, missing_ok=True, wait_kernel=False
-        )
+        await self.endpoints.detach(str(body.get("EndpointID", "")), ifname=IFNAME,
+                                    missing_ok=True)
         return {}
 
     async def join(self, body: dict[str, Any]) -> dict[str, Any]:
         ep = self._require(str(body.get("EndpointID", "")))
-        net = self.core.networks.get(ep.network)
+        net = self.ctx.cache.network(ep.network)
         if net is None:
             raise NotFound(f"network {ep.network} is gone")
-        sandbox = str(body.get("SandboxKey") or "")
-        if not await self.core.dataplane.has_link(peer_ifname(ep)):
-            # Docker moves this end at Join; if it is gone, make the pair again rather than
-            # answer with a name Docker cannot find.
-            log.warning("veth end of %s was missing at Join; recreating it", ep.key)
-            ep = await self.core.dataplane.ensure_detached_veth(net, ep)
-        await self._update(ep, netns=sandbox)
-        # The DOCKER-USER rules are ensured at CreateNetwork and by the periodic reconcile, not
-        # here: checking costs up to six iptables runs, on every container start.
-        self._learn_names(ep.key, str(body.get("NetworkID", "")), ep.container_id)
+        # Docker moves the container end now: make sure it is there (it is recreated if an
+        # earlier life of the container took it), then record the sandbox.
+        await self.ctx.refresh(ep.store_key)
+        ep = await self.endpoints.update(ep.store_key, netns=str(body.get("SandboxKey") or ""))
+        self._learn_names(ep.store_key, str(body.get("NetworkID", "")), ep.container_id)
         gw4 = next((str(g) for g in ep.gateways if g.version == 4), "")
         gw6 = next((str(g) for g in ep.gateways if g.version == 6), "")
         return {
-            "InterfaceName": {"SrcName": peer_ifname(ep), "DstPrefix": IFNAME},
+            "InterfaceName": {"SrcName": ep.peer_ifname, "DstPrefix": IFNAME},
             "Gateway": gw4,
             "GatewayIPv6": gw6,
             # An internal network has no gateway on purpose; Docker must not add its
@@ -256,7 +206,7 @@ class DockerNetworkDriver:
         }
 
     def _learn_names(self, key: str, network_id: str, endpoint_id: str) -> None:
-        socket = self.core.config.docker_api
+        socket = self.docker_api
         if socket is None or not socket.exists():
             return
         task = asyncio.create_task(self._learn(key, socket, network_id, endpoint_id))
@@ -265,49 +215,55 @@ class DockerNetworkDriver:
 
     async def _learn(self, key: str, socket: Path, network_id: str, endpoint_id: str) -> None:
         name, aliases = await names.lookup(socket, network_id, endpoint_id)
-        ep = self.core.endpoints.get(key)
-        if not name or ep is None:
+        if not name or self.ctx.cache.endpoint(key) is None:
             return
         try:
-            await self._update(ep, name=name, aliases=tuple(aliases))
-        except Conflict:
+            await self.endpoints.update(key, name=name, aliases=tuple(aliases))
+        except (Conflict, NotFound):
             return  # changed meanwhile (left, deleted): nothing to name any more
-        self.core.publish_dns_soon()
-        log.info(
-            "docker endpoint %s is container %s (aliases %s)",
-            endpoint_id[:12],
-            name,
-            ", ".join(aliases) or "none",
-        )
-
-    async def _update(self, ep: Endpoint, **changes: Any) -> None:
-        new = replace(ep, **changes)
-        key = keys.endpoint(ep.node, ep.container_id, ep.ifname)
-        res = await self.core.store.txn(
-            [Compare(key, "value", "==", ep.to_json())], [Put(key, new.to_json())]
-        )
-        if not res.succeeded:
-            raise Conflict(f"endpoint {ep.key} changed meanwhile")
-        self.core.endpoints[ep.key] = new
+        log.info("docker endpoint %s is container %s (aliases %s)",
+                 endpoint_id[:12], name, ", ".join(aliases) or "none")
 
     async def leave(self, body: dict[str, Any]) -> dict[str, Any]:
         ep = self._endpoint(str(body.get("EndpointID", "")))
         if ep is not None:
-            await self._update(ep, netns="")
+            await self.endpoints.update(ep.store_key, netns="")
         return {}
 
     async def program_external(self, body: dict[str, Any]) -> dict[str, Any]:
         ep = self._require(str(body.get("EndpointID", "")))
         ports = ports_from_portmap((body.get("Options") or {}).get(PORTMAP))
         if list(ports) != list(ep.ports):
-            await self.endpoints.set_ports(ep.key, ports)
+            await self.endpoints.set_ports(ep.store_key, ports)
         return {}
 
     async def revoke_external(self, body: dict[str, Any]) -> dict[str, Any]:
         ep = self._endpoint(str(body.get("EndpointID", "")))
         if ep is not None and ep.ports:
-            await self.endpoints.set_ports(ep.key, [])
+            await self.endpoints.set_ports(ep.store_key, [])
         return {}
+
+
+def _spec(name: str, network_id: str, options: dict[str, Any], generic: dict[str, Any],
+          body: dict[str, Any]) -> NetworkSpec:
+    data = [*(body.get("IPv4Data") or []), *(body.get("IPv6Data") or [])]
+    subnets = [str(d["Pool"]) for d in data if d.get("Pool")]
+    gateways = [str(d["Gateway"]).split("/")[0] for d in data if d.get("Gateway")]
+    mtu = generic.get("plexus.mtu") or generic.get("com.docker.network.driver.mtu") or 1500
+    extra = {k: str(v) for k, v in generic.items() if not k.startswith("plexus.name")}
+    return NetworkSpec(
+        name=name,
+        driver="bridge",
+        subnets=subnets,
+        gateways=gateways,
+        ipv6=_truthy(options.get("com.docker.network.enable_ipv6")),
+        internal=_truthy(options.get("com.docker.network.internal"))
+        or _truthy(generic.get("plexus.internal")),
+        mtu=int(mtu),
+        labels={"docker.network.id": network_id},
+        options=extra,
+        adopt_claim=SUBNET_CLAIM,
+    )
 
 
 def _agree(net: Network, spec: NetworkSpec) -> None:

@@ -9,17 +9,18 @@ which libnetwork takes as "not implemented" for the optional ones.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from plexus.agent.core import Core, log
-from plexus.agent.endpoints import EndpointService
-from plexus.agent.networks import NetworkService
 from plexus.api.docker.ipam import DockerIpam
 from plexus.api.docker.network import DockerNetworkDriver
-from plexus.errors import NotReady, PlexusError
+from plexus.errors import PlexusError
+from plexus.services.context import Context
+
+log = logging.getLogger("plexus.docker")
 
 Call = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
@@ -33,10 +34,10 @@ def _static(answer: dict[str, Any]) -> Call:
 
 
 class DockerPlugin:
-    def __init__(self, core: Core, networks: NetworkService, endpoints: EndpointService) -> None:
-        self.core = core
-        self.ipam = DockerIpam(core, networks)
-        self.driver = DockerNetworkDriver(core, networks, endpoints)
+    def __init__(self, ctx: Context, ipam: DockerIpam, driver: DockerNetworkDriver) -> None:
+        self.ctx = ctx
+        self.ipam = ipam
+        self.driver = driver
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -89,8 +90,8 @@ class DockerPlugin:
             raw = await request.read()
             try:
                 body = json.loads(raw) if raw.strip() else {}
-                if needs_ready and not self.core.ready:
-                    raise NotReady("the plexus agent is starting; try again")
+                if needs_ready:
+                    self.ctx.require_ready()
                 answer = await call(body if isinstance(body, dict) else {})
             except PlexusError as exc:
                 log.info("docker %s failed: %s", request.path, exc.message)

@@ -4,10 +4,11 @@
 - ``render``: pure renderers to libnftables JSON (the design notes live there);
 - ``readback``: the kernel's listing back into a ``FirewallState``;
 - ``libnft``: the applier (libnftables via ctypes on a dedicated thread, or ``nft -j -f -``);
-- ``firewall``: the ``Firewall`` seam, ``NftFirewall`` and ``FakeFirewall``.
+- ``firewall``: the ``Firewall`` seam, ``FirewallDelta`` and ``NftFirewall`` (its in-memory
+  double is ``plexus.testing.FakeFirewall``).
 """
 
-from plexus.dataplane.nft.firewall import FakeFirewall, Firewall, NftFirewall
+from plexus.dataplane.nft.firewall import Firewall, FirewallDelta, NftFirewall
 from plexus.dataplane.nft.libnft import LibNft, Nft, NftCli, open_nft
 from plexus.dataplane.nft.readback import parse_table
 from plexus.dataplane.nft.render import (
@@ -20,8 +21,8 @@ from plexus.dataplane.nft.render import (
 from plexus.dataplane.nft.state import FirewallState, NetRule, Publication, firewall_state
 
 __all__ = [
-    "FakeFirewall",
     "Firewall",
+    "FirewallDelta",
     "FirewallState",
     "LibNft",
     "NetRule",

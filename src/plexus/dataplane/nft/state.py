@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from plexus.errors import InvalidArgument
+from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network, PortMapping, Protocol
 
 # Docker's network option, and our own shorter spelling; both default to "true".
@@ -105,17 +106,23 @@ def unique_by_key(pubs: Iterable[Publication]) -> frozenset[Publication]:
 def firewall_state(networks: Iterable[Network], endpoints: Iterable[Endpoint]) -> FirewallState:
     """The firewall for these networks and (this host's) endpoints, in canonical form.
 
-    Only bridge networks are filtered or NATed by plexus; endpoints of other networks and
-    publications on internal networks (which never receive outside traffic) are ignored.
+    Only networks whose driver plexus filters (``DriverTraits.filtered``, the bridge) are; only
+    those that publish have publications, and none on internal networks (which never receive
+    outside traffic).
     """
-    bridges = {n.name: n for n in networks if n.driver == "bridge"}
-    nets = tuple(_net_rule(n) for n in bridges.values())
+    filtered = {n.name: n for n in networks if traits(n.driver).filtered}
+    nets = tuple(net_rule(n) for n in filtered.values())
     pubs: list[Publication] = []
     for ep in endpoints:
-        net = bridges.get(ep.network)
-        if net is not None and not net.internal:
-            pubs.extend(publications(ep))
+        pubs.extend(endpoint_publications(filtered.get(ep.network), ep))
     return FirewallState(nets, frozenset(pubs)).canonical()
+
+
+def endpoint_publications(net: Network | None, ep: Endpoint) -> frozenset[Publication]:
+    """What one endpoint publishes, given its network (None: unknown, so nothing)."""
+    if net is None or net.internal or not traits(net.driver).publishes:
+        return frozenset()
+    return frozenset(publications(ep))
 
 
 def publications(ep: Endpoint) -> Iterator[Publication]:
@@ -134,7 +141,7 @@ def _serves_family(pm: PortMapping, version: int) -> bool:
     return pm.host_ip is None or pm.host_ip.version == version
 
 
-def _net_rule(net: Network) -> NetRule:
+def net_rule(net: Network) -> NetRule:
     masq = all(net.options.get(k, "true").lower() != "false" for k in MASQUERADE_OPTIONS)
     return NetRule(net.bridge, tuple(s.cidr for s in net.subnets), net.internal, masq)
 

@@ -1,20 +1,23 @@
-"""Creating, listing and removing networks."""
+"""Creating, listing and removing networks: subnets chosen, claimed and written in one
+transaction; the bridge (or whatever the driver makes) is the reconcilers' business."""
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from plexus.agent.core import Core, log
 from plexus.dns import OPTION_UPSTREAMS, format_upstreams, parse_upstreams
 from plexus.errors import AlreadyExists, Conflict, InUse, InvalidArgument, NotFound, PlexusError
 from plexus.ipam import allocator
 from plexus.model import keys, parse
+from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, IPNetwork, Network, Subnet
-from plexus.store.base import Compare, Delete, Put
+from plexus.services.context import Context, network_object
+from plexus.store.base import Compare, Delete, Op, Put
+
+Detach = Callable[[Sequence[Endpoint]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,8 @@ class NetworkSpec:
     mtu: int = 1500
     labels: dict[str, str] = field(default_factory=dict)
     options: dict[str, str] = field(default_factory=dict)
-    # A subnet claim holding this value (an IPAM pool of a front door, e.g. "pool:docker") is
-    # taken over by the new network instead of being a conflict.
+    # A subnet claim holding this value (an IPAM pool's, e.g. "pool:docker") is taken over by
+    # the new network instead of being a conflict.
     adopt_claim: str = ""
     dns_upstreams: Sequence[str] = ()  # IP[:PORT] resolvers for this network's names
 
@@ -69,14 +72,15 @@ def _options(spec: NetworkSpec) -> dict[str, str]:
 
 
 class NetworkService:
-    def __init__(self, core: Core) -> None:
-        self.core = core
+    def __init__(self, ctx: Context, detach: Detach) -> None:
+        self.ctx = ctx
+        self._detach = detach  # the endpoint service's, for a forced removal
 
     def all(self) -> list[Network]:
-        return sorted(self.core.networks.values(), key=lambda n: n.name)
+        return sorted(self.ctx.cache.networks.values(), key=lambda n: n.name)
 
     def get(self, name: str) -> Network:
-        net = self.core.networks.get(name)
+        net = self.ctx.cache.network(name)
         if net is None:
             raise NotFound(f"network {name!r} not found")
         return net
@@ -85,48 +89,45 @@ class NetworkService:
         net = await self._build(spec)
         claims = [keys.subnet(s.cidr) for s in net.subnets]
         guards = [await self._claim_guard(c, spec.adopt_claim) for c in claims]
-        result = await self.core.store.txn(
+        result = await self.ctx.commit(
             [Compare.absent(keys.network(net.name)), *guards],
             [Put(keys.network(net.name), net.to_json()), *(Put(c, net.name) for c in claims)],
         )
         if not result.succeeded:
-            if net.name in self.core.networks or await self.core.store.get(keys.network(net.name)):
+            if await self.ctx.store.get(keys.network(net.name)) is not None:
                 raise AlreadyExists(f"network {net.name!r} already exists")
             raise Conflict(f"a subnet of {net.name!r} was claimed meanwhile; try again")
-        self.core.networks[net.name] = net
         try:
-            await self.core.dataplane.ensure_network(net)
-            await self.core.publish()
+            await self.ctx.settle(result.revision, [network_object(net.name)])
         except PlexusError:
             await self._forget(net)
             raise
-        log.info("network %s created (%s)", net.name, ", ".join(str(s.cidr) for s in net.subnets))
         return net
 
     async def _claim_guard(self, claim: str, adopt: str) -> Compare:
         if adopt:
-            kv = await self.core.store.get(claim)
+            kv = await self.ctx.store.get(claim)
             if kv is not None and kv.value == adopt:
                 return Compare(claim, "value", "==", adopt)
         return Compare.absent(claim)
 
     async def _build(self, spec: NetworkSpec) -> Network:
         parse.name("name", spec.name)
-        driver = parse.driver(spec.driver)
+        kind = traits(parse.driver(spec.driver))
         parse.mtu(spec.mtu)
-        if spec.name in self.core.networks:
+        if self.ctx.cache.network(spec.name) is not None:
             raise AlreadyExists(f"network {spec.name!r} already exists")
         subnets: list[Subnet] = []
-        if driver in ("bridge", "ipam"):
+        if kind.subnets:
             subnets = _explicit_subnets(spec)
             await self._check_overlaps(subnets, spec.adopt_claim)
             subnets += await self._auto_subnets(spec, subnets)
         elif spec.subnets:
-            raise InvalidArgument("subnet", spec.subnets[0], f"driver {driver} takes no subnets")
+            raise InvalidArgument("subnet", spec.subnets[0], f"driver {kind.name} takes no subnets")
         return Network(
             name=spec.name,
             id=secrets.token_hex(16),
-            driver=driver,
+            driver=kind.name,
             subnets=tuple(subnets),
             ipv6=spec.ipv6 or any(s.version == 6 for s in subnets),
             internal=spec.internal,
@@ -138,20 +139,18 @@ class NetworkService:
 
     async def taken_prefixes(self, adopt: str = "") -> list[tuple[IPNetwork, str]]:
         """What a new subnet must not overlap, with where each comes from: networks, subnets
-        held by a front door's IPAM pool (except ``adopt``), and this host's addresses and
-        routes (not those of plexus's own bridges)."""
-        taken = [
-            (s.cidr, f"network {n.name}") for n in self.core.networks.values() for s in n.subnets
-        ]
-        claims, _ = await self.core.store.list(keys.SUBNETS)
+        held by an IPAM pool (except ``adopt``), and this host's addresses and routes (not those
+        of plexus's own bridges)."""
+        nets = list(self.ctx.cache.networks.values())
+        taken = [(s.cidr, f"network {n.name}") for n in nets for s in n.subnets]
+        claims, _ = await self.ctx.store.list(keys.SUBNETS)
         taken += [
-            (ipaddress.ip_network(kv.key[len(keys.SUBNETS) :].replace("_", "/")), kv.value)
+            (parse.cidr("subnet", keys.segment_cidr(kv.key[len(keys.SUBNETS):])), kv.value)
             for kv in claims
-            if kv.value.startswith("pool:") and kv.value != adopt
+            if kv.value.startswith(keys.POOL_CLAIM_PREFIX) and kv.value != adopt
         ]
-        local = await self.core.dataplane.local_prefixes()
-        # After the await: a network created meanwhile is ours, and so is its bridge's address.
-        own = {n.bridge for n in self.core.networks.values()}
+        local = await self.ctx.host.local_prefixes()
+        own = {n.bridge for n in self.ctx.cache.networks.values()}
         return taken + [(p, w) for p, w in local if not any(b in w for b in own)]
 
     async def _check_overlaps(self, subnets: list[Subnet], adopt: str = "") -> None:
@@ -162,7 +161,7 @@ class NetworkService:
                     raise Conflict(f"subnet {s.cidr} overlaps {cidr} ({where})")
 
     async def _auto_subnets(self, spec: NetworkSpec, have: list[Subnet]) -> list[Subnet]:
-        cfg = self.core.config
+        cfg = self.ctx.config
         wanted = [] if any(s.version == 4 for s in have) else [(cfg.pool4, cfg.pool4_prefix)]
         if spec.ipv6 and not any(s.version == 6 for s in have):
             wanted.append((cfg.pool6, cfg.pool6_prefix))
@@ -173,44 +172,31 @@ class NetworkService:
             out.append(Subnet(cidr, allocator.first_host(cidr)))
         return out
 
-    async def remove(self, name: str, force: bool = False) -> None:
+    async def remove(self, name: str, force: bool = False) -> int:
+        """Removes the network; with ``force`` its endpoints (on every host) are detached first.
+        Returns how many were detached."""
         net = self.get(name)
-        users = await self._users(name)
+        users = self.ctx.cache.endpoints_on(name)
         if users and not force:
+            who = ", ".join(f"{e.node}/{e.name or e.container_id[:12]}" for e in users[:5])
             raise InUse(
-                f"network {name!r} has {len(users)} endpoint(s) ({', '.join(users[:5])}); "
+                f"network {name!r} has {len(users)} endpoint(s) ({who}); "
                 "remove them first or use --force"
             )
         if users:
-            from plexus.agent.endpoints import EndpointService
-
-            eps = EndpointService(self.core)
-            for ep in self.core.endpoints_on(name):
-                await eps.detach(ep.container_id, network=name)
+            await self._detach(users)
         await self._forget(net)
-        log.info("network %s removed", name)
-
-    async def _users(self, name: str) -> list[str]:
-        """Endpoints on every node, not only this one: a network is shared by all hosts."""
-        kvs, _ = await self.core.store.list(keys.ENDPOINTS)
-        eps = (Endpoint.from_json(kv.value) for kv in kvs)
-        return [f"{e.node}/{e.name or e.container_id}" for e in eps if e.network == name]
+        return len(users)
 
     async def _forget(self, net: Network) -> None:
-        """Remove every trace of ``net``: rows, claims, addresses, bridge, firewall sets."""
-        ops = [
-            Delete(keys.network(net.name)),
-            *(Delete(keys.subnet(s.cidr)) for s in net.subnets),
-            *(Delete(keys.ipam_prefix(s.cidr), prefix=True) for s in net.subnets),
-            *(Delete(keys.ipam_cursor(s.cidr)) for s in net.subnets),
-        ]
-        await self.core.store.txn([], ops)
-        self.core.networks.pop(net.name, None)
-        errors: list[str] = []
-        for step in (self.core.dataplane.delete_network(net), self.core.publish()):
-            try:
-                await step
-            except PlexusError as exc:
-                errors.append(str(exc))
-        if errors:
-            raise PlexusError("; ".join(errors))
+        """Remove every trace of ``net`` from the store, then wait until the kernel follows."""
+        ops: list[Op] = [Delete(keys.network(net.name))]
+        for s in net.subnets:
+            ops += [
+                Delete(keys.subnet(s.cidr)),
+                Delete(keys.ipam_prefix(s.cidr), prefix=True),
+                Delete(keys.ipam_blocks(s.cidr), prefix=True),
+                Delete(keys.ipam_cursor(s.cidr)),
+            ]
+        result = await self.ctx.commit([], ops)
+        await self.ctx.settle(result.revision)

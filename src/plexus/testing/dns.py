@@ -163,9 +163,12 @@ def network(name: str, cidr: str = "10.1.0.0/24", *more: str, internal: bool = F
 
 
 def endpoint(name: str, network: str, *addresses: str, aliases: Sequence[str] = (),
-             namespace: str = "", container_id: str = "", ifname: str = "eth0") -> Endpoint:
-    """An endpoint of container ``name`` (its ID derived from the name unless given)."""
+             namespace: str = "", container_id: str = "", ifname: str = "") -> Endpoint:
+    """An endpoint of container ``name`` (its ID derived from the name unless given). The
+    interface name defaults to one per network, so that a container on two networks has two
+    endpoints with keys of their own, as it would (eth0 and eth1)."""
     cid = container_id or hashlib.sha256(name.encode()).hexdigest()
+    ifname = ifname or f"eth-{network}"
     ifaces = tuple(ipaddress.ip_interface(a if "/" in a else f"{a}/{24 if ':' not in a else 64}")
                    for a in addresses)
     return Endpoint(cid, ifname, network, "node1", "", addresses=ifaces, name=name,

@@ -1,0 +1,137 @@
+"""The firewall: plexus's nftables table, changed by element deltas of what changed.
+
+Objects are ``net:NAME`` and ``ep:STORE_KEY``. The reconciler works in batches: everything
+queued since its last batch becomes one ``FirewallDelta`` and so one nftables transaction (a
+burst of parallel CNI ADDs is one kernel call). It keeps what it applied per endpoint, so a batch
+costs O(size of the batch), never O(endpoints).
+
+At start-up (and after any failure) it compares the whole desired state with what the kernel
+holds and replaces the table only if they differ: a restarted agent changes nothing in a table
+that is right, and a flushed or hand-edited table is repaired.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from plexus.dataplane.nft.firewall import Firewall, FirewallDelta
+from plexus.dataplane.nft.state import (
+    FirewallState,
+    NetRule,
+    Publication,
+    endpoint_publications,
+    net_rule,
+)
+from plexus.model.drivers import traits
+from plexus.state.cache import Cache
+from plexus.state.work import Reconciler
+
+log = logging.getLogger("plexus.reconcile")
+VERIFY = "verify"  # the object that asks for a full comparison with the kernel
+
+
+class FirewallReconciler(Reconciler):
+    name = "firewall"
+    batch = True
+
+    def __init__(self, cache: Cache, firewall: Firewall,
+                 on_bridges: Callable[[], Awaitable[None]] | None = None) -> None:
+        super().__init__()
+        self._cache = cache
+        self._fw = firewall
+        self._on_bridges = on_bridges  # the first filtered network appeared (DOCKER-USER)
+        self._nets: tuple[NetRule, ...] | None = None  # None: not in step with the kernel
+        self._pubs: dict[str, frozenset[Publication]] = {}
+        self.repairs = 0
+
+    # -- desired state -------------------------------------------------------------------------
+
+    def _net_rules(self) -> tuple[NetRule, ...]:
+        nets = (n for n in self._cache.networks.values() if traits(n.driver).filtered)
+        return tuple(sorted((net_rule(n) for n in nets), key=lambda r: r.bridge))
+
+    def _publications(self, key: str) -> frozenset[Publication]:
+        ep = self._cache.endpoint(key)
+        if ep is None or ep.node != self._cache.node:
+            return frozenset()
+        return endpoint_publications(self._cache.network(ep.network), ep)
+
+    def desired(self) -> FirewallState:
+        """The whole table, from the cache: O(endpoints), for start-up and repairs only."""
+        pubs: set[Publication] = set()
+        for ep in self._cache.local_endpoints():
+            pubs |= endpoint_publications(self._cache.network(ep.network), ep)
+        return FirewallState(self._net_rules(), frozenset(pubs)).canonical()
+
+    # -- reconciling -----------------------------------------------------------------------------
+
+    async def reconcile_batch(self, keys: list[str]) -> dict[str, Exception | None]:
+        if self._nets is None:
+            await self.resync()
+            return {}
+        await self._apply(keys)
+        if VERIFY in keys:
+            await self._verify()
+        return {}
+
+    async def _apply(self, keys: list[str]) -> None:
+        assert self._nets is not None
+        old_nets = self._nets
+        nets_changed = any(k.startswith("net:") for k in keys)
+        new_nets = self._net_rules() if nets_changed else old_nets
+        changed = {k[3:]: self._publications(k[3:]) for k in keys if k.startswith("ep:")}
+        added: set[Publication] = set()
+        removed: set[Publication] = set()
+        for key, pubs in changed.items():
+            old = self._pubs.get(key, frozenset())
+            added |= pubs - old
+            removed |= old - pubs
+        delta = FirewallDelta(old_nets, new_nets, frozenset(added), frozenset(removed - added))
+        first_bridge = not old_nets and bool(new_nets)
+        try:
+            in_step = await self._fw.change(delta, self.desired)
+        except Exception:
+            self._nets = None  # the next batch (a retry) starts from the kernel's state
+            raise
+        if not in_step:
+            self.repairs += 1
+            self._adopt(self.desired())
+        else:
+            self._nets = new_nets
+            for key, pubs in changed.items():
+                if pubs:
+                    self._pubs[key] = pubs
+                else:
+                    self._pubs.pop(key, None)
+        if first_bridge and self._on_bridges is not None:
+            await self._on_bridges()
+
+    async def resync(self) -> bool:
+        """Make the kernel hold exactly the desired table; True if it had to change it."""
+        want = self.desired()
+        have = await self._fw.current()
+        changed = have != want
+        if changed:
+            if have is not None:
+                log.warning("firewall table differs from the desired state: replacing it")
+            await self._fw.sync(want)
+        self._adopt(want)
+        if want.nets and self._on_bridges is not None:
+            await self._on_bridges()
+        return changed
+
+    def _adopt(self, state: FirewallState) -> None:
+        """Adopt ``state`` as applied (per endpoint, as the deltas need it)."""
+        self._nets = state.nets
+        self._pubs = {}
+        for ep in self._cache.local_endpoints():
+            pubs = endpoint_publications(self._cache.network(ep.network), ep)
+            if pubs:
+                self._pubs[ep.store_key] = pubs
+
+    async def _verify(self) -> None:
+        """The periodic pass (queued as ``VERIFY``, so it never races a batch): repair the
+        table if it drifted, and keep Docker's FORWARD exceptions in place."""
+        if await self.resync():
+            self.repairs += 1

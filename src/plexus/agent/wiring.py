@@ -1,0 +1,220 @@
+"""The composition root: the one place that builds an agent out of its parts.
+
+    store ──watch──▶ informer ──▶ cache ──▶ reconcilers (links, firewall, dns) ──▶ kernel
+                                    ▲                 │ progress
+    front doors ──▶ services ───────┴── wait ◀────────┘
+
+Nothing else constructs a service, a reconciler or a driver: front doors get the services they
+translate to, services get the context, reconcilers get the cache and their seam. ``Agent`` is
+built without I/O (``build``) and then started (``start``): the informer lists the store, the
+link reconciler adopts what the kernel already holds, the reconcilers start, half-made work of a
+killed agent is rolled back, and everything is applied before the agent says it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plexus.agent.fullpass import FullPass
+from plexus.agent.garbage import Collector
+from plexus.agent.inspect import Inspector
+from plexus.agent.monitor import LoopMonitor
+from plexus.agent.reconcilers.dns import DnsReconciler
+from plexus.agent.reconcilers.firewall import FirewallReconciler
+from plexus.agent.reconcilers.links import LinkReconciler
+from plexus.api.docker.ipam import DockerIpam
+from plexus.api.docker.network import DockerNetworkDriver
+from plexus.api.docker.server import DockerPlugin
+from plexus.api.server import Api
+from plexus.cni.service import CniService
+from plexus.config import AgentConfig
+from plexus.dataplane.drivers import NetworkDriver
+from plexus.dataplane.host import LinkTable
+from plexus.dataplane.nft.firewall import Firewall
+from plexus.dns import DnsService, DnsSettings, parse_upstreams
+from plexus.model import keys
+from plexus.runtime.containers import ContainerRuntime
+from plexus.services.context import Context, HostView
+from plexus.services.endpoints import EndpointService
+from plexus.services.networks import NetworkService
+from plexus.services.pools import PoolService
+from plexus.state.cache import Cache
+from plexus.state.progress import Progress
+from plexus.state.work import Reconciler
+from plexus.store.base import Datastore
+from plexus.store.informer import Change, Informer
+
+log = logging.getLogger("plexus.agent")
+
+Hook = Callable[[], Awaitable[None]]
+WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS)
+
+
+def _objects(change: Change) -> list[str]:
+    """The reconcilers' names of what a change touches."""
+    if change.key.startswith(keys.ENDPOINTS):
+        return ["ep:" + change.key]
+    if change.key.startswith(keys.NETWORKS):
+        return ["net:" + change.key[len(keys.NETWORKS):]]
+    return []
+
+
+@dataclass
+class Agent:
+    config: AgentConfig
+    store: Datastore
+    cache: Cache
+    informer: Informer
+    progress: Progress
+    ctx: Context
+    links: LinkReconciler
+    firewall: FirewallReconciler
+    dns_reconciler: DnsReconciler | None
+    dns: DnsService | None
+    networks: NetworkService
+    endpoints: EndpointService
+    containers: ContainerRuntime
+    pools: PoolService
+    cni: CniService
+    collector: Collector
+    fullpass: FullPass
+    host: LinkTable
+    monitor: LoopMonitor = field(default_factory=LoopMonitor)
+    docker: DockerPlugin | None = None
+    _periodic: asyncio.Task[None] | None = None
+
+    @property
+    def reconcilers(self) -> list[Reconciler]:
+        found: list[Reconciler] = [self.links, self.firewall]
+        return found + ([self.dns_reconciler] if self.dns_reconciler is not None else [])
+
+    def dispatch(self, changes: Sequence[Change]) -> None:
+        """The informer's consumer: the cache first, then each reconciler's queue."""
+        self.cache.apply(changes)
+        for change in changes:
+            objects = _objects(change)
+            if objects:
+                for r in self.reconcilers:
+                    r.enqueue(objects, change.revision)
+
+    def api(self) -> Api:
+        return Api(self.networks, self.endpoints, self.containers, self.cni, self.dns, self)
+
+    # -- Admin (what the API asks the agent itself) -------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "revision": self.informer.revision,
+            "applied": self.progress.applied(),
+            "relists": self.informer.relists,
+            "reconcilers": {r.name: {"queued": r.busy, "processed": r.processed,
+                                     "errors": len(r.errors)} for r in self.reconcilers},
+            "errors": self.progress.errors(),
+            "firewall_repairs": self.firewall.repairs,
+            "full_passes": self.fullpass.passes,
+            **self.monitor.status(),
+        }
+
+    async def reconcile(self) -> dict[str, Any]:
+        return await self.fullpass.run()
+
+    # -- life ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Everything up to "ready" (the API may already be answering "starting")."""
+        self.monitor.start()
+        await self.informer.start()
+        adopted = await self.fullpass.adopt()
+        log.info("adopted %d objects the kernel already holds", adopted)
+        if self.dns is not None:
+            await self.dns.start()
+        for r in self.reconcilers:
+            r.start()
+        await self.ctx.settle(self.informer.revision)
+        rolled = await self.collector.recover()
+        if rolled:
+            log.info("rolled back what a killed agent left half-made: %s", ", ".join(rolled))
+        self.ctx.ready = True
+
+    def run_periodic(self) -> None:
+        async def first_then_periodic() -> None:
+            with contextlib.suppress(Exception):
+                await self.fullpass.run()
+            await self.fullpass.run_forever(self.config.reconcile_interval)
+
+        self._periodic = asyncio.create_task(first_then_periodic(), name="full-pass")
+
+    async def close(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._periodic
+        await self.collector.close()
+        for r in self.reconcilers:
+            await r.close()
+        await self.informer.close()
+        if self.dns is not None:
+            await self.dns.close()
+        await self.host.close()
+        await self.monitor.close()  # the store is the caller's: it opened it
+
+
+def dns_service(config: AgentConfig) -> DnsService | None:
+    if not config.dns:
+        return None
+    upstreams = parse_upstreams(config.dns_upstreams)
+    settings = DnsSettings(domain=config.dns_domain, ttl=config.dns_ttl, upstreams=upstreams)
+    # Without --dns-upstream, follow the host's resolv.conf (re-read when it changes).
+    follow = None if upstreams else Path("/etc/resolv.conf")
+    return DnsService(settings, workers=config.dns_workers, follow=follow)
+
+
+def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDriver],
+          firewall: Firewall, host_view: HostView, host: LinkTable,
+          dns: DnsService | None = None, docker_exceptions: Hook | None = None) -> Agent:
+    """An agent of these parts (the daemon passes the real ones, unit tests fakes).
+    ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic."""
+    cache = Cache(config.node)
+    holder: list[Agent] = []
+    informer = Informer(store, keys.ROOT, lambda changes: holder[0].dispatch(changes),
+                        on_advance=lambda rev: holder[0].progress.advanced(rev),
+                        wanted=lambda key: key.startswith(WATCHED))
+    links = LinkReconciler(cache, drivers, lambda ep: holder[0].collector.release_gone(ep),
+                           workers=config.link_workers)
+    fw = FirewallReconciler(cache, firewall, docker_exceptions)
+    dns_reconciler = DnsReconciler(cache, dns) if dns is not None else None
+    reconcilers: list[Reconciler] = [links, fw, *([dns_reconciler] if dns_reconciler else [])]
+    progress = Progress(informer, reconcilers)
+    ctx = Context(config, store, cache, progress, host_view)
+    endpoints = EndpointService(ctx)
+    networks = NetworkService(ctx, endpoints.release)
+    domain = config.dns_domain if dns is not None else None
+    containers = ContainerRuntime(ctx, endpoints, domain)
+    inspector = Inspector(drivers, firewall, cache)
+    collector = Collector(ctx, endpoints, containers)
+    agent = Agent(
+        config=config, store=store, cache=cache, informer=informer, progress=progress, ctx=ctx,
+        links=links, firewall=fw, dns_reconciler=dns_reconciler, dns=dns,
+        networks=networks, endpoints=endpoints, containers=containers,
+        pools=PoolService(ctx, networks),
+        cni=CniService(networks, endpoints, inspector.endpoint_problems, domain),
+        collector=collector,
+        fullpass=FullPass(cache, drivers, host, links, fw, dns_reconciler, collector),
+        host=host,
+    )
+    holder.append(agent)
+    if config.docker_plugin_socket is not None:
+        driver = DockerNetworkDriver(networks, endpoints, agent.pools, config.docker_api,
+                                     docker_exceptions or _nothing)
+        agent.docker = DockerPlugin(ctx, DockerIpam(agent.pools), driver)
+    return agent
+
+
+async def _nothing() -> None:
+    return None

@@ -1,0 +1,65 @@
+"""Network drivers: how each kind of network is made in the kernel. One registry, one protocol.
+
+A driver programs the links, addresses and routes of one kind of network and of the endpoints
+on it; the firewall and DNS are other reconcilers' business. Every verb is idempotent: ``ensure``
+creates or confirms, ``delete`` tolerates "not found". A driver also says, purely, which links
+it makes in the host's namespace for a network or an endpoint (``network_links``,
+``endpoint_links``: name -> alias), so the periodic pass can tell a missing link from an orphan
+without asking each driver to look.
+
+The kinds and their traits are in ``plexus.model.drivers``; ``build_drivers`` makes one
+implementation per kind, the only place that chooses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from plexus.dataplane.host import HostNetlink
+from plexus.model.drivers import DRIVERS, DriverTraits
+from plexus.model.types import Endpoint, Network
+
+
+class NetworkDriver(Protocol):
+    traits: DriverTraits
+
+    async def ensure_network(self, net: Network) -> None: ...
+
+    async def delete_network(self, net: Network) -> None: ...
+
+    async def ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
+        """Programs the endpoint's links, addresses and routes (the container's end is born in
+        its namespace, or left in the host's for a runtime that moves it: ``peer_in_host``)."""
+        ...
+
+    async def delete_endpoint(self, ep: Endpoint, wait: bool = True) -> None:
+        """``wait=False``: return once the deletion is under way; an ensure of the same endpoint
+        waits for it to finish."""
+        ...
+
+    async def check_endpoint(self, net: Network, ep: Endpoint) -> list[str]:
+        """What is wrong with the endpoint in the kernel (a read, for CNI CHECK): [] if
+        nothing."""
+        ...
+
+    def network_links(self, net: Network) -> Mapping[str, str]: ...
+
+    def endpoint_links(self, ep: Endpoint) -> Mapping[str, str]: ...
+
+
+def build_drivers(host: HostNetlink) -> dict[str, NetworkDriver]:
+    """One driver per kind of network the model knows."""
+    from plexus.dataplane.drivers.bridge import BridgeDriver
+    from plexus.dataplane.drivers.simple import HostDriver, IpamDriver, NoneDriver
+
+    made: dict[str, NetworkDriver] = {
+        "bridge": BridgeDriver(host),
+        "host": HostDriver(),
+        "none": NoneDriver(),
+        "ipam": IpamDriver(),
+    }
+    missing = set(DRIVERS) ^ set(made)
+    if missing:  # a kind added to the model without an implementation, or the reverse
+        raise RuntimeError(f"network drivers out of step with the model: {sorted(missing)}")
+    return made

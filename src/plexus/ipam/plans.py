@@ -1,0 +1,181 @@
+"""Address allocation and release against the datastore, as plans.
+
+A plan is the addresses chosen plus the compares and writes that claim (or release) them. The
+caller folds it into the one transaction that also writes the endpoint, so an endpoint and its
+addresses appear (or fail) together. Each address is two keys changed together: its owner record
+(``keys.ipam_addr``) and its bit in the block bitmap (``keys.ipam_block``, see ``blocks``). Two
+allocators that pick the same address collide on the block's compare and one of them plans again.
+
+Reads per allocation: the cursor and one block (more only while blocks are full), whatever the
+number of addresses in use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from plexus.errors import Exhausted, InvalidArgument
+from plexus.ipam import allocator, blocks
+from plexus.model import keys
+from plexus.model.types import IPAddress, IPInterface, Network, Subnet
+from plexus.store.base import Compare, Datastore, Delete, KeyValue, Op, Put
+
+
+@dataclass
+class Plan:
+    addresses: list[IPInterface] = field(default_factory=list)
+    compares: list[Compare] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+
+    def extend(self, other: Plan) -> None:
+        self.addresses += other.addresses
+        self.compares += other.compares
+        self.ops += other.ops
+
+
+def _interface(address: IPAddress, subnet: Subnet) -> IPInterface:
+    return ipaddress.ip_interface(f"{address}/{subnet.cidr.prefixlen}")
+
+
+def _set_bit(plan: Plan, subnet: Subnet, kv: KeyValue | None, address: IPAddress,
+             owner: str) -> None:
+    block = blocks.block_of(subnet.cidr, address)
+    key = keys.ipam_block(subnet.cidr, block.start)
+    bits = blocks.decode(kv.value if kv else None) | 1 << block.offset(address)
+    addr_key = keys.ipam_addr(subnet.cidr, address)
+    plan.compares += [Compare.unchanged(kv, key), Compare.absent(addr_key)]
+    plan.ops += [Put(key, blocks.encode(bits)), Put(addr_key, owner)]
+    plan.addresses.append(_interface(address, subnet))
+
+
+async def claim_static(store: Datastore, net: Network, address: IPAddress, owner: str,
+                       reserved: frozenset[IPAddress] = frozenset()) -> Plan:
+    subnet = next((s for s in net.subnets if address in s.cidr), None)
+    if subnet is None:
+        cidrs = ", ".join(str(s.cidr) for s in net.subnets) or "none"
+        raise InvalidArgument("ip", str(address), f"not in network {net.name} (subnets: {cidrs})")
+    return await claim_address(store, subnet, address, owner, reserved)
+
+
+async def claim_address(store: Datastore, subnet: Subnet, address: IPAddress, owner: str,
+                        reserved: frozenset[IPAddress] = frozenset()) -> Plan:
+    """A plan claiming exactly ``address`` of ``subnet``."""
+    if address in allocator.unusable(subnet.cidr):
+        raise InvalidArgument("ip", str(address), f"reserved address of {subnet.cidr}")
+    if address == subnet.gateway or address in reserved:
+        raise InvalidArgument("ip", str(address), "already in use (a gateway)")
+    holder = await store.get(keys.ipam_addr(subnet.cidr, address))
+    if holder is not None:
+        raise InvalidArgument("ip", str(address), f"already in use by {holder.value}")
+    block = blocks.block_of(subnet.cidr, address)
+    kv = await store.get(keys.ipam_block(subnet.cidr, block.start))
+    plan = Plan()
+    _set_bit(plan, subnet, kv, address, owner)
+    return plan
+
+
+async def claim_next(store: Datastore, subnet: Subnet, owner: str,
+                     reserved: frozenset[IPAddress] = frozenset()) -> Plan:
+    """A plan claiming the next free address of ``subnet``'s pool after the cursor."""
+    cursor_key = keys.ipam_cursor(subnet.cidr)
+    cursor_kv = await store.get(cursor_key)
+    cursor = ipaddress.ip_address(cursor_kv.value) if cursor_kv else None
+    avoid = reserved | ({subnet.gateway} if subnet.gateway is not None else set())
+    for block, offset in blocks.scan(subnet.cidr, subnet.pool, cursor):
+        kv = await store.get(keys.ipam_block(subnet.cidr, block.start))
+        bits = blocks.decode(kv.value if kv else None)
+        address = blocks.free_address(subnet.cidr, subnet.pool, block, bits, offset,
+                                      frozenset(avoid))
+        if address is not None:
+            plan = Plan()
+            _set_bit(plan, subnet, kv, address, owner)
+            # The cursor is a hint (where to look first), so it needs no compare: racing
+            # allocators are kept apart by the block's.
+            plan.ops.append(Put(cursor_key, str(address)))
+            return plan
+    raise Exhausted(f"no free address left in {subnet.pool} (subnet {subnet.cidr})")
+
+
+async def plan_allocation(store: Datastore, net: Network, owner: str,
+                          static: Sequence[IPAddress] = ()) -> Plan:
+    """One address per IP family the network has: the static one asked for, else the next."""
+    plan = Plan()
+    stray = [a for a in static if not net.subnets_of(a.version)]
+    if stray:
+        raise InvalidArgument("ip", str(stray[0]),
+                              f"network {net.name} has no IPv{stray[0].version}")
+    for version in (4, 6):
+        subnets = net.subnets_of(version)
+        wanted = [a for a in static if a.version == version]
+        if len(wanted) > 1:
+            raise InvalidArgument("ip", ",".join(map(str, wanted)), "one address per family")
+        if wanted:
+            plan.extend(await claim_static(store, net, wanted[0], owner))
+        elif subnets:
+            plan.extend(await _claim_first_free(store, net, subnets, owner))
+    return plan
+
+
+async def _claim_first_free(store: Datastore, net: Network, subnets: list[Subnet],
+                            owner: str) -> Plan:
+    last: Exhausted | None = None
+    for subnet in subnets:
+        try:
+            return await claim_next(store, subnet, owner)
+        except Exhausted as exc:
+            last = exc
+    assert last is not None
+    raise Exhausted(f"network {net.name}: {last.message}")
+
+
+async def plan_assigned(store: Datastore, net: Network, owner: str,
+                        addresses: Sequence[IPInterface], pool_claims: str = "") -> Plan:
+    """Addresses a pool already handed out (Docker passes them to CreateEndpoint): a claim
+    whose value starts with ``pool_claims`` is accepted as it is (the pool keeps it); an
+    unclaimed address is claimed for the endpoint; anyone else's is a conflict."""
+    plan = Plan()
+    for iface in addresses:
+        subnet = next((s for s in net.subnets if iface.ip in s.cidr), None)
+        if subnet is None:
+            raise InvalidArgument("address", str(iface), f"not in network {net.name}")
+        kv = await store.get(keys.ipam_addr(subnet.cidr, iface.ip))
+        if kv is None:
+            plan.extend(await claim_address(store, subnet, iface.ip, owner))
+            continue
+        if not (pool_claims and kv.value.startswith(pool_claims)):
+            raise InvalidArgument("address", str(iface), f"already in use by {kv.value}")
+        plan.compares.append(Compare(kv.key, "value", "==", kv.value))
+        plan.addresses.append(iface)
+    return plan
+
+
+async def plan_release(store: Datastore, addresses: Sequence[IPInterface], owner: str) -> Plan:
+    """Release the addresses ``owner`` still holds; see ``plan_release_many``."""
+    return await plan_release_many(store, [(a, owner) for a in addresses])
+
+
+async def plan_release_many(store: Datastore,
+                            held: Sequence[tuple[IPInterface, str]]) -> Plan:
+    """Release each address its owner still holds (an address since given to someone else is
+    left alone): owner records deleted, bits cleared, blocks that become empty deleted. Several
+    owners at once, so that two addresses of one block are one write of the block."""
+    plan = Plan()
+    by_block: dict[str, list[tuple[IPInterface, KeyValue]]] = defaultdict(list)
+    for iface, owner in held:
+        kv = await store.get(keys.ipam_addr(iface.network, iface.ip))
+        if kv is not None and kv.value == owner:
+            block = blocks.block_of(iface.network, iface.ip)
+            by_block[keys.ipam_block(iface.network, block.start)].append((iface, kv))
+    for block_key, found in by_block.items():
+        block_kv = await store.get(block_key)
+        bits = blocks.decode(block_kv.value if block_kv else None)
+        for iface, kv in found:
+            bits &= ~(1 << blocks.block_of(iface.network, iface.ip).offset(iface.ip))
+            plan.compares.append(Compare(kv.key, "value", "==", kv.value))
+            plan.ops.append(Delete(kv.key))
+        plan.compares.append(Compare.unchanged(block_kv, block_key))
+        plan.ops.append(Put(block_key, blocks.encode(bits)) if bits else Delete(block_key))
+    return plan

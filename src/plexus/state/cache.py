@@ -1,0 +1,137 @@
+"""The agent's one read-only view of desired state, fed by the informer and nothing else.
+
+Services read it to validate requests (does the network exist, which interfaces does a container
+have); reconcilers read it to render what the kernel should hold; the API reads it for listings.
+Nobody writes it but ``apply``, which the informer calls with every change of the datastore, in
+revision order: a service that wants to see its own write waits for the informer to reach the
+transaction's revision (``Informer.wait_for``). Indexes keep every lookup a service or reconciler
+makes per change O(1) or O(size of the answer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from plexus.model import keys
+from plexus.model.types import Container, Endpoint, Network
+from plexus.store.informer import Change
+
+log = logging.getLogger("plexus.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class DockerNetwork:
+    """A Docker network served by a plexus network (``keys.docker_network``)."""
+
+    id: str
+    name: str  # the plexus network
+    created: bool  # plexus created the network for it (and removes it with it)
+
+
+@dataclass
+class Cache:
+    node: str
+    networks: dict[str, Network] = field(default_factory=dict)
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # store key -> all nodes'
+    containers: dict[str, Container] = field(default_factory=dict)  # name -> this node's
+    docker_networks: dict[str, DockerNetwork] = field(default_factory=dict)
+    _by_network: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    _by_container: dict[tuple[str, str], dict[str, Endpoint]] = field(
+        default_factory=lambda: defaultdict(dict))
+    _containers_by_id: dict[str, str] = field(default_factory=dict)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def network(self, name: str) -> Network | None:
+        return self.networks.get(name)
+
+    def endpoint(self, key: str) -> Endpoint | None:
+        return self.endpoints.get(key)
+
+    def endpoints_on(self, network: str) -> list[Endpoint]:
+        """Every node's endpoints on ``network``."""
+        return [self.endpoints[k] for k in sorted(self._by_network.get(network, ()))]
+
+    def of_container(self, container_id: str, node: str | None = None) -> list[Endpoint]:
+        """The interfaces of one container (on this node unless ``node`` says otherwise)."""
+        found = self._by_container.get((node or self.node, container_id), {})
+        return [found[i] for i in sorted(found)]
+
+    def local_endpoints(self) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.node == self.node]
+
+    def container_by_id(self, container_id: str) -> Container | None:
+        name = self._containers_by_id.get(container_id)
+        return None if name is None else self.containers.get(name)
+
+    def served_by(self, network: str) -> list[str]:
+        """The Docker network IDs a plexus network serves."""
+        return sorted(d.id for d in self.docker_networks.values() if d.name == network)
+
+    # -- writing (the informer only) ---------------------------------------------------------
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            try:
+                self._apply_one(change)
+            except (ValueError, KeyError, TypeError) as exc:
+                # A value this version cannot read (a newer writer, a hand edit): skip it, loudly,
+                # rather than stop following the store.
+                log.error("ignoring unreadable datastore value at %s: %s", change.key, exc)
+
+    def _apply_one(self, change: Change) -> None:
+        key, value = change.key, None if change.kv is None else change.kv.value
+        if key.startswith(keys.ENDPOINTS):
+            self._set_endpoint(key, None if value is None else Endpoint.from_json(value))
+        elif key.startswith(keys.NETWORKS):
+            name = key[len(keys.NETWORKS):]
+            if value is None:
+                self.networks.pop(name, None)
+            else:
+                self.networks[name] = Network.from_json(value)
+        elif key.startswith(keys.containers(self.node)):
+            self._set_container(key[len(keys.containers(self.node)):], value)
+        elif key.startswith(keys.DOCKER_NETWORKS):
+            self._set_docker_network(key[len(keys.DOCKER_NETWORKS):], value)
+
+    def _set_endpoint(self, key: str, ep: Endpoint | None) -> None:
+        old = self.endpoints.pop(key, None)
+        if old is not None:
+            self._by_network[old.network].discard(key)
+            if not self._by_network[old.network]:
+                del self._by_network[old.network]
+            ifaces = self._by_container[(old.node, old.container_id)]
+            ifaces.pop(old.ifname, None)
+            if not ifaces:
+                del self._by_container[(old.node, old.container_id)]
+        if ep is not None:
+            self.endpoints[key] = ep
+            self._by_network[ep.network].add(key)
+            self._by_container[(ep.node, ep.container_id)][ep.ifname] = ep
+
+    def _set_container(self, name: str, value: str | None) -> None:
+        old = self.containers.pop(name, None)
+        if old is not None:
+            self._containers_by_id.pop(old.id, None)
+        if value is not None:
+            c = Container.from_json(value)
+            self.containers[name] = c
+            self._containers_by_id[c.id] = name
+
+    def _set_docker_network(self, network_id: str, value: str | None) -> None:
+        if value is None:
+            self.docker_networks.pop(network_id, None)
+            return
+        data = json.loads(value)
+        self.docker_networks[network_id] = DockerNetwork(
+            network_id, str(data["name"]), bool(data.get("created")))
+
+
+def watched(changes: Iterable[Change]) -> list[Change]:
+    """The changes the cache (and so the reconcilers) care about: not IPAM or port claims."""
+    wanted = (keys.ENDPOINTS, keys.NETWORKS, keys.CONTAINERS, keys.DOCKER_NETWORKS)
+    return [c for c in changes if c.key.startswith(wanted)]
