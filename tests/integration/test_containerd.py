@@ -158,7 +158,9 @@ def test_removal_releases_everything(cd: Containerd, agent: Agent, world: World)
     cd.rm("det")
     cid, ip, veth = made["det"]
     assert wait_until(lambda: plexus_entry(agent, cid) is None, timeout=15)
-    assert store_claims(agent, cid, ip) == {} and nft_mentions(ip) == []
+    # Nobody waits on this release (the agent noticed the namespace was gone): the firewall
+    # follows the store a moment later.
+    assert store_claims(agent, cid, ip) == {} and wait_until(lambda: nft_mentions(ip) == [])
     assert wait_until(lambda: veth not in host_veths())
 
     assert cd.containers() == [] and agent.json("ps") == []

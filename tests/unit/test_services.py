@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from plexus.agent import wiring
+from plexus.agent.reconcilers.firewall import VERIFY
 from plexus.agent.wiring import Agent
 from plexus.config import AgentConfig
 from plexus.errors import (
@@ -354,3 +355,29 @@ async def test_a_run_container_is_one_transaction_with_its_endpoints(
         await agent.containers.run(RunSpec(name="x", command=["true"], networks=["n"]))
     await agent.containers.remove("x", force=True)
     assert await listed(agent, keys.ENDPOINTS) == [] and agent.cache.containers == {}
+
+
+class SlowFirewall(FakeFirewall):
+    """Reading the kernel takes time, as it does: the cache moves on meanwhile."""
+
+    async def current(self):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.002)
+        return await super().current()
+
+
+async def test_a_full_comparison_racing_changes_never_loses_one(
+    tmp_path: Path, store: MemoryStore, kernel: FakeKernel
+) -> None:
+    firewall = SlowFirewall()
+    agent = await make_agent(tmp_path, store, kernel, firewall)
+    await agent.networks.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
+    for i in range(30):
+        agent.firewall.enqueue([VERIFY])  # as the periodic pass does, at any moment
+        await agent.endpoints.attach(attach(f"c{i}", ports=[parse.port_mapping(f"{7000 + i}:80")]))
+        if i % 2:
+            await agent.endpoints.detach(f"c{i - 1}", network="n")
+    await agent.ctx.settle(agent.informer.revision)
+    assert firewall.state is not None
+    assert firewall.state.pubs == agent.firewall.desired().state.pubs
+    assert {p.host_port for p in firewall.state.pubs} == {7000 + i for i in range(1, 30, 2)}
+    await agent.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from plexus.dataplane.nft.firewall import Firewall, FirewallDelta
 from plexus.dataplane.nft.state import (
@@ -29,6 +30,12 @@ from plexus.state.work import Reconciler
 
 log = logging.getLogger("plexus.reconcile")
 VERIFY = "verify"  # the object that asks for a full comparison with the kernel
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: FirewallState
+    parts: dict[str, frozenset[Publication]]  # store key -> what that endpoint publishes
 
 
 class FirewallReconciler(Reconciler):
@@ -57,12 +64,17 @@ class FirewallReconciler(Reconciler):
             return frozenset()
         return endpoint_publications(self._cache.network(ep.network), ep)
 
-    def desired(self) -> FirewallState:
-        """The whole table, from the cache: O(endpoints), for start-up and repairs only."""
-        pubs: set[Publication] = set()
+    def desired(self) -> Snapshot:
+        """The whole table, from the cache: O(endpoints), for start-up and repairs only. With
+        the per-endpoint parts it was made of, so that what is adopted as applied is exactly
+        what was sent, even if the cache moves on while the kernel is being written."""
+        parts: dict[str, frozenset[Publication]] = {}
         for ep in self._cache.local_endpoints():
-            pubs |= endpoint_publications(self._cache.network(ep.network), ep)
-        return FirewallState(self._net_rules(), frozenset(pubs)).canonical()
+            pubs = endpoint_publications(self._cache.network(ep.network), ep)
+            if pubs:
+                parts[ep.store_key] = pubs
+        union = frozenset().union(*parts.values()) if parts else frozenset()
+        return Snapshot(FirewallState(self._net_rules(), union).canonical(), parts)
 
     # -- reconciling -----------------------------------------------------------------------------
 
@@ -89,14 +101,20 @@ class FirewallReconciler(Reconciler):
             removed |= old - pubs
         delta = FirewallDelta(old_nets, new_nets, frozenset(added), frozenset(removed - added))
         first_bridge = not old_nets and bool(new_nets)
+        sent: list[Snapshot] = []
+
+        def full() -> FirewallState:
+            sent.append(self.desired())
+            return sent[-1].state
+
         try:
-            in_step = await self._fw.change(delta, self.desired)
+            in_step = await self._fw.change(delta, full)
         except Exception:
             self._nets = None  # the next batch (a retry) starts from the kernel's state
             raise
         if not in_step:
             self.repairs += 1
-            self._adopt(self.desired())
+            self._adopt(sent[-1])
         else:
             self._nets = new_nets
             for key, pubs in changed.items():
@@ -111,24 +129,20 @@ class FirewallReconciler(Reconciler):
         """Make the kernel hold exactly the desired table; True if it had to change it."""
         want = self.desired()
         have = await self._fw.current()
-        changed = have != want
+        changed = have != want.state
         if changed:
             if have is not None:
                 log.warning("firewall table differs from the desired state: replacing it")
-            await self._fw.sync(want)
+            await self._fw.sync(want.state)
         self._adopt(want)
-        if want.nets and self._on_bridges is not None:
+        if want.state.nets and self._on_bridges is not None:
             await self._on_bridges()
         return changed
 
-    def _adopt(self, state: FirewallState) -> None:
-        """Adopt ``state`` as applied (per endpoint, as the deltas need it)."""
-        self._nets = state.nets
-        self._pubs = {}
-        for ep in self._cache.local_endpoints():
-            pubs = endpoint_publications(self._cache.network(ep.network), ep)
-            if pubs:
-                self._pubs[ep.store_key] = pubs
+    def _adopt(self, sent: Snapshot) -> None:
+        """Adopt what was sent as applied (per endpoint, as the deltas need it)."""
+        self._nets = sent.state.nets
+        self._pubs = dict(sent.parts)
 
     async def _verify(self) -> None:
         """The periodic pass (queued as ``VERIFY``, so it never races a batch): repair the
