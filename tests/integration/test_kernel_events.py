@@ -223,7 +223,7 @@ async def test_kernel_buffer_overrun_becomes_resync(ns: Netns) -> None:
 async def test_close_ends_the_stream_and_releases_the_socket(ns: Netns) -> None:
     fds = len(os.listdir("/proc/self/fd"))
     events = KernelEvents(ns.path)
-    events.start()
+    await events.start()
     consumed: list[KernelEvent] = []
 
     async def consume() -> None:
