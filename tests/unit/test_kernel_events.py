@@ -143,6 +143,17 @@ def test_other_messages_and_truncated_datagrams_are_skipped() -> None:
     assert decode(struct.pack("=IHHII", 8, 16, 0, 0, 0)) == []  # a length below the header
 
 
+def test_short_payloads_are_skipped_not_raised() -> None:
+    short_link = message(ev.RTM_NEWLINK, b"\0" * 8)
+    short_addr = message(ev.RTM_NEWADDR, b"\0" * 4)
+    short_master = message(ev.RTM_NEWLINK, struct.pack("=BxHiII", 0, 1, 3, 0, 0)
+                           + attr(ev.IFLA_MASTER, b"\1"))
+    events = decode(short_link + short_addr + short_master)
+    assert events[:2] == [None, None]
+    assert isinstance(events[2], LinkEvent)
+    assert events[2].link.master is None
+
+
 def test_dump_chunks_collect_links_until_done() -> None:
     found: list[LinkInfo] = []
     chunk = link_msg(seq=5, name="a") + link_msg(seq=4, name="stale") + link_msg(
