@@ -276,3 +276,22 @@ async def test_concurrent_snapshots_each_use_their_own_socket(ns: Netns) -> None
     assert set(first) == set(second) == set(owned_by_ip(ns))
     assert len(first) == 50
     assert {link.ifname for link in everything} == set(ns.links())
+
+
+async def test_the_agents_own_namespace_by_default() -> None:
+    def ip(*argv: str) -> str:
+        return subprocess.run(["ip", *argv], check=True, capture_output=True, text=True,
+                              timeout=30).stdout
+
+    try:
+        async with KernelEvents() as events:
+            await started(events)
+            ip("link", "add", "pxown0", "type", "bridge")
+            ip("link", "set", "pxown0", "alias", "plexus:net:own", "up")
+            await expect(events, link_event(LinkChange.CHANGED, "pxown0", alias="net:own"))
+        owned = {link["ifname"] for link in json.loads(ip("-j", "-d", "link"))
+                 if link.get("ifalias", "").startswith("plexus:")}
+        assert set(await owned_links_snapshot()) == owned
+        assert "pxown0" in owned
+    finally:
+        subprocess.run(["ip", "link", "del", "pxown0"], capture_output=True, timeout=30)
