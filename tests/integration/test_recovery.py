@@ -136,3 +136,38 @@ def test_periodic_reconcile_repairs_drift_and_releases_vanished_namespaces(world
     from tests.harness.world import tcp_request
 
     assert tcp_request("outside", world.host_addr("host1"), 8080).startswith("a ")
+
+
+def test_kernel_events_repair_drift_at_once(agent: Agent, world: World) -> None:
+    """No periodic pass (its default interval is minutes): the kernel's own notifications make
+    the agent repair a deleted veth, a bridge set down and a deleted gateway address, and
+    release an endpoint whose namespace was deleted."""
+    from tests.harness.world import tcp_request
+
+    from .helpers import wait_until
+
+    agent.cli("network", "create", "n", "--subnet", "10.53.0.0/24")
+    agent.run_echo("a", "n", "-p", "8080:80")
+    agent.wait_listening("a")
+    host = world.host_addr("host1")
+    bridge = agent.json("network", "ls")[0]["bridge"]
+    veth = agent.container("a")["endpoints"][0]["host_ifname"]
+
+    def serving() -> bool:
+        return tcp_request("outside", host, 8080, timeout=0.5).startswith("a ")
+
+    nsexec("host1", "ip", "link", "del", veth)
+    assert wait_until(lambda: veth in plexus_links("host1") and serving(), timeout=10)
+    nsexec("host1", "ip", "link", "set", bridge, "down")
+    assert wait_until(lambda: "UP" in next(l for l in links("host1")
+                                           if l["ifname"] == bridge)["flags"], timeout=10)
+    nsexec("host1", "ip", "addr", "del", "10.53.0.1/24", "dev", bridge)
+    assert wait_until(lambda: "10.53.0.1/24" in addresses("host1", bridge), timeout=10)
+    assert wait_until(serving, timeout=10)
+    world.add_ns("gone")
+    agent.cli("attach", "--netns", "/run/netns/gone", "--id", "g1", "--network", "n")
+    sh("ip", "netns", "del", "gone")
+    assert wait_until(lambda: not store_rows(agent.state_dir, "/plexus/endpoints/host1/g1/"),
+                      timeout=10)
+    status = agent.json("status")
+    assert status["kernel_repairs"] >= 3 and status["full_passes"] == 1  # the start-up one

@@ -22,6 +22,7 @@ from plexus.api.server import serve
 from plexus.config import AgentConfig
 from plexus.dataplane import docker_user
 from plexus.dataplane.drivers import build_drivers
+from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import HostNetlink
 from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
@@ -59,6 +60,7 @@ async def run_agent(config: AgentConfig) -> None:
     agent = wiring.build(
         config, store, build_drivers(host), NftFirewall(open_nft()), host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
+        kernel_events=KernelEvents(None),
     )
     runners: list[web.AppRunner] = []
     stop = asyncio.Event()

@@ -24,6 +24,7 @@ from typing import Any
 from plexus.agent.fullpass import FullPass
 from plexus.agent.garbage import Collector
 from plexus.agent.inspect import Inspector
+from plexus.agent.kernel import KernelWatcher
 from plexus.agent.monitor import LoopMonitor
 from plexus.agent.reconcilers.dns import DnsReconciler
 from plexus.agent.reconcilers.firewall import FirewallReconciler
@@ -35,6 +36,7 @@ from plexus.api.server import Api
 from plexus.cni.service import CniService
 from plexus.config import AgentConfig
 from plexus.dataplane.drivers import NetworkDriver
+from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import LinkTable
 from plexus.dataplane.nft.firewall import Firewall
 from plexus.dns import DnsService, DnsSettings, parse_upstreams
@@ -87,6 +89,8 @@ class Agent:
     host: LinkTable
     monitor: LoopMonitor = field(default_factory=LoopMonitor)
     docker: DockerPlugin | None = None
+    kernel: KernelWatcher | None = None
+    kernel_events: KernelEvents | None = None
     _periodic: asyncio.Task[None] | None = None
 
     @property
@@ -117,6 +121,7 @@ class Agent:
                                      "errors": len(r.errors)} for r in self.reconcilers},
             "errors": self.progress.errors(),
             "firewall_repairs": self.firewall.repairs,
+            "kernel_repairs": self.kernel.repairs if self.kernel is not None else 0,
             "full_passes": self.fullpass.passes,
             **self.monitor.status(),
         }
@@ -136,6 +141,8 @@ class Agent:
             await self.dns.start()
         for r in self.reconcilers:
             r.start()
+        if self.kernel is not None and self.kernel_events is not None:
+            await self.kernel.start(self.kernel_events)
         await self.ctx.settle(self.informer.revision)
         rolled = await self.collector.recover()
         if rolled:
@@ -155,6 +162,8 @@ class Agent:
             self._periodic.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._periodic
+        if self.kernel is not None:
+            await self.kernel.close()
         await self.collector.close()
         for r in self.reconcilers:
             await r.close()
@@ -177,9 +186,11 @@ def dns_service(config: AgentConfig) -> DnsService | None:
 
 def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDriver],
           firewall: Firewall, host_view: HostView, host: LinkTable,
-          dns: DnsService | None = None, docker_exceptions: Hook | None = None) -> Agent:
+          dns: DnsService | None = None, docker_exceptions: Hook | None = None,
+          kernel_events: KernelEvents | None = None) -> Agent:
     """An agent of these parts (the daemon passes the real ones, unit tests fakes).
-    ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic."""
+    ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic;
+    ``kernel_events``: the host namespace's link and address notifications."""
     cache = Cache(config.node)
     holder: list[Agent] = []
     informer = Informer(store, keys.ROOT, lambda changes: holder[0].dispatch(changes),
@@ -209,6 +220,9 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
         host=host,
     )
     holder.append(agent)
+    if kernel_events is not None:
+        agent.kernel = KernelWatcher(cache, links, agent.fullpass.run)
+        agent.kernel_events = kernel_events
     if config.docker_plugin_socket is not None:
         driver = DockerNetworkDriver(networks, endpoints, agent.pools, config.docker_api,
                                      docker_exceptions or _nothing)

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar, cast
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from plexus.dataplane import links, netns
+from plexus.dataplane import events, links, netns
 from plexus.errors import DataplaneError
 from plexus.model.types import IPNetwork
 
@@ -110,8 +110,10 @@ class HostNetlink:
 
     @kernel_errors
     async def owned_links(self) -> dict[str, str]:
-        async with self._dump_lock:
-            return await links.owned_links(await self.ipr())
+        # A dump of its own, parsed on a worker thread: thousands of links never stall the
+        # event loop (dataplane/events.py has the measurements).
+        snapshot = await events.owned_links_snapshot(None)
+        return {name: link.alias for name, link in snapshot.items() if link.alias is not None}
 
     @kernel_errors
     async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:

@@ -1,0 +1,133 @@
+"""Kernel events: the kernel telling the agent that something of plexus's changed under it.
+
+The link reconciler programs a link and then trusts what it applied; this watcher is how it
+learns otherwise, within milliseconds rather than at the next full pass. Only what plexus would
+have to repair is acted on (the reconciler forgets what it applied for that object and does it
+again, level-triggered):
+
+- a link carrying plexus's alias was deleted: someone deleted it, or the container's namespace
+  went away (the kernel destroys a veth with its namespace; the reconciler then finds the
+  namespace gone and has the endpoint released);
+- one was set down, or an endpoint's veth left its bridge;
+- an address was deleted from a network's bridge (a gateway).
+
+plexus's own changes come through here too: creating a link, or deleting one that is no longer
+wanted, leaves nothing to repair, so the reconciler finds nothing to do. When events were lost
+(the kernel's buffer overran, or the agent fell behind), a full pass runs instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from plexus.agent.reconcilers.links import LinkReconciler
+from plexus.dataplane.events import (
+    AddressChange,
+    AddressEvent,
+    KernelEvent,
+    KernelEvents,
+    LinkChange,
+    LinkEvent,
+    Resync,
+    ResyncReason,
+)
+from plexus.errors import PlexusError
+from plexus.model import keys
+from plexus.state.cache import Cache
+
+log = logging.getLogger("plexus.kernel")
+
+
+class KernelWatcher:
+    def __init__(self, cache: Cache, links: LinkReconciler,
+                 full_pass: Callable[[], Awaitable[object]]) -> None:
+        self._cache = cache
+        self._links = links
+        self._full_pass = full_pass
+        self._aliases: dict[int, str] = {}  # ifindex -> plexus alias, to place address events
+        self._events: KernelEvents | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.repairs = 0
+        self.resyncs = 0
+
+    async def start(self, events: KernelEvents) -> None:
+        self._events = events
+        await events.start()
+        self._task = asyncio.create_task(self._run(events), name="kernel-events")
+
+    async def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, events: KernelEvents) -> None:
+        async for event in events:
+            try:
+                await self.handle(event)
+            except PlexusError as exc:
+                log.error("handling kernel event %s failed: %s", event, exc)
+
+    async def handle(self, event: KernelEvent) -> None:
+        if isinstance(event, Resync):
+            if event.reason is not ResyncReason.START:  # start-up does a full pass anyway
+                self.resyncs += 1
+                log.warning("kernel events were lost (%s): running a full pass", event.reason)
+                await self._full_pass()
+        elif isinstance(event, LinkEvent):
+            self._link(event)
+        elif isinstance(event, AddressEvent):
+            self._address(event)
+
+    def _link(self, event: LinkEvent) -> None:
+        link = event.link
+        if link.alias is None:
+            return
+        if event.change is LinkChange.DELETED:
+            self._aliases.pop(link.index, None)
+            self._repair(link.alias, f"link {link.ifname} was deleted")
+            return
+        self._aliases[link.index] = link.alias
+        if not link.admin_up:
+            self._repair(link.alias, f"link {link.ifname} is down")
+        elif link.master is None and link.alias.startswith("ep:") and self._wants_master(
+                link.alias):
+            self._repair(link.alias, f"link {link.ifname} left its bridge")
+
+    def _address(self, event: AddressEvent) -> None:
+        alias = self._aliases.get(event.index, "")
+        if event.change is AddressChange.DELETED and alias.startswith("net:"):
+            self._repair(alias, f"address {event.address} was deleted from its bridge")
+
+    def _wants_master(self, alias: str) -> bool:
+        ep = self._cache.endpoint(self._endpoint_key(alias))
+        return ep is not None and ep.state == "ready"
+
+    def _endpoint_key(self, alias: str) -> str:
+        container_id, _, ifname = alias[len("ep:"):].rpartition("/")
+        return keys.endpoint(self._cache.node, container_id, ifname)
+
+    def _repair(self, alias: str, why: str) -> None:
+        """Hand the object named by ``alias`` back to the link reconciler, if it is wanted."""
+        if alias.startswith("net:"):
+            name = alias[len("net:"):]
+            if self._cache.network(name) is None:
+                return
+            objects = ["net:" + name] + ["ep:" + e.store_key for e in self._cache.endpoints_on(name)
+                                         if e.node == self._cache.node]
+        elif alias.startswith("ep:"):
+            key = self._endpoint_key(alias)
+            if self._cache.endpoint(key) is None:
+                return  # plexus deleted it: nothing wants it
+            objects = ["ep:" + key]
+        else:
+            return
+        self.repairs += 1
+        log.info("%s: reconciling %s", why, ", ".join(objects[:3]))
+        for key in objects:
+            self._links.invalidate(key)
