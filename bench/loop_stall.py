@@ -35,7 +35,7 @@ from typing import Any
 from _common import header, percentile, print_table, ratio, require_sandbox, sh
 from pyroute2 import AsyncIPRoute
 
-from plexus.dataplane import events, links, netns
+from plexus.dataplane import events, links, netns, rtnl
 from plexus.dataplane.events import KernelEvents, LinkChange, LinkEvent, Resync, ResyncReason
 
 GROUP = 7  # IFLA_GROUP of the veths, so that one request deletes them all
@@ -164,17 +164,17 @@ async def settle() -> tuple[float, Figures]:
             return waited, Figures(idle.worst_ms, idle.p99_ms, idle.cpu_ms, idle.busy_ms, 0, 0)
 
 
-async def on_loop_dump(path: str) -> list[events.LinkInfo]:
+async def on_loop_dump(path: str) -> list[rtnl.LinkInfo]:
     """The alternative not chosen: the same parser on the loop, one datagram per loop turn."""
     loop = asyncio.get_running_loop()
-    found: list[events.LinkInfo] = []
+    found: list[rtnl.LinkInfo] = []
     buf = bytearray(65536)
     with await asyncio.to_thread(netns.netlink_socket, path) as sock:
         sock.setblocking(False)
-        sock.send(events.dump_request(1))
+        sock.send(rtnl.dump_request(1))
         while True:
             size = await loop.sock_recv_into(sock, buf)
-            if events.dump_chunk(memoryview(buf)[:size], 1, found)[0]:
+            if rtnl.dump_chunk(memoryview(buf)[:size], 1, found)[0]:
                 return [link for link in found if link.alias is not None]
             await asyncio.sleep(0)  # sock_recv_into does not suspend when data is waiting
 
@@ -256,8 +256,8 @@ async def consume_new(path: str, stats: Burst) -> None:
 
 async def _subscribed_ipr(path: str) -> Any:
     ipr = AsyncIPRoute(fileno=netns.netlink_socket(path).detach())
-    await ipr.bind(groups=events.RTMGRP_LINK | events.RTMGRP_IPV4_IFADDR
-                   | events.RTMGRP_IPV6_IFADDR)
+    await ipr.bind(groups=rtnl.RTMGRP_LINK | rtnl.RTMGRP_IPV4_IFADDR
+                   | rtnl.RTMGRP_IPV6_IFADDR)
     ipr.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
     return ipr
 
@@ -271,7 +271,7 @@ async def consume_pyroute2(path: str, stats: Burst) -> None:
                 async for msg in ipr.get():
                     stats.events += 1
                     stats.last = time.perf_counter()
-                    if (msg["header"]["type"] == events.RTM_DELLINK and msg["family"] == 0
+                    if (msg["header"]["type"] == rtnl.RTM_DELLINK and msg["family"] == 0
                             and (msg.get("ifalias") or "").startswith("plexus:")):
                         stats.owned_deleted += 1
             except Exception as exc:  # ENOBUFS leaves the object unusable: start again

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from plexus.dataplane import events as ev
+from plexus.dataplane import rtnl
 from plexus.dataplane.events import (
     AddressChange,
     AddressEvent,
@@ -20,11 +21,10 @@ from plexus.dataplane.events import (
     KernelEvents,
     LinkChange,
     LinkEvent,
-    LinkInfo,
-    OperState,
     Resync,
     ResyncReason,
 )
+from plexus.dataplane.rtnl import LinkInfo, OperState
 from plexus.errors import DataplaneError, InvalidArgument
 
 NLA_F_NESTED = 0x8000
@@ -41,7 +41,7 @@ def message(kind: int, body: bytes, flags: int = 0, seq: int = 0) -> bytes:
 
 
 def link_msg(
-    kind: int = ev.RTM_NEWLINK,
+    kind: int = rtnl.RTM_NEWLINK,
     *,
     index: int = 7,
     name: str = "pxv1",
@@ -54,15 +54,15 @@ def link_msg(
     seq: int = 0,
     flags: int = 0,
 ) -> bytes:
-    body = struct.pack("=BxHiII", family, 1, index, 0x1002 | (ev.IFF_UP if up else 0), change)
-    body += attr(ev.IFLA_IFNAME, name.encode() + b"\0")
-    body += attr(ev.IFLA_OPERSTATE, bytes([oper]))
+    body = struct.pack("=BxHiII", family, 1, index, 0x1002 | (rtnl.IFF_UP if up else 0), change)
+    body += attr(rtnl.IFLA_IFNAME, name.encode() + b"\0")
+    body += attr(rtnl.IFLA_OPERSTATE, bytes([oper]))
     body += attr(4, struct.pack("=I", 1500))  # IFLA_MTU: an attribute nobody asked for
     body += attr(18 | NLA_F_NESTED, attr(1, b"veth\0"))  # IFLA_LINKINFO, nested
     if master is not None:
-        body += attr(ev.IFLA_MASTER, struct.pack("=I", master))
+        body += attr(rtnl.IFLA_MASTER, struct.pack("=I", master))
     if alias is not None:
-        body += attr(ev.IFLA_IFALIAS, alias.encode() + b"\0")
+        body += attr(rtnl.IFLA_IFALIAS, alias.encode() + b"\0")
     return message(kind, body, flags, seq)
 
 
@@ -71,18 +71,18 @@ def addr_msg(kind: int, family: int, addr: str, prefixlen: int, index: int = 7,
     body = struct.pack("=BBBBi", family, prefixlen, 0, 0, index)
     packed = ipaddress.ip_address(addr).packed
     if peer is not None:  # point-to-point: IFA_ADDRESS is the peer, IFA_LOCAL our own
-        body += attr(ev.IFA_ADDRESS, ipaddress.ip_address(peer).packed)
-        body += attr(ev.IFA_LOCAL, packed)
+        body += attr(rtnl.IFA_ADDRESS, ipaddress.ip_address(peer).packed)
+        body += attr(rtnl.IFA_LOCAL, packed)
     else:
-        body += attr(ev.IFA_ADDRESS, packed)
+        body += attr(rtnl.IFA_ADDRESS, packed)
     if label is not None:
-        body += attr(ev.IFA_LABEL, label.encode() + b"\0")
+        body += attr(rtnl.IFA_LABEL, label.encode() + b"\0")
     return message(kind, body)
 
 
 def decode(raw: bytes, names: dict[int, str] | None = None) -> list[ev.KernelEvent | None]:
     names = {} if names is None else names
-    return [ev.decode(kind, payload, names) for kind, _, _, payload in ev.messages(
+    return [ev.decode(kind, payload, names) for kind, _, _, payload in rtnl.messages(
         memoryview(raw))]
 
 
@@ -102,7 +102,7 @@ def test_links_without_a_plexus_alias_have_none(alias: str | None) -> None:
 
 def test_new_deleted_and_changed_links() -> None:
     names: dict[int, str] = {}
-    raw = (link_msg(change=0xFFFFFFFF) + link_msg(change=1) + link_msg(ev.RTM_DELLINK,
+    raw = (link_msg(change=0xFFFFFFFF) + link_msg(change=1) + link_msg(rtnl.RTM_DELLINK,
                                                                        change=0xFFFFFFFF))
     kinds = [e.change for e in decode(raw, names) if isinstance(e, LinkEvent)]
     assert kinds == [LinkChange.ADDED, LinkChange.CHANGED, LinkChange.DELETED]
@@ -111,7 +111,7 @@ def test_new_deleted_and_changed_links() -> None:
 
 def test_bridge_port_messages_are_not_link_events() -> None:
     # A port leaving its bridge: RTM_DELLINK with family AF_BRIDGE, for a link that still exists.
-    assert decode(link_msg(ev.RTM_DELLINK, family=socket.AF_BRIDGE, master=3)) == [None]
+    assert decode(link_msg(rtnl.RTM_DELLINK, family=socket.AF_BRIDGE, master=3)) == [None]
 
 
 def test_unknown_operstate_and_master_zero() -> None:
@@ -122,16 +122,16 @@ def test_unknown_operstate_and_master_zero() -> None:
 
 
 def test_ipv4_address_takes_its_label_and_local_address() -> None:
-    raw = addr_msg(ev.RTM_NEWADDR, socket.AF_INET, "10.1.0.1", 24, label="br0", peer="10.1.0.9")
+    raw = addr_msg(rtnl.RTM_NEWADDR, socket.AF_INET, "10.1.0.1", 24, label="br0", peer="10.1.0.9")
     assert decode(raw) == [AddressEvent(AddressChange.ADDED, 7, "br0",
                                         ipaddress.ip_interface("10.1.0.1/24"))]
 
 
 def test_ipv6_address_takes_the_name_learned_from_link_events() -> None:
-    raw = link_msg(name="br0") + addr_msg(ev.RTM_DELADDR, socket.AF_INET6, "fd00::1", 64)
+    raw = link_msg(name="br0") + addr_msg(rtnl.RTM_DELADDR, socket.AF_INET6, "fd00::1", 64)
     assert decode(raw)[1] == AddressEvent(AddressChange.DELETED, 7, "br0",
                                           ipaddress.ip_interface("fd00::1/64"))
-    assert decode(addr_msg(ev.RTM_DELADDR, socket.AF_INET6, "fd00::1", 64))[0] == AddressEvent(
+    assert decode(addr_msg(rtnl.RTM_DELADDR, socket.AF_INET6, "fd00::1", 64))[0] == AddressEvent(
         AddressChange.DELETED, 7, None, ipaddress.ip_interface("fd00::1/64"))
 
 
@@ -144,10 +144,10 @@ def test_other_messages_and_truncated_datagrams_are_skipped() -> None:
 
 
 def test_short_payloads_are_skipped_not_raised() -> None:
-    short_link = message(ev.RTM_NEWLINK, b"\0" * 8)
-    short_addr = message(ev.RTM_NEWADDR, b"\0" * 4)
-    short_master = message(ev.RTM_NEWLINK, struct.pack("=BxHiII", 0, 1, 3, 0, 0)
-                           + attr(ev.IFLA_MASTER, b"\1"))
+    short_link = message(rtnl.RTM_NEWLINK, b"\0" * 8)
+    short_addr = message(rtnl.RTM_NEWADDR, b"\0" * 4)
+    short_master = message(rtnl.RTM_NEWLINK, struct.pack("=BxHiII", 0, 1, 3, 0, 0)
+                           + attr(rtnl.IFLA_MASTER, b"\1"))
     events = decode(short_link + short_addr + short_master)
     assert events[:2] == [None, None]
     assert isinstance(events[2], LinkEvent)
@@ -158,23 +158,23 @@ def test_dump_chunks_collect_links_until_done() -> None:
     found: list[LinkInfo] = []
     chunk = link_msg(seq=5, name="a") + link_msg(seq=4, name="stale") + link_msg(
         seq=5, name="b", family=socket.AF_BRIDGE)
-    assert ev.dump_chunk(memoryview(chunk), 5, found) == (False, False)
-    last = link_msg(seq=5, name="c", flags=ev.NLM_F_DUMP_INTR) + message(
-        ev.NLMSG_DONE, struct.pack("=i", 0), seq=5)
-    assert ev.dump_chunk(memoryview(last), 5, found) == (True, True)
+    assert rtnl.dump_chunk(memoryview(chunk), 5, found) == (False, False)
+    last = link_msg(seq=5, name="c", flags=rtnl.NLM_F_DUMP_INTR) + message(
+        rtnl.NLMSG_DONE, struct.pack("=i", 0), seq=5)
+    assert rtnl.dump_chunk(memoryview(last), 5, found) == (True, True)
     assert [link.ifname for link in found] == ["a", "c"]
 
 
 def test_a_failed_dump_raises() -> None:
-    error = message(ev.NLMSG_ERROR, struct.pack("=i", -16) + b"\0" * 16, seq=1)
+    error = message(rtnl.NLMSG_ERROR, struct.pack("=i", -16) + b"\0" * 16, seq=1)
     with pytest.raises(DataplaneError, match="EBUSY"):
-        ev.dump_chunk(memoryview(error), 1, [])
+        rtnl.dump_chunk(memoryview(error), 1, [])
 
 
 def test_the_dump_request_asks_for_every_link_and_nothing_else() -> None:
-    raw = ev.dump_request(9)
-    [(kind, flags, seq, payload)] = list(ev.messages(memoryview(raw)))
-    assert (kind, flags, seq) == (ev.RTM_GETLINK, ev.NLM_F_REQUEST | ev.NLM_F_DUMP, 9)
+    raw = rtnl.dump_request(9)
+    [(kind, flags, seq, payload)] = list(rtnl.messages(memoryview(raw)))
+    assert (kind, flags, seq) == (rtnl.RTM_GETLINK, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP, 9)
     assert bytes(payload) == bytes(16)  # ifinfomsg, AF_UNSPEC, no filter attributes
 
 
@@ -212,7 +212,7 @@ async def test_reader_delivers_datagrams_as_typed_events(
     kernel, ours = pair
     async with KernelEvents(sock=ours) as events:
         kernel.send(link_msg(alias="plexus:net:n1", change=0xFFFFFFFF))
-        kernel.send(addr_msg(ev.RTM_NEWADDR, socket.AF_INET, "10.1.0.1", 24, label="pxv1"))
+        kernel.send(addr_msg(rtnl.RTM_NEWADDR, socket.AF_INET, "10.1.0.1", 24, label="pxv1"))
         got = [await asyncio.wait_for(events.get(), 2) for _ in range(3)]
     assert got[0] == Resync(ResyncReason.START)
     assert isinstance(got[1], LinkEvent)
