@@ -53,7 +53,7 @@ test: deps venv lint unit integration
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench demo
-	$(VENV)/bin/mypy src tests/harness
+	$(VENV)/bin/mypy src tests/harness demo
 
 demo: deps venv
 	$(SANDBOX) $(PY) -m demo

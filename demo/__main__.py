@@ -1,7 +1,29 @@
-"""`make demo`: python -m demo (inside tests/sandbox)."""
+"""`make demo`: python -m demo (inside tests/sandbox). The acts are in acts.py and control.py."""
 
 import sys
+import tempfile
+from pathlib import Path
 
-from demo.acts import main
+from demo.acts import build, checks, console, report, teardown, verdicts
+from demo.control import restart_and_repair
+from tests.harness.world import World, in_sandbox
+
+
+def main() -> int:
+    if not in_sandbox():
+        console.print("run me through `make demo` (inside tests/sandbox)")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="plexus-demo-") as tmp, World(Path(tmp)) as world:
+        console.rule("plexus demo")
+        console.print("starting an agent in simulated host 'host1' (a network namespace)")
+        world.add_host("host1")
+        build(world)
+        ok = report(world, checks(world))
+        ok = verdicts("control plane", restart_and_repair(world, console)) and ok
+        clean = teardown(world)
+    console.rule("result")
+    console.print("all checks passed" if ok and clean else "[red]some checks failed[/red]")
+    return 0 if ok and clean else 1
+
 
 sys.exit(main())

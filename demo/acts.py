@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -26,7 +24,6 @@ from tests.harness.world import (
     OUTSIDE_ADDR,
     Agent,
     World,
-    in_sandbox,
     nsexec,
     ping_rtt_ms,
     sh,
@@ -241,21 +238,12 @@ def teardown(world: World) -> bool:
     return not left and elements == 0 and json.loads(rows) == []
 
 
-def main() -> int:
-    if not in_sandbox():
-        console.print("run me through `make demo` (inside tests/sandbox)")
-        return 2
-    with tempfile.TemporaryDirectory(prefix="plexus-demo-") as tmp, World(Path(tmp)) as world:
-        console.rule("plexus demo")
-        console.print("starting an agent in simulated host 'host1' (a network namespace)")
-        world.add_host("host1")
-        build(world)
-        ok = report(world, checks(world))
-        clean = teardown(world)
-    console.rule("result")
-    console.print("all checks passed" if ok and clean else "[red]some checks failed[/red]")
-    return 0 if ok and clean else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def verdicts(title: str, results: list[Check]) -> bool:
+    """A table of checks that are not about reachability: what was observed, and ok or not."""
+    t = Table(title=title)
+    for col in ("check", "observed", ""):
+        t.add_column(col)
+    for c in results:
+        t.add_row(c.what, c.detail, "[green]ok[/green]" if c.ok else "[red]FAIL[/red]")
+    console.print(t)
+    return all(c.ok for c in results)

@@ -33,6 +33,7 @@ from plexus.dataplane.events import (
     LinkEvent,
     Resync,
     ResyncReason,
+    owned_links_snapshot,
 )
 from plexus.errors import PlexusError
 from plexus.model import keys
@@ -56,6 +57,11 @@ class KernelWatcher:
     async def start(self, events: KernelEvents) -> None:
         self._events = events
         await events.start()
+        # Address events name only an interface index: learn which of plexus's links has which
+        # (after subscribing, so a link made meanwhile is in the snapshot or in the events).
+        for link in (await owned_links_snapshot(None)).values():
+            if link.alias is not None:
+                self._aliases[link.index] = link.alias
         self._task = asyncio.create_task(self._run(events), name="kernel-events")
 
     async def close(self) -> None:
