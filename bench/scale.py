@@ -179,6 +179,7 @@ def fill(px: Plexus, stop: int, concurrency: int, level: Level) -> None:
     time; their namespaces are made first, with one ``ip -batch``."""
     todo = range(px.attached, stop)
     netns_batch("add", [f"sc{i}" for i in todo])
+    px.attached = stop  # what to clean up
 
     def one(i: int) -> dict[str, Any] | str:
         try:
@@ -187,7 +188,8 @@ def fill(px: Plexus, stop: int, concurrency: int, level: Level) -> None:
             return f"attach sc{i}: {exc}"
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    pool = ThreadPoolExecutor(concurrency)
+    try:
         for i, ep in zip(todo, pool.map(one, todo), strict=True):
             if isinstance(ep, str):
                 level.errors.append(ep)
@@ -195,8 +197,9 @@ def fill(px: Plexus, stop: int, concurrency: int, level: Level) -> None:
             level.filled += 1
             if i == 0:
                 px.probe = ep
+    finally:
+        pool.shutdown(cancel_futures=True)  # interrupted: the queued attaches are not made
     level.fill_s = time.perf_counter() - t0
-    px.attached = stop
 
 
 def _api_sample(px: Plexus, level: Level, k: int) -> None:
@@ -270,7 +273,9 @@ def run_level(px: Plexus, ref: Reference, size: int, args: argparse.Namespace) -
     t0 = time.perf_counter()
     measure(px, ref, level, args.samples)
     print(f"  measured {args.samples} rounds in {time.perf_counter() - t0:.1f}s"
-          f" ({len(level.errors)} errors)", flush=True)
+          f" ({len(level.errors)} errors): p50 attach {_f(_ms(level.attach, 50))} ms,"
+          f" CNI ADD {_f(_ms(level.cni, 50))} ms, reference ADD {_f(_ms(level.ref, 50))} ms;"
+          f" agent RSS {level.rss_kib / 1024:.1f} MiB", flush=True)
     return level
 
 
@@ -598,6 +603,7 @@ class Sampler(threading.Thread):
                 self.client.get("/v1/networks")
             except (ApiError, OSError) as exc:
                 self.out.errors.append(str(exc))
+                time.sleep(0.01)  # an agent that refuses at once must not make this spin
                 continue
             self.out.latencies.append(time.perf_counter() - t0)
 
@@ -875,7 +881,12 @@ def run(px: Plexus, ref: Reference, tmp: Path, args: argparse.Namespace) -> list
     failures: list[str] = []
     levels: list[Level] = []
     for size in args.sizes:
-        level = phase(f"level {size}", failures, lambda s=size: run_level(px, ref, s, args))
+        try:
+            level = phase(f"level {size}", failures, lambda s=size: run_level(px, ref, s, args))
+        except KeyboardInterrupt:  # the first Ctrl-C ends the levels, not the run
+            print("  interrupted: no more levels; restart and reconcile run with the containers"
+                  " attached now", flush=True)
+            break
         if level is None:
             break
         levels.append(level)
@@ -885,7 +896,7 @@ def run(px: Plexus, ref: Reference, tmp: Path, args: argparse.Namespace) -> list
     for e in [e for lv in levels for e in lv.errors][:5]:
         print(f"  error: {e}")
     targets = level_targets(levels)
-    top = levels[-1].size
+    top = int(px.client.get("/v1/status").get("endpoints", levels[-1].size))
     quiet = phase("restart (kernel objects)", failures, lambda: restart_objects(px, tmp))
     timed = phase("restart (timed)", failures, lambda: restart_timed(px)) if quiet else None
     if quiet and timed:
