@@ -29,7 +29,9 @@ At the largest size:
   reconcile GET /v1/networks back to back from a client while full reconcile passes run:
             ``POST /v1/reconcile`` where the agent has it; otherwise the agent is restarted with
             ``--reconcile-interval 2`` and a 6 s window is sampled (the output says which).
-Figures are printed next to the reference's and as ratios; nothing is asserted.
+Figures are printed next to the reference's and as ratios; nothing is asserted. Each level
+prints its figures as soon as it is measured; a first Ctrl-C ends the levels (the queued attaches
+are dropped) and the restart and reconcile phases run with what is attached then.
 """
 
 from __future__ import annotations
@@ -217,26 +219,16 @@ def _api_sample(px: Plexus, level: Level, k: int) -> None:
         level.errors.append(f"detach {cid}: {exc}")
 
 
-def _cni_sample(px: Plexus, level: Level, k: int) -> None:
-    cid, net = f"m{level.size}c{k}", px.network(k)
-    r = px.cni("ADD", cid, cid, net)
-    if r.returncode != 0:
-        level.errors.append(f"CNI ADD {cid}: {r.stdout.strip()} {r.stderr.strip()}"[:300])
-        return
-    level.cni.append(r.seconds)
-    r = px.cni("DEL", cid, cid, net)
-    if r.returncode != 0:
-        level.errors.append(f"CNI DEL {cid}: {r.stdout.strip()} {r.stderr.strip()}"[:300])
-
-
-def _ref_sample(ref: Reference, level: Level, k: int) -> None:
-    cid = f"m{level.size}r{k}"
-    r = ref.run("ADD", cid, cid)
-    if r.returncode != 0:
-        level.errors.append(f"reference ADD {cid}: {r.stdout.strip()} {r.stderr.strip()}"[:300])
-        return
-    level.ref.append(r.seconds)
-    ref.run("DEL", cid, cid)
+def _plugin_sample(level: Level, into: list[float], run: Callable[[str, str], CniResult],
+                   cid: str) -> None:
+    """One timed ADD of a CNI plugin, then its untimed DEL."""
+    for verb in ("ADD", "DEL"):
+        r = run(verb, cid)
+        if r.returncode != 0:
+            level.errors.append(f"{verb} {cid}: {r.stdout.strip()} {r.stderr.strip()}"[:300])
+            return
+        if verb == "ADD":
+            into.append(r.seconds)
 
 
 def measure(px: Plexus, ref: Reference, level: Level, samples: int) -> None:
@@ -246,8 +238,10 @@ def measure(px: Plexus, ref: Reference, level: Level, samples: int) -> None:
     netns_batch("add", names)
     ops: list[Callable[[int], None]] = [
         lambda k: _api_sample(px, level, k),
-        lambda k: _cni_sample(px, level, k),
-        lambda k: _ref_sample(ref, level, k),
+        lambda k: _plugin_sample(level, level.cni, lambda verb, cid: px.cni(
+            verb, cid, cid, px.network(k)), f"m{level.size}c{k}"),
+        lambda k: _plugin_sample(level, level.ref, lambda verb, cid: ref.run(verb, cid, cid),
+                                 f"m{level.size}r{k}"),
     ]
     try:
         for k in range(samples):
@@ -884,14 +878,16 @@ def run(px: Plexus, ref: Reference, tmp: Path, args: argparse.Namespace) -> list
         try:
             level = phase(f"level {size}", failures, lambda s=size: run_level(px, ref, s, args))
         except KeyboardInterrupt:  # the first Ctrl-C ends the levels, not the run
-            print("  interrupted: no more levels; restart and reconcile run with the containers"
-                  " attached now", flush=True)
+            print("  interrupted: no more levels", flush=True)
             break
         if level is None:
             break
         levels.append(level)
     if not levels:
+        print("  no level was measured: no restart, no reconcile")
         return failures
+    if len(levels) < len(args.sizes):
+        print("  restart and reconcile run with the containers attached now", flush=True)
     report_levels(levels)
     for e in [e for lv in levels for e in lv.errors][:5]:
         print(f"  error: {e}")
