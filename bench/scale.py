@@ -695,6 +695,9 @@ def report_levels(levels: list[Level]) -> None:
     print("  attach = POST /v1/endpoints; CNI ADD = the installed plexus plugin exec'd in host1;")
     print(f"  ref = bridge + host-local exec'd in {REF_HOST}, its own bridge holding ~100"
           " containers.")
+    print("  GET nets = GET /v1/networks back to back after the rounds; the agent's periodic"
+          " reconcile")
+    print("  (every 10 s by default) runs when it runs, so this is not an idle figure.")
 
 
 def level_targets(levels: list[Level]) -> list[list[object]]:
