@@ -66,6 +66,7 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/podman.py
 	$(SANDBOX) $(PY) bench/docker.py
 	$(SANDBOX) $(PY) bench/dns.py
+	$(SANDBOX) $(PY) bench/scale.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
 	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni

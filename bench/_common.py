@@ -144,6 +144,13 @@ def vm_status(pid: int) -> dict[str, int]:
     return out
 
 
+def proc_cpu(pid: int) -> float:
+    """utime + stime of ``pid`` (its own threads, not its children) in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # --- CNI -------------------------------------------------------------------------------------
 
 
@@ -179,21 +186,30 @@ def bridge_config(name: str, bridge: str, subnet: str, data_dir: str, ip_masq: b
 
 def cni_exec(command: str, config: dict[str, Any], container_id: str, netns: str,
              ifname: str = "eth0", timeout: float = 60) -> CniResult:
-    """Execute a CNI plugin exactly as a runtime does: CNI_* in the environment, the network
-    configuration on stdin, the result on stdout. The plugin runs in the caller's *thread's*
-    network namespace (see ``in_netns``). Only the exec itself is timed."""
-    plugin = os.path.join(CNI_PATH, str(config["type"]))
+    """Execute a CNI plugin of /usr/lib/cni (the config's "type") exactly as a runtime does: CNI_*
+    in the environment, the network configuration on stdin, the result on stdout. The plugin
+    runs in the caller's *thread's* network namespace (see ``in_netns``). Only the exec itself
+    is timed."""
+    return plugin_exec(os.path.join(CNI_PATH, str(config["type"])), command, config,
+                       container_id, netns, ifname=ifname, timeout=timeout)
+
+
+def plugin_exec(binary: str | Path, command: str, config: dict[str, Any], container_id: str,
+                netns: str, ifname: str = "eth0", cni_path: str = CNI_PATH, timeout: float = 60,
+                ) -> CniResult:
+    """Like ``cni_exec``, for the plugin at ``binary`` (e.g. plexus's, installed elsewhere) with
+    ``cni_path`` as CNI_PATH. Timed from before the fork to after the wait."""
     env = {
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": container_id,
         "CNI_NETNS": netns,
         "CNI_IFNAME": ifname,
-        "CNI_PATH": CNI_PATH,
+        "CNI_PATH": cni_path,
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
     }
     data = json.dumps(config)
     t0 = time.perf_counter()
-    r = subprocess.run([plugin], input=data, env=env, capture_output=True, text=True,
+    r = subprocess.run([str(binary)], input=data, env=env, capture_output=True, text=True,
                        timeout=timeout)
     elapsed = time.perf_counter() - t0
     return CniResult(elapsed, r.returncode, r.stdout, r.stderr)
