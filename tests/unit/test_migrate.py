@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import json
 
+from plexus.agent.migrate import migrate
 from plexus.ipam import blocks
 from plexus.model import keys, parse
 from plexus.model.types import Endpoint
 from plexus.store import MemoryStore
-from plexus.store.migrate import migrate
 
 
 async def test_layout_1_gets_blocks_port_maps_and_pools() -> None:

@@ -18,6 +18,7 @@ from typing import IO
 from aiohttp import web
 
 from plexus.agent import wiring
+from plexus.agent.migrate import migrate
 from plexus.api.server import serve
 from plexus.config import AgentConfig
 from plexus.dataplane import docker_user
@@ -28,7 +29,6 @@ from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
 from plexus.errors import PlexusError
 from plexus.store import open_store
-from plexus.store.migrate import migrate
 
 log = logging.getLogger("plexus.agent")
 

@@ -1,7 +1,7 @@
 """Where things live in the datastore. One place, so the layout can be read at a glance, and every
 front door's keys are here too:
 
-    /plexus/meta/layout                           version of this layout (see store.migrate)
+    /plexus/meta/layout                           version of this layout (see agent.migrate)
     /plexus/networks/NAME                         Network
     /plexus/subnets/CIDR                          the network holding the subnet, or "pool:ID"
                                                   while an IPAM pool holds it before its network

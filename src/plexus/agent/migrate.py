@@ -19,7 +19,7 @@ from plexus.model import keys
 from plexus.model.types import Endpoint
 from plexus.store.base import Compare, Datastore, Delete, KeyValue, Op, Put
 
-log = logging.getLogger("plexus.store")
+log = logging.getLogger("plexus.agent")
 OLD_POOLS, OLD_REFUSED = "/plexus/docker/pools/", "/plexus/docker/refused/"
 
 
