@@ -9,6 +9,7 @@ which a restarted agent knows its own links.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Mapping
@@ -31,6 +32,15 @@ def owner_alias(ep: Endpoint) -> str:
 
 def network_alias(net: Network) -> str:
     return f"net:{net.name}"
+
+
+def quiet_port(name: str) -> None:
+    """No IPv6 on a bridge port's host end, before it comes up: it only bridges frames (the
+    bridge holds the gateways), and an IPv6 stack per port costs each one a link-local address,
+    duplicate address detection, MLD reports and router solicitations: with thousands of ports
+    the kernel's IPv6 workers hold the networking lock for seconds (measured at 1,000+)."""
+    with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
+        netns.write_sysctl(None, f"net.ipv6.conf.{name}.disable_ipv6", "1")
 
 
 class BridgeDriver:
@@ -101,6 +111,7 @@ class BridgeDriver:
             if have_host and not have_ctr:
                 await links.delete_link(host, name)  # half a pair: start again
                 await links.create_veth(host, name, ep.netns, ep.ifname, net.mtu, ep.mac)
+        quiet_port(name)
         await links.attach_to_bridge(host, name, bridge, owner_alias(ep))
 
     async def _ensure_detached(self, net: Network, ep: Endpoint) -> None:
@@ -115,6 +126,7 @@ class BridgeDriver:
                 await links.delete_link(host, ep.peer_ifname)
                 await links.create_veth(host, ep.host_ifname, None, ep.peer_ifname, net.mtu,
                                         ep.mac)
+                quiet_port(ep.host_ifname)
         elif not have_host:
             log.warning("veth %s of joined endpoint %s is gone; the runtime must join again",
                         ep.host_ifname, ep.key)
