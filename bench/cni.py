@@ -227,15 +227,12 @@ def api_side(socket_path: str, config: dict[str, Any], agent_pid: int, every: in
     interpreter start, no validation in the shim."""
 
     def call(verb: str, cid: str, netns: str) -> CniResult:
-        body: dict[str, object] = {"command": verb, "container_id": cid, "netns": netns,
-                                   "ifname": "eth0", "args": "", "config": config, "mode": "main"}
+        env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
+               "CNI_IFNAME": "eth0", "CNI_PATH": CNI_PATH}
+        body: dict[str, object] = {"argv0": "plexus", "env": env, "stdin": json.dumps(config)}
         t0 = time.perf_counter()
-        answer = shim.call_agent(socket_path, body)
-        seconds = time.perf_counter() - t0
-        if "error" in answer:
-            return CniResult(seconds, 1, json.dumps(answer["error"]), "")
-        result = answer.get("result")
-        return CniResult(seconds, 0, "" if result is None else json.dumps(result), "")
+        code, out = shim.call_agent(socket_path, body)
+        return CniResult(time.perf_counter() - t0, code, out, "")
 
     return Side("agent only", "apic", API_SUBNET, call, lambda: _proc_cpu(agent_pid),
                 every=every)

@@ -60,7 +60,7 @@ async def run_agent(config: AgentConfig) -> None:
     agent = wiring.build(
         config, store, build_drivers(host), NftFirewall(open_nft()), host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
-        kernel_events=KernelEvents(None),
+        kernel_events=KernelEvents(None), link_state=host.link_state,
     )
     runners: list[web.AppRunner] = []
     stop = asyncio.Event()

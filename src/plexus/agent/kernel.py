@@ -11,9 +11,12 @@ again, level-triggered):
 - one was set down, or an endpoint's veth left its bridge;
 - an address was deleted from a network's bridge (a gateway).
 
-plexus's own changes come through here too: creating a link, or deleting one that is no longer
-wanted, leaves nothing to repair, so the reconciler finds nothing to do. When events were lost
-(the kernel's buffer overran, or the agent fell behind), a full pass runs instead.
+plexus's own changes come through here too. Deleting a link that is no longer wanted leaves
+nothing to repair (nothing wants it). Creating one is several notifications in a row, with the
+link briefly down or not yet on its bridge: a deletion is acted on at once, but "down" and "off
+its bridge" only if the link is still so a moment later (``SETTLE``), asked of the kernel for that
+one link. When events were lost (the kernel's buffer overran, or the agent fell behind), a full
+pass runs instead.
 """
 
 from __future__ import annotations
@@ -40,14 +43,21 @@ from plexus.model import keys
 from plexus.state.cache import Cache
 
 log = logging.getLogger("plexus.kernel")
+SETTLE = 0.1  # seconds a link may look down or bridgeless before it counts as drift
+
+LinkState = Callable[[int], Awaitable[tuple[bool, int | None] | None]]
+"""(up, master index) of a link now, None if it is gone."""
 
 
 class KernelWatcher:
     def __init__(self, cache: Cache, links: LinkReconciler,
-                 full_pass: Callable[[], Awaitable[object]]) -> None:
+                 full_pass: Callable[[], Awaitable[object]], link_state: LinkState) -> None:
         self._cache = cache
         self._links = links
         self._full_pass = full_pass
+        self._link_state = link_state
+        self._suspect: dict[int, str] = {}  # ifindex -> alias, to look at again after SETTLE
+        self._settling: asyncio.Task[None] | None = None
         self._aliases: dict[int, str] = {}  # ifindex -> plexus alias, to place address events
         self._events: KernelEvents | None = None
         self._task: asyncio.Task[None] | None = None
@@ -65,6 +75,8 @@ class KernelWatcher:
         self._task = asyncio.create_task(self._run(events), name="kernel-events")
 
     async def close(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
         if self._events is not None:
             self._events.close()
         if self._task is not None:
@@ -99,11 +111,28 @@ class KernelWatcher:
             self._repair(link.alias, f"link {link.ifname} was deleted")
             return
         self._aliases[link.index] = link.alias
-        if not link.admin_up:
-            self._repair(link.alias, f"link {link.ifname} is down")
-        elif link.master is None and link.alias.startswith("ep:") and self._wants_master(
-                link.alias):
-            self._repair(link.alias, f"link {link.ifname} left its bridge")
+        if not link.admin_up or (link.master is None and link.alias.startswith("ep:")):
+            self._suspect[link.index] = link.alias
+            if self._settling is None or self._settling.done():
+                self._settling = asyncio.create_task(self._settle())
+
+    async def _settle(self) -> None:
+        """Look again at links that looked wrong: still down, or still off their bridge?"""
+        await asyncio.sleep(SETTLE)
+        suspects, self._suspect = self._suspect, {}
+        for index, alias in suspects.items():
+            try:
+                state = await self._link_state(index)
+            except PlexusError as exc:
+                log.warning("looking at link %d again failed: %s", index, exc)
+                continue
+            if state is None:
+                continue  # deleted meanwhile: its deletion event says so
+            up, master = state
+            if not up:
+                self._repair(alias, f"link {index} is down")
+            elif master is None and alias.startswith("ep:") and self._wants_master(alias):
+                self._repair(alias, f"link {index} left its bridge")
 
     def _address(self, event: AddressEvent) -> None:
         alias = self._aliases.get(event.index, "")

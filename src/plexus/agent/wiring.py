@@ -24,7 +24,7 @@ from typing import Any
 from plexus.agent.fullpass import FullPass
 from plexus.agent.garbage import Collector
 from plexus.agent.inspect import Inspector
-from plexus.agent.kernel import KernelWatcher
+from plexus.agent.kernel import KernelWatcher, LinkState
 from plexus.agent.monitor import LoopMonitor
 from plexus.agent.reconcilers.dns import DnsReconciler
 from plexus.agent.reconcilers.firewall import FirewallReconciler
@@ -187,7 +187,8 @@ def dns_service(config: AgentConfig) -> DnsService | None:
 def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDriver],
           firewall: Firewall, host_view: HostView, host: LinkTable,
           dns: DnsService | None = None, docker_exceptions: Hook | None = None,
-          kernel_events: KernelEvents | None = None) -> Agent:
+          kernel_events: KernelEvents | None = None,
+          link_state: LinkState | None = None) -> Agent:
     """An agent of these parts (the daemon passes the real ones, unit tests fakes).
     ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic;
     ``kernel_events``: the host namespace's link and address notifications."""
@@ -220,8 +221,8 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
         host=host,
     )
     holder.append(agent)
-    if kernel_events is not None:
-        agent.kernel = KernelWatcher(cache, links, agent.fullpass.run)
+    if kernel_events is not None and link_state is not None:
+        agent.kernel = KernelWatcher(cache, links, agent.fullpass.run, link_state)
         agent.kernel_events = kernel_events
     if config.docker_plugin_socket is not None:
         driver = DockerNetworkDriver(networks, endpoints, agent.pools, config.docker_api,

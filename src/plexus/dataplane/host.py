@@ -10,21 +10,26 @@ which a later creation of the same link waits on (``settle``) before it makes it
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar, cast
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from plexus.dataplane import events, links, netns
+from plexus.dataplane import events, links, netns, rtnl
 from plexus.errors import DataplaneError
 from plexus.model.types import IPNetwork
 
 log = logging.getLogger("plexus.dataplane")
+IFF_UP = 0x1
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -63,6 +68,10 @@ class HostNetlink:
         self._dump_lock = asyncio.Lock()
         self._deleting: dict[str, asyncio.Task[None]] = {}
         self._forwarding: set[int] = set()
+        # Deleting a link: see _delete_off_loop.
+        self._deleter = concurrent.futures.ThreadPoolExecutor(1, "plexus-dellink")
+        self._deleter_socket: socket.socket | None = None
+        self._seq = 0
 
     async def ipr(self) -> AsyncIPRoute:
         if self._ipr is None:
@@ -77,6 +86,9 @@ class HostNetlink:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        self._deleter.shutdown(wait=True)
+        if self._deleter_socket is not None:
+            self._deleter_socket.close()
 
     async def settle(self, name: str) -> None:
         """Wait for a background deletion of link ``name`` (a DEL just before this ADD)."""
@@ -91,7 +103,7 @@ class HostNetlink:
         if why:
             log.info("deleting link %s (%s)", name, why)
         if wait:
-            await links.delete_link(await self.ipr(), name)
+            await self._delete_off_loop(name)
             return
         task = asyncio.create_task(self._delete_later(name))
         self._deleting[name] = task
@@ -99,10 +111,47 @@ class HostNetlink:
 
     async def _delete_later(self, name: str) -> None:
         try:
-            await links.delete_link(await self.ipr(), name)
-        except (NetlinkError, OSError, DataplaneError) as exc:
+            await self._delete_off_loop(name)
+        except (OSError, DataplaneError) as exc:
             # The periodic pass deletes it as an orphan if this did not.
             log.warning("background delete of %s failed: %s", name, exc)
+
+    async def _delete_off_loop(self, name: str) -> None:
+        """Delete link ``name`` on a thread of its own. rtnetlink handles a request inside the
+        sender's send(): deleting a veth unregisters it under the networking lock and waits
+        for RCU, ~15-20 ms in that one syscall, which on the agent's socket would hold the
+        whole event loop (every API call, every DNS update) as long."""
+        self._seq += 1
+        seq = self._seq
+        loop = asyncio.get_running_loop()
+        code = await loop.run_in_executor(self._deleter, self._delete_sync, seq, name)
+        if code not in (0, errno.ENODEV, errno.ENOENT):
+            raise DataplaneError(f"cannot delete link {name}: {os.strerror(code)}")
+
+    def _delete_sync(self, seq: int, name: str) -> int:
+        if self._deleter_socket is None:
+            self._deleter_socket = netns.netlink_socket(None)
+            self._deleter_socket.settimeout(30)
+        sock = self._deleter_socket
+        sock.send(rtnl.dellink_request(seq, name))
+        buf = bytearray(65536)
+        for _ in range(64):  # bounded: the acknowledgement is the next message
+            size = sock.recv_into(buf)
+            code = rtnl.ack_code(memoryview(buf)[:size], seq)
+            if code is not None:
+                return code
+        raise DataplaneError(f"no answer from the kernel deleting {name}")
+
+    @kernel_errors
+    async def link_state(self, index: int) -> tuple[bool, int | None] | None:
+        """(up, master index) of link ``index`` now, or None if there is none."""
+        try:
+            msg = (await (await self.ipr()).link("get", index=index))[0]
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            raise
+        return bool(msg["flags"] & IFF_UP), msg.get("master")
 
     @kernel_errors
     async def has_link(self, name: str) -> bool:

@@ -177,3 +177,24 @@ def dump_chunk(data: memoryview, seq: int, into: list[LinkInfo]) -> tuple[bool, 
             if parsed is not None:
                 into.append(parsed[0])
     return done, interrupted
+
+
+NLM_F_ACK = 0x4
+
+
+def dellink_request(seq: int, ifname: str) -> bytes:
+    """RTM_DELLINK of the link named ``ifname``, with an acknowledgement asked for."""
+    name = ifname.encode() + b"\0"
+    attr = _NLATTR.pack(_NLATTR.size + len(name), IFLA_IFNAME) + name
+    attr += b"\0" * (-len(attr) % 4)
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK,
+                          seq, 0) + body
+
+
+def ack_code(data: memoryview, seq: int) -> int | None:
+    """The errno of the acknowledgement of request ``seq`` (0: done), None if not in ``data``."""
+    for kind, _, msg_seq, payload in messages(data):
+        if kind == NLMSG_ERROR and msg_seq == seq and len(payload) >= 4:
+            return -int(struct.unpack_from("=i", payload)[0])
+    return None
