@@ -65,6 +65,7 @@ async def agent(tmp_path: Path, store: MemoryStore, kernel: FakeKernel,
 
 
 NETNS = "/proc/self/ns/net"
+BUILTIN = [keys.network("host"), keys.network("none")]  # every agent has them, as Docker does
 
 
 def attach(container: str, network: str = "n", **kw: object) -> AttachSpec:
@@ -124,7 +125,7 @@ async def test_bad_network_input_leaves_nothing(
     with pytest.raises(InvalidArgument) as err:
         await agent.networks.create(spec)
     assert err.value.field == field
-    assert await listed(agent, keys.ROOT) == []
+    assert await listed(agent, keys.ROOT) == BUILTIN
     assert kernel.links == {}
 
 
@@ -168,13 +169,15 @@ async def test_two_hundred_parallel_attaches_never_share_an_address(
 async def test_static_ip_errors(agent: Agent) -> None:
     await agent.networks.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
     ten = ipaddress.ip_address("10.8.0.10")
-    await agent.endpoints.attach(attach("a", ips=[ten]))
-    with pytest.raises(InvalidArgument, match="'10.8.0.10': already in use"):
+    await agent.endpoints.attach(attach("a", name="web", ips=[ten]))
+    with pytest.raises(Conflict, match="address 10.8.0.10 is already in use by web"):
         await agent.endpoints.attach(attach("b", ips=[ten]))
     with pytest.raises(InvalidArgument, match="not in network n"):
         await agent.endpoints.attach(attach("b", ips=[ipaddress.ip_address("10.9.0.10")]))
-    with pytest.raises(InvalidArgument, match="gateway"):
+    with pytest.raises(Conflict, match="in use by the gateway of 10.8.0.0/24"):
         await agent.endpoints.attach(attach("b", ips=[ipaddress.ip_address("10.8.0.1")]))
+    with pytest.raises(InvalidArgument, match="reserved address"):
+        await agent.endpoints.attach(attach("b", ips=[ipaddress.ip_address("10.8.0.255")]))
 
 
 async def test_exhaustion(agent: Agent) -> None:
@@ -269,7 +272,7 @@ async def test_network_in_use_needs_force_and_force_detaches_everything(
     with pytest.raises(InUse, match="network 'n' has 2 endpoint"):
         await agent.networks.remove("n")
     assert await agent.networks.remove("n", force=True) == 2
-    assert await listed(agent, keys.ROOT) == []
+    assert await listed(agent, keys.ROOT) == BUILTIN
     assert kernel.links == {} and kernel.endpoints == {}
 
 
@@ -381,3 +384,49 @@ async def test_a_full_comparison_racing_changes_never_loses_one(
     assert firewall.state.pubs == agent.firewall.desired().state.pubs
     assert {p.host_port for p in firewall.state.pubs} == {7000 + i for i in range(1, 30, 2)}
     await agent.close()
+
+
+async def test_host_and_none_are_built_in(agent: Agent) -> None:
+    assert [n.name for n in agent.networks.all()] == ["host", "none"]
+    with pytest.raises(Conflict, match="'host' is built in and cannot be removed"):
+        await agent.networks.remove("host")
+    ep = await agent.endpoints.attach(attach("a", network="none"))
+    assert ep.addresses == () and ep.gateways == ()
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    (dict(aliases=["bad alias!"]), "alias"),
+    (dict(namespace="Bad NS"), "namespace"),
+    (dict(labels={"app": "x y"}), "label"),
+    (dict(labels={"-x": "1"}), "label"),
+])
+async def test_names_are_dns_and_kubernetes_names(agent: Agent, spec: dict[str, object],
+                                                  field: str) -> None:
+    await agent.networks.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
+    with pytest.raises(InvalidArgument) as err:
+        await agent.endpoints.attach(attach("a", **spec))
+    assert err.value.field == field
+    assert await listed(agent, keys.ENDPOINTS) == []
+
+
+@pytest.mark.parametrize(("spec", "field", "value"), [
+    (NetworkSpec(name="x", subnets=["10.0.0.0/24"], gateways=["10.0.0.1", "10.0.0.2"]),
+     "gateway", "10.0.0.2"),
+])
+async def test_network_input_that_cannot_work_is_refused(
+    agent: Agent, spec: NetworkSpec, field: str, value: str
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        await agent.networks.create(spec)
+    assert (err.value.field, err.value.value) == (field, value)
+
+
+async def test_an_ipv6_subnet_alone_makes_an_ipv6_only_network(agent: Agent) -> None:
+    net = await agent.networks.create(NetworkSpec(name="six", subnets=["fd00:1::/64"]))
+    assert [str(s.cidr) for s in net.subnets] == ["fd00:1::/64"] and net.ipv6
+
+
+async def test_an_ip_range_in_the_second_subnet(agent: Agent) -> None:
+    net = await agent.networks.create(NetworkSpec(
+        name="two", subnets=["10.61.0.0/24", "10.62.0.0/24"], ip_ranges=["10.62.0.128/25"]))
+    assert [str(s.ip_range) for s in net.subnets] == ["None", "10.62.0.128/25"]

@@ -147,6 +147,7 @@ class Agent:
         rolled = await self.collector.recover()
         if rolled:
             log.info("rolled back what a killed agent left half-made: %s", ", ".join(rolled))
+        await self.networks.ensure_builtin()
         self.ctx.ready = True
 
     def run_periodic(self) -> None:

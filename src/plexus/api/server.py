@@ -137,7 +137,7 @@ class Api:
             "node": self.ctx.node,
             "version": __version__,
             "networks": len(cache.networks),
-            "endpoints": len(cache.local_endpoints()),
+            "endpoints": cache.local_count(),
             "pid": os.getpid(),
             **self.admin.status(),
         })
@@ -149,7 +149,7 @@ class Api:
     async def network_list(self, request: web.Request) -> web.Response:
         cache = self.ctx.cache
         return web.json_response([
-            {**views.network(n, len(cache.endpoints_on(n.name))),
+            {**views.network(n, cache.count_on(n.name)),
              "docker_networks": cache.served_by(n.name)}
             for n in self.networks.all()
         ])

@@ -243,10 +243,13 @@ def _port(p: object) -> PortMapping:
 
 
 def _aliases(value: object, network: str) -> list[str]:
-    """Podman passes ``{"network": ["alias", ...]}``; others a plain list."""
+    """Podman passes ``{"network": ["alias", ...]}``; others a plain list. A runtime's names
+    that are no DNS names (a container named ``my_web``) cannot be looked up: they are left out
+    rather than failing the container's start."""
     if isinstance(value, dict):
         value = value.get(network, [])
-    return [str(a) for a in value] if isinstance(value, list) else []
+    names = [str(a) for a in value] if isinstance(value, list) else []
+    return [a for a in names if len(a) <= 253 and parse.DNS_NAME_RE.match(a)]
 
 
 def _bandwidth(value: object) -> dict[str, int]:

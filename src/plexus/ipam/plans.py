@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from plexus.errors import Exhausted, InvalidArgument
+from plexus.errors import Conflict, Exhausted, InvalidArgument
 from plexus.ipam import allocator, blocks
 from plexus.model import keys
 from plexus.model.types import IPAddress, IPInterface, Network, Subnet
 from plexus.store.base import Compare, Datastore, Delete, KeyValue, Op, Put
+
+
+Who = Callable[[str], str]
+"""Names the holder of a claim (an endpoint's store key) for an error message."""
 
 
 @dataclass
@@ -52,24 +56,25 @@ def _set_bit(plan: Plan, subnet: Subnet, kv: KeyValue | None, address: IPAddress
 
 
 async def claim_static(store: Datastore, net: Network, address: IPAddress, owner: str,
-                       reserved: frozenset[IPAddress] = frozenset()) -> Plan:
+                       who: Who = str) -> Plan:
     subnet = next((s for s in net.subnets if address in s.cidr), None)
     if subnet is None:
         cidrs = ", ".join(str(s.cidr) for s in net.subnets) or "none"
         raise InvalidArgument("ip", str(address), f"not in network {net.name} (subnets: {cidrs})")
-    return await claim_address(store, subnet, address, owner, reserved)
+    return await claim_address(store, subnet, address, owner, who=who)
 
 
 async def claim_address(store: Datastore, subnet: Subnet, address: IPAddress, owner: str,
-                        reserved: frozenset[IPAddress] = frozenset()) -> Plan:
-    """A plan claiming exactly ``address`` of ``subnet``."""
+                        reserved: frozenset[IPAddress] = frozenset(), who: Who = str) -> Plan:
+    """A plan claiming exactly ``address`` of ``subnet``. Taken: Conflict naming the holder
+    (``who(owner record)``), as a port clash does."""
     if address in allocator.unusable(subnet.cidr):
         raise InvalidArgument("ip", str(address), f"reserved address of {subnet.cidr}")
     if address == subnet.gateway or address in reserved:
-        raise InvalidArgument("ip", str(address), "already in use (a gateway)")
+        raise Conflict(f"address {address} is already in use by the gateway of {subnet.cidr}")
     holder = await store.get(keys.ipam_addr(subnet.cidr, address))
     if holder is not None:
-        raise InvalidArgument("ip", str(address), f"already in use by {holder.value}")
+        raise Conflict(f"address {address} is already in use by {who(holder.value)}")
     block = blocks.block_of(subnet.cidr, address)
     kv = await store.get(keys.ipam_block(subnet.cidr, block.start))
     plan = Plan()
@@ -100,7 +105,7 @@ async def claim_next(store: Datastore, subnet: Subnet, owner: str,
 
 
 async def plan_allocation(store: Datastore, net: Network, owner: str,
-                          static: Sequence[IPAddress] = ()) -> Plan:
+                          static: Sequence[IPAddress] = (), who: Who = str) -> Plan:
     """One address per IP family the network has: the static one asked for, else the next."""
     plan = Plan()
     stray = [a for a in static if not net.subnets_of(a.version)]
@@ -113,7 +118,7 @@ async def plan_allocation(store: Datastore, net: Network, owner: str,
         if len(wanted) > 1:
             raise InvalidArgument("ip", ",".join(map(str, wanted)), "one address per family")
         if wanted:
-            plan.extend(await claim_static(store, net, wanted[0], owner))
+            plan.extend(await claim_static(store, net, wanted[0], owner, who))
         elif subnets:
             plan.extend(await _claim_first_free(store, net, subnets, owner))
     return plan
@@ -146,7 +151,7 @@ async def plan_assigned(store: Datastore, net: Network, owner: str,
             plan.extend(await claim_address(store, subnet, iface.ip, owner))
             continue
         if not (pool_claims and kv.value.startswith(pool_claims)):
-            raise InvalidArgument("address", str(iface), f"already in use by {kv.value}")
+            raise Conflict(f"address {iface.ip} is already in use by {kv.value}")
         plan.compares.append(Compare(kv.key, "value", "==", kv.value))
         plan.addresses.append(iface)
     return plan

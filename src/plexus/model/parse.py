@@ -18,6 +18,12 @@ _PORT_RE = re.compile(
     r"(?P<h1>\d+)(?:-(?P<h2>\d+))?:(?P<c1>\d+)(?:-(?P<c2>\d+))?(?:/(?P<proto>[a-z]+))?$"
 )
 MAX_PORT_RANGE = 1024
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DNS_NAME_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")  # RFC 1123 host names
+# Kubernetes: a namespace is an RFC 1123 label; a label's name (and value) 63 characters of
+# [A-Za-z0-9_.-] that start and end alphanumeric; a key may have a DNS-subdomain prefix and "/".
+NAMESPACE_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 def name(field: str, value: str, max_len: int = 64) -> str:
@@ -32,6 +38,36 @@ def ifname(value: str) -> str:
     if value in (".", "..") or not IFNAME_RE.match(value):
         raise InvalidArgument("ifname", value, "1-15 characters, no '/', ':' or whitespace")
     return value
+
+
+def alias(value: str) -> str:
+    """A DNS name other containers will find this one by."""
+    if len(value) > 253 or not DNS_NAME_RE.match(value):
+        raise InvalidArgument("alias", value, "must be a DNS name: letters, digits, '-' and "
+                              "'.' between labels of at most 63 characters")
+    return value
+
+
+def namespace(value: str) -> str:
+    """A policy namespace, as Kubernetes names them ("" is no namespace)."""
+    if value and not NAMESPACE_RE.match(value):
+        raise InvalidArgument("namespace", value, "must be a lower-case RFC 1123 label "
+                              "(a-z, 0-9 and '-', at most 63 characters)")
+    return value
+
+
+def label(key: str, value: str) -> tuple[str, str]:
+    """A label as Kubernetes has them: [PREFIX/]NAME=VALUE."""
+    prefix, slash, label_name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not DNS_NAME_RE.match(prefix)):
+        raise InvalidArgument("label", key, "the prefix before '/' must be a DNS subdomain")
+    if not LABEL_NAME_RE.match(label_name):
+        raise InvalidArgument("label", key, "the name must be at most 63 characters of "
+                              "[A-Za-z0-9_.-], starting and ending alphanumeric")
+    if value and not LABEL_NAME_RE.match(value):
+        raise InvalidArgument("label", f"{key}={value}", "the value must be empty or at most 63 "
+                              "characters of [A-Za-z0-9_.-], starting and ending alphanumeric")
+    return key, value
 
 
 def driver(value: str) -> Driver:
@@ -65,6 +101,8 @@ def labels(items: Iterable[str], field: str = "label") -> dict[str, str]:
         if not sep or not key:
             raise InvalidArgument(field, item, "expected KEY=VALUE")
         out[key] = val
+        if field == "label":
+            label(key, val)
     return out
 
 

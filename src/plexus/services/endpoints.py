@@ -20,7 +20,7 @@ from typing import Any
 
 from plexus.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, PlexusError
 from plexus.ipam.plans import Plan, plan_allocation, plan_assigned, plan_release_many
-from plexus.model import parse
+from plexus.model import keys, parse
 from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, IPAddress, IPInterface, Network, Owner, PortMapping
 from plexus.services import ports
@@ -109,6 +109,11 @@ class EndpointService:
 
     def _validate(self, spec: AttachSpec, siblings: list[_Planned]) -> _Planned:
         parse.name("container_id", spec.container_id, max_len=128)
+        for a in spec.aliases:
+            parse.alias(a)
+        parse.namespace(spec.namespace)
+        for k, v in spec.labels.items():
+            parse.label(k, v)
         net = self.ctx.cache.network(spec.network)
         if net is None:
             raise NotFound(f"network {spec.network!r} not found")
@@ -148,7 +153,7 @@ class EndpointService:
             plan = await plan_assigned(self.ctx.store, p.net, owner, p.spec.addresses,
                                        p.spec.pool_claims)
         elif traits(p.net.driver).allocates:
-            plan = await plan_allocation(self.ctx.store, p.net, owner, p.spec.ips)
+            plan = await plan_allocation(self.ctx.store, p.net, owner, p.spec.ips, self._who)
         else:
             plan = Plan()
         ep = replace(p.ep, addresses=tuple(plan.addresses))
@@ -192,9 +197,14 @@ class EndpointService:
         await self.ctx.seen(result.revision)
         return ready
 
-    def _who(self, store_key: str) -> str:
-        ep = self.ctx.cache.endpoint(store_key)
-        return store_key.rsplit("/", 2)[-2][:12] if ep is None else (ep.name or ep.key)
+    def _who(self, holder: str) -> str:
+        """A claim's holder as a user knows it: the container's name, else its short ID."""
+        ep = self.ctx.cache.endpoint(holder)
+        if ep is not None:
+            return ep.name or ep.container_id[:12]
+        if holder.startswith(keys.ENDPOINTS):
+            return holder.rsplit("/", 2)[-2][:12]
+        return holder  # a pool's
 
     # -- change --------------------------------------------------------------------------------
 

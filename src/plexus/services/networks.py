@@ -18,6 +18,9 @@ from plexus.services.context import Context, network_object
 from plexus.store.base import Compare, Delete, Op, Put
 
 Detach = Callable[[Sequence[Endpoint]], Awaitable[None]]
+BUILTIN_LABEL = "plexus.builtin"
+# Networks every agent has, as Docker has them: the host's own namespace, and loopback only.
+BUILTINS = (("host", "host"), ("none", "none"))
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,10 @@ def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
                 raise InvalidArgument("subnet", str(b), f"overlaps {a} of the same network")
     subnets = []
     for cidr in cidrs:
-        gw = next((g for g in gateways if g in cidr), None)
+        mine = [g for g in gateways if g in cidr]
+        if len(mine) > 1:
+            raise InvalidArgument("gateway", str(mine[1]), f"a second gateway for {cidr}")
+        gw = mine[0] if mine else None
         rng = next((r for r in ranges if r.version == cidr.version and r.subnet_of(cidr)), None)  # type: ignore[arg-type]
         if gw is not None and gw in allocator.unusable(cidr):
             raise InvalidArgument("gateway", str(gw), f"reserved address of {cidr}")
@@ -162,7 +168,9 @@ class NetworkService:
 
     async def _auto_subnets(self, spec: NetworkSpec, have: list[Subnet]) -> list[Subnet]:
         cfg = self.ctx.config
-        wanted = [] if any(s.version == 4 for s in have) else [(cfg.pool4, cfg.pool4_prefix)]
+        # Subnets given are the network's subnets, as with Docker: an automatic IPv4 one only
+        # when none was given (an IPv6-only --subnet makes an IPv6-only network).
+        wanted = [] if have else [(cfg.pool4, cfg.pool4_prefix)]
         if spec.ipv6 and not any(s.version == 6 for s in have):
             wanted.append((cfg.pool6, cfg.pool6_prefix))
         avoid = [cidr for cidr, _ in await self.taken_prefixes()]
@@ -172,10 +180,22 @@ class NetworkService:
             out.append(Subnet(cidr, allocator.first_host(cidr)))
         return out
 
+    async def ensure_builtin(self) -> None:
+        """The built-in networks exist (another host of the cluster may have made them)."""
+        for name, driver in BUILTINS:
+            if self.ctx.cache.network(name) is None:
+                try:
+                    await self.create(NetworkSpec(name=name, driver=driver,
+                                                  labels={BUILTIN_LABEL: "true"}))
+                except AlreadyExists:
+                    pass
+
     async def remove(self, name: str, force: bool = False) -> int:
         """Removes the network; with ``force`` its endpoints (on every host) are detached first.
         Returns how many were detached."""
         net = self.get(name)
+        if net.labels.get(BUILTIN_LABEL) == "true":
+            raise Conflict(f"network {name!r} is built in and cannot be removed")
         users = self.ctx.cache.endpoints_on(name)
         if users and not force:
             who = ", ".join(f"{e.node}/{e.name or e.container_id[:12]}" for e in users[:5])

@@ -234,7 +234,7 @@ class PoolService:
             raise InvalidArgument("Address", want, f"not in pool {pool.cidr}")
         try:
             return await claim_address(self.ctx.store, subnet, address, pool.claim)
-        except InvalidArgument:
+        except (InvalidArgument, Conflict):
             raise Conflict(f"address {want} is not available in pool {pool.cidr}") from None
 
     async def release_address(self, pid: str, address: str) -> None:

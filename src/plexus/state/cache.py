@@ -43,6 +43,7 @@ class Cache:
     _by_container: dict[tuple[str, str], dict[str, Endpoint]] = field(
         default_factory=lambda: defaultdict(dict))
     _containers_by_id: dict[str, str] = field(default_factory=dict)
+    _local: set[str] = field(default_factory=set)  # store keys of this node's endpoints
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -56,13 +57,19 @@ class Cache:
         """Every node's endpoints on ``network``."""
         return [self.endpoints[k] for k in sorted(self._by_network.get(network, ()))]
 
+    def count_on(self, network: str) -> int:
+        return len(self._by_network.get(network, ()))
+
     def of_container(self, container_id: str, node: str | None = None) -> list[Endpoint]:
         """The interfaces of one container (on this node unless ``node`` says otherwise)."""
         found = self._by_container.get((node or self.node, container_id), {})
         return [found[i] for i in sorted(found)]
 
     def local_endpoints(self) -> list[Endpoint]:
-        return [e for e in self.endpoints.values() if e.node == self.node]
+        return [self.endpoints[k] for k in self._local]
+
+    def local_count(self) -> int:
+        return len(self._local)
 
     def container_by_id(self, container_id: str) -> Container | None:
         name = self._containers_by_id.get(container_id)
@@ -100,6 +107,7 @@ class Cache:
 
     def _set_endpoint(self, key: str, ep: Endpoint | None) -> None:
         old = self.endpoints.pop(key, None)
+        self._local.discard(key)
         if old is not None:
             self._by_network[old.network].discard(key)
             if not self._by_network[old.network]:
@@ -110,6 +118,8 @@ class Cache:
                 del self._by_container[(old.node, old.container_id)]
         if ep is not None:
             self.endpoints[key] = ep
+            if ep.node == self.node:
+                self._local.add(key)
             self._by_network[ep.network].add(key)
             self._by_container[(ep.node, ep.container_id)][ep.ifname] = ep
 

@@ -90,8 +90,9 @@ class NftFirewall:
             await self._nft.run(render_table(new))
 
     async def change(self, delta: FirewallDelta, full: Callable[[], FirewallState]) -> bool:
-        cmds = [*render_net_delta(delta.old_nets, delta.new_nets),
-                *render_pub_delta(delta.added, delta.removed)]
+        nets = [] if delta.old_nets == delta.new_nets else render_net_delta(delta.old_nets,
+                                                                             delta.new_nets)
+        cmds = [*nets, *render_pub_delta(delta.added, delta.removed)]
         if not cmds:
             return True
         async with self._lock:
