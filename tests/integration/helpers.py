@@ -64,3 +64,20 @@ def store_rows(state_dir: Path, prefix: str) -> dict[str, str]:
     finally:
         db.close()
     return {str(k): str(v) for k, v in rows}
+
+
+BUILTIN_NETWORKS = ["host", "none"]  # every agent has them (as Docker has)
+
+
+def user_networks(agent: Any) -> list[dict[str, Any]]:
+    """`plexus network ls --json` without the built-in networks."""
+    return [n for n in agent.json("network", "ls") if n["name"] not in BUILTIN_NETWORKS]
+
+
+def bridge_of(agent: Any, network: str | None = None) -> str:
+    """The bridge of ``network`` (default: the only user network)."""
+    nets = user_networks(agent)
+    if network is None:
+        assert len(nets) == 1, nets
+        return str(nets[0]["bridge"])
+    return str(next(n["bridge"] for n in nets if n["name"] == network))

@@ -260,7 +260,8 @@ def test_a_plexus_run_container_reaches_a_cni_container(cni: Cni) -> None:
     add = cni.run("ADD", cni.conf(), container_id="c7", netns=ns)
     assert add.ok
     nets = cni.agent.json("network", "ls")
-    assert [n["name"] for n in nets] == ["cninet"]  # created by the first ADD, a plexus network
+    # created by the first ADD, a plexus network (host and none are built in)
+    assert [n["name"] for n in nets] == ["cninet", "host", "none"]
     cni.agent.run_echo("native", "cninet")
     cni.agent.wait_listening("native")
     pod_ip = add.out["ips"][0]["address"].split("/")[0]

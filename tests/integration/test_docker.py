@@ -17,7 +17,7 @@ from tests.harness.cni import exec_plugin
 from tests.harness.docker import INDEX_HTML, Dockerd
 from tests.harness.world import Agent, World, http_get, ping
 
-from .helpers import links, nft_elements, store_rows, wait_until
+from .helpers import BUILTIN_NETWORKS, links, nft_elements, store_rows, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dockerd") is None or not Path("/bin/busybox").exists(),
@@ -170,7 +170,8 @@ def test_removing_containers_and_networks_leaves_nothing(env: Env) -> None:
     assert store_rows(a.state_dir, "/plexus/endpoints/") == {}
     assert store_rows(a.state_dir, "/plexus/ipam/") == {}
     assert store_rows(a.state_dir, "/plexus/ports/") == {}
-    assert store_rows(a.state_dir, "/plexus/networks/") == {}
+    assert set(store_rows(a.state_dir, "/plexus/networks/")) == {
+        f"/plexus/networks/{n}" for n in BUILTIN_NETWORKS}
     assert store_rows(a.state_dir, "/plexus/subnets/") == {}
     assert [l["ifname"] for l in links("host1") if l["ifname"].startswith("px")] == []
     assert all(not v for v in nft_elements("host1").values())

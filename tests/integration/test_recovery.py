@@ -16,7 +16,14 @@ import pytest
 from plexus.dataplane.netns import run_in_netns
 from tests.harness.world import Agent, World, nsexec, sh
 
-from .helpers import addresses, links, nft_elements, plexus_links, store_rows
+from .helpers import (
+    addresses,
+    bridge_of,
+    links,
+    nft_elements,
+    plexus_links,
+    store_rows,
+)
 
 
 def _connect(ns: str, ip: str, port: int) -> socket.socket:
@@ -84,7 +91,7 @@ def _assert_consistent(agent: Agent) -> None:
     assert all(c["state"] == "running" for c in containers)
     eps = [e for c in containers for e in c["endpoints"]]
     # kernel ↔ endpoints: exactly one host veth per endpoint, no more
-    assert plexus_links("host1") - {agent.json("network", "ls")[0]["bridge"]} == {
+    assert plexus_links("host1") - {bridge_of(agent)} == {
         e["host_ifname"] for e in eps
     }
     # each container's interface carries the addresses plexus recorded
@@ -129,7 +136,7 @@ def test_periodic_reconcile_repairs_drift_and_releases_vanished_namespaces(world
         if nft_elements("host1").get("bridges") and released:
             break
         time.sleep(0.2)
-    assert nft_elements("host1")["bridges"] == [agent.json("network", "ls")[0]["bridge"]]
+    assert nft_elements("host1")["bridges"] == [bridge_of(agent)]
     assert store_rows(agent.state_dir, "/plexus/endpoints/host1/f1/") == {}
     assert len(store_rows(agent.state_dir, "/plexus/ipam/")) == 1
     agent.wait_listening("a")
@@ -150,7 +157,7 @@ def test_kernel_events_repair_drift_at_once(agent: Agent, world: World) -> None:
     agent.run_echo("a", "n", "-p", "8080:80")
     agent.wait_listening("a")
     host = world.host_addr("host1")
-    bridge = agent.json("network", "ls")[0]["bridge"]
+    bridge = bridge_of(agent)
     veth = agent.container("a")["endpoints"][0]["host_ifname"]
 
     def serving() -> bool:

@@ -302,9 +302,7 @@ def _cni_failure(version: str, err: PlexusError) -> web.Response:
 async def serve(app: web.Application, socket_path: Path) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    if socket_path.exists() or socket_path.is_symlink():
-        socket_path.unlink()
+    socket_path.parent.mkdir(parents=True, exist_ok=True)  # claimed by the caller first
     # The socket is created under a restrictive umask so that it is never, even briefly,
     # reachable by other users (then chmod makes the mode explicit).
     old = os.umask(0o177)

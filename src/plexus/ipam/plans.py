@@ -23,7 +23,6 @@ from plexus.model import keys
 from plexus.model.types import IPAddress, IPInterface, Network, Subnet
 from plexus.store.base import Compare, Datastore, Delete, KeyValue, Op, Put
 
-
 Who = Callable[[str], str]
 """Names the holder of a claim (an endpoint's store key) for an error message."""
 

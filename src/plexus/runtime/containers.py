@@ -120,18 +120,16 @@ class ContainerRuntime:
 
     async def run(self, spec: RunSpec) -> Container:
         c = self._validate(spec)
-        if c.netns_name:
-            netns.create_named(c.netns_name)
+        # The row first: an agent killed anywhere after this finds the container "creating"
+        # and removes it with its namespace; a namespace made first could be left behind.
+        created = await self.ctx.commit([Compare.absent(self._key(c))],
+                                        [Put(self._key(c), c.to_json())])
+        if not created.succeeded:
+            raise AlreadyExists(f"container {c.name!r} already exists")
         try:
-            await self.endpoints.attach_all(
-                self._attachments(c, spec),
-                absent=[(self._key(c), f"container {c.name!r} already exists")],
-                ops=[Put(self._key(c), c.to_json())],
-            )
-        except BaseException:
-            self._delete_netns(c, [])
-            raise
-        try:
+            if c.netns_name:
+                netns.create_named(c.netns_name)
+            await self.endpoints.attach_all(self._attachments(c, spec))
             return await self._start(c)
         except BaseException:
             await self._remove(c)

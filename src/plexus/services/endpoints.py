@@ -25,7 +25,7 @@ from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, IPAddress, IPInterface, Network, Owner, PortMapping
 from plexus.services import ports
 from plexus.services.context import Context, endpoint_object
-from plexus.store.base import Compare, Delete, Op, Put, TxnResult
+from plexus.store.base import Compare, Delete, Put, TxnResult
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,12 @@ class EndpointService:
     async def attach(self, spec: AttachSpec) -> Endpoint:
         return (await self.attach_all([spec]))[0]
 
-    async def attach_all(self, specs: Sequence[AttachSpec], absent: Sequence[tuple[str, str]] = (),
-                         ops: Sequence[Op] = ()) -> list[Endpoint]:
-        """Attach every spec in one transaction, with the caller's ``ops``, on condition that the
-        keys of ``absent`` do not exist (else AlreadyExists with the message given for it)."""
+    async def attach_all(self, specs: Sequence[AttachSpec]) -> list[Endpoint]:
+        """Attach every spec (a container's networks) in one transaction."""
         planned: list[_Planned] = []
         for spec in specs:
             planned.append(self._validate(spec, planned))
-        result, eps = await self._commit(planned, absent, ops)
+        result, eps = await self._commit(planned)
         try:
             await self.ctx.settle(result.revision, [endpoint_object(e.store_key) for e in eps])
         except PlexusError:
@@ -164,26 +162,21 @@ class EndpointService:
         plan.ops.append(Put(owner, ep.to_json()))
         return ep, plan
 
-    async def _commit(self, planned: list[_Planned], absent: Sequence[tuple[str, str]],
-                      ops: Sequence[Op]) -> tuple[TxnResult, list[Endpoint]]:
+    async def _commit(self, planned: list[_Planned]) -> tuple[TxnResult, list[Endpoint]]:
         """Claim addresses and ports and write the endpoints in one transaction, planning again
         when a race was lost."""
-        must_be_absent = [*absent]
         for _ in range(self.ctx.config.txn_retries):
             plan, eps = Plan(), []
             for p in planned:
                 ep, part = await self._plan(p)
                 eps.append(ep)
                 plan.extend(part)
-            guards = [Compare.absent(key) for key, _ in must_be_absent]
-            result = await self.ctx.commit([*guards, *plan.compares], [*ops, *plan.ops])
+            result = await self.ctx.commit(plan.compares, plan.ops)
             if result.succeeded:
                 return result, eps
-            found = [*must_be_absent, *((e.store_key, f"endpoint {e.key} already exists")
-                                        for e in eps)]
-            for key, message in found:
-                if await self.ctx.store.get(key) is not None:
-                    raise AlreadyExists(message)
+            for ep in eps:
+                if await self.ctx.store.get(ep.store_key) is not None:
+                    raise AlreadyExists(f"endpoint {ep.key} already exists")
         raise Conflict(f"could not allocate on {planned[0].net.name}: too much contention")
 
     async def _mark_ready(self, eps: list[Endpoint]) -> list[Endpoint]:

@@ -3,6 +3,7 @@ transaction; the bridge (or whatever the driver makes) is the reconcilers' busin
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -184,11 +185,9 @@ class NetworkService:
         """The built-in networks exist (another host of the cluster may have made them)."""
         for name, driver in BUILTINS:
             if self.ctx.cache.network(name) is None:
-                try:
+                with contextlib.suppress(AlreadyExists):  # another host made it meanwhile
                     await self.create(NetworkSpec(name=name, driver=driver,
                                                   labels={BUILTIN_LABEL: "true"}))
-                except AlreadyExists:
-                    pass
 
     async def remove(self, name: str, force: bool = False) -> int:
         """Removes the network; with ``force`` its endpoints (on every host) are detached first.
