@@ -430,3 +430,16 @@ async def test_an_ip_range_in_the_second_subnet(agent: Agent) -> None:
     net = await agent.networks.create(NetworkSpec(
         name="two", subnets=["10.61.0.0/24", "10.62.0.0/24"], ip_ranges=["10.62.0.128/25"]))
     assert [str(s.ip_range) for s in net.subnets] == ["None", "10.62.0.128/25"]
+
+
+async def test_a_port_on_an_address_the_host_lacks_is_refused(
+    tmp_path: Path, store: MemoryStore, kernel: FakeKernel, firewall: FakeFirewall
+) -> None:
+    agent = await make_agent(tmp_path, store, kernel, firewall,
+                             FakeHost(addresses={"203.0.113.1"}))
+    await agent.networks.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
+    with pytest.raises(InvalidArgument, match="the host has no address 10.9.9.9") as err:
+        await agent.endpoints.attach(attach("a", ports=[parse.port_mapping("10.9.9.9:7000:80")]))
+    assert err.value.field == "publish" and await listed(agent, keys.ENDPOINTS) == []
+    await agent.endpoints.attach(attach("a", ports=[parse.port_mapping("203.0.113.1:7000:80")]))
+    await agent.close()

@@ -26,7 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from plexus.dataplane import events, links, netns, rtnl
 from plexus.errors import DataplaneError
-from plexus.model.types import IPNetwork
+from plexus.model.types import IPAddress, IPNetwork
 
 log = logging.getLogger("plexus.dataplane")
 IFF_UP = 0x1
@@ -169,6 +169,14 @@ class HostNetlink:
         async with self._dump_lock:
             found = await links.local_prefixes(await self.ipr())
         return [(ipaddress.ip_network(p, strict=False), where) for p, where in found]
+
+    @kernel_errors
+    async def has_address(self, ip: IPAddress) -> bool:
+        if ip.is_loopback:
+            return True  # the kernel holds all of 127.0.0.0/8 (and ::1) as local
+        async with self._dump_lock:
+            found = [a.get("address") async for a in await (await self.ipr()).addr("dump")]
+        return str(ip) in found
 
     def check_netns(self, path: str) -> None:
         """Raise InvalidArgument unless ``path`` is a network namespace (``HostView``)."""

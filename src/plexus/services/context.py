@@ -9,7 +9,7 @@ from typing import Protocol
 
 from plexus.config import AgentConfig
 from plexus.errors import Conflict, NotReady
-from plexus.model.types import IPNetwork
+from plexus.model.types import IPAddress, IPNetwork
 from plexus.state.cache import Cache
 from plexus.state.progress import Progress
 from plexus.store.base import Compare, Datastore, Op, TxnResult
@@ -24,6 +24,10 @@ class HostView(Protocol):
 
     def check_netns(self, path: str) -> None:
         """Raise InvalidArgument (field netns) unless ``path`` is a network namespace."""
+        ...
+
+    async def has_address(self, ip: IPAddress) -> bool:
+        """Is ``ip`` an address of the host (a port can be published on it)?"""
         ...
 
 

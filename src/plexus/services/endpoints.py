@@ -97,6 +97,7 @@ class EndpointService:
         planned: list[_Planned] = []
         for spec in specs:
             planned.append(self._validate(spec, planned))
+            await self._check_host_addresses(spec.ports)
         result, eps = await self._commit(planned)
         try:
             await self.ctx.settle(result.revision, [endpoint_object(e.store_key) for e in eps])
@@ -144,6 +145,13 @@ class EndpointService:
             bandwidth=dict(spec.bandwidth), peer_in_host=spec.peer_in_host,
         )
         return _Planned(ep, spec, net, route)
+
+    async def _check_host_addresses(self, mappings: Sequence[PortMapping]) -> None:
+        """A port published on a host address the host does not have would never be reached."""
+        for pm in mappings:
+            if pm.host_ip is not None and not await self.ctx.host.has_address(pm.host_ip):
+                raise InvalidArgument("publish", str(pm),
+                                      f"the host has no address {pm.host_ip}")
 
     async def _plan(self, p: _Planned) -> tuple[Endpoint, Plan]:
         owner = p.ep.store_key
@@ -206,6 +214,7 @@ class EndpointService:
         after Join): claims and endpoint in one transaction, then wait for the firewall."""
         ep = self.get(key)
         _check_overlaps(new)
+        await self._check_host_addresses(new)
         change = ports.PortChange(ep.node, key, ep.ports, new)
         plan = await ports.plan_ports(self.ctx.store, [change], self._who)
         return await self._update(ep, plan, ports=tuple(new))

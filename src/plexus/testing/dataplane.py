@@ -11,7 +11,7 @@ from plexus.dataplane.drivers import NetworkDriver
 from plexus.dataplane.drivers.bridge import network_alias, owner_alias
 from plexus.errors import DataplaneError, InvalidArgument
 from plexus.model.drivers import DRIVERS, DriverTraits
-from plexus.model.types import Endpoint, IPNetwork, Network
+from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network
 
 
 @dataclass
@@ -85,9 +85,13 @@ class FakeHost:
 
     prefixes: list[tuple[IPNetwork, str]] = field(default_factory=list)
     namespaces: set[str] | None = None  # None: every path is a namespace
+    addresses: set[str] | None = None  # None: every address is the host's
 
     async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:
         return list(self.prefixes)
+
+    async def has_address(self, ip: IPAddress) -> bool:
+        return self.addresses is None or str(ip) in self.addresses
 
     def check_netns(self, path: str) -> None:
         if self.namespaces is not None and path not in self.namespaces:
