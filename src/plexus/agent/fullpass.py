@@ -122,11 +122,3 @@ class FullPass:
             except PlexusError as exc:
                 errors.append(f"link {name}: {exc}")
         return errors
-
-    async def run_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.run()
-            except PlexusError as exc:
-                log.error("full pass failed: %s", exc)

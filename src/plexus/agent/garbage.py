@@ -101,16 +101,21 @@ class Collector:
         """Address and port claims that name an endpoint of this node that no longer exists.
         The live set is read after the listing, so an endpoint created meanwhile is live."""
         mine = keys.endpoints(self.ctx.node)
-        addrs, _ = await self.ctx.store.list(keys.IPAM)
-        port_kvs, _ = await self.ctx.store.list(keys.ports(self.ctx.node))
         live = self.ctx.cache.endpoints
         collected: list[str] = []
-        for i, kv in enumerate(addrs):
-            if i % CHUNK == CHUNK - 1:
-                await asyncio.sleep(0)
-            owned_by_gone = kv.value.startswith(mine) and kv.value not in live
-            if owned_by_gone and await self._drop_address(kv.key, kv.value):
-                collected.append(kv.key)
+        # One subnet's claims at a time (a listing is one synchronous read of the store).
+        subnets, _ = await self.ctx.store.list(keys.SUBNETS)
+        for subnet in subnets:
+            await asyncio.sleep(0)
+            cidr = keys.segment_cidr(subnet.key[len(keys.SUBNETS):])
+            addrs, _ = await self.ctx.store.list(keys.ipam_prefix(cidr))
+            for i, kv in enumerate(addrs):
+                if i % CHUNK == CHUNK - 1:
+                    await asyncio.sleep(0)
+                owned_by_gone = kv.value.startswith(mine) and kv.value not in live
+                if owned_by_gone and await self._drop_address(kv.key, kv.value):
+                    collected.append(kv.key)
+        port_kvs, _ = await self.ctx.store.list(keys.ports(self.ctx.node))
         for kv in port_kvs:
             stale = [o for o in ports.owners(kv.value) if o.startswith(mine) and o not in live]
             if stale and await self._drop_port(kv.key, kv.value, kv.mod_revision, stale):

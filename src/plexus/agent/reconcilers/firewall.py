@@ -12,6 +12,7 @@ that is right, and a flushed or hand-edited table is repaired.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from plexus.state.work import Reconciler
 
 log = logging.getLogger("plexus.reconcile")
 VERIFY = "verify"  # the object that asks for a full comparison with the kernel
+CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,27 @@ class FirewallReconciler(Reconciler):
         return endpoint_publications(self._cache.network(ep.network), ep)
 
     def desired(self) -> Snapshot:
-        """The whole table, from the cache: O(endpoints), for start-up and repairs only. With
-        the per-endpoint parts it was made of, so that what is adopted as applied is exactly
-        what was sent, even if the cache moves on while the kernel is being written."""
+        """The whole table, from the cache: O(endpoints), for a refused delta only. With the
+        per-endpoint parts it was made of, so that what is adopted as applied is exactly what
+        was sent, even if the cache moves on while the kernel is being written."""
+        parts = {ep.store_key: self._publications(ep.store_key)
+                 for ep in self._cache.local_endpoints()}
+        return self._snapshot(parts)
+
+    async def desired_soon(self) -> Snapshot:
+        """``desired``, yielding to the event loop every CHUNK endpoints (start-up, the
+        periodic comparison): thousands of endpoints never hold up requests."""
         parts: dict[str, frozenset[Publication]] = {}
-        for ep in self._cache.local_endpoints():
-            pubs = endpoint_publications(self._cache.network(ep.network), ep)
-            if pubs:
-                parts[ep.store_key] = pubs
+        for i, ep in enumerate(self._cache.local_endpoints()):
+            if i % CHUNK == CHUNK - 1:
+                await asyncio.sleep(0)
+            # A change while we yield is queued for the next batch, whose delta starts from
+            # what is recorded here: nothing is lost either way.
+            parts[ep.store_key] = self._publications(ep.store_key)
+        return self._snapshot(parts)
+
+    def _snapshot(self, parts: dict[str, frozenset[Publication]]) -> Snapshot:
+        parts = {k: v for k, v in parts.items() if v}
         union = frozenset().union(*parts.values()) if parts else frozenset()
         return Snapshot(FirewallState(self._net_rules(), union).canonical(), parts)
 
@@ -127,7 +142,7 @@ class FirewallReconciler(Reconciler):
 
     async def resync(self) -> bool:
         """Make the kernel hold exactly the desired table; True if it had to change it."""
-        want = self.desired()
+        want = await self.desired_soon()
         have = await self._fw.current()
         changed = have != want.state
         if changed:
