@@ -54,7 +54,7 @@ SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs d
 HOST = "host1"
 READ_ONLY = {
     ("network", "ls"), ("network", "inspect"), ("ps",), ("inspect",), ("status",),
-    ("dns", "lookup"), ("dns", "stats"),
+    ("dns", "lookup"), ("dns", "stats"), ("logs",),
 }
 SANDBOXED = {"--state-dir", "--socket", "--docker-api", "--docker-plugin-socket"}
 
@@ -166,6 +166,7 @@ class Session:
     world: World
     agent: Agent | None = None
     attached: dict[str, str] = field(default_factory=dict)  # --id of `plexus attach` -> netns
+    printed: dict[str, str] = field(default_factory=dict)  # foreground `run --name N` -> output
 
     def env(self) -> dict[str, str]:
         assert self.agent is not None, "a README command runs before the agent's line"
@@ -300,9 +301,30 @@ def exec_in_container(session: Session, args: list[str], out: str) -> None:
 
 
 def foreground_run(session: Session, args: list[str], out: str) -> None:
-    """No -d: the command has run to its end by the time `plexus run` returns."""
-    container = inspect(session, option(args, "--name") or "")
+    """No -d: the command has run to its end by the time `plexus run` returns, and `plexus run`
+    printed what the command prints when run directly."""
+    name = option(args, "--name") or ""
+    container = inspect(session, name)
     assert (container["state"], container["exit_code"]) == ("exited", 0), container
+    command = args[args.index("--") + 1:]
+    assert out == subprocess.run(command, capture_output=True, text=True, timeout=10).stdout
+    session.printed[name] = out
+
+
+def logs(session: Session, args: list[str], out: str) -> None:
+    """`logs NAME`: what the foreground run printed, as the agent's log file holds it."""
+    assert session.agent is not None
+    name = args[-1]
+    assert out == session.printed[name]
+    assert out == (session.agent.state_dir / "logs" / f"{name}.log").read_text()
+
+
+def removed_logs(session: Session, args: list[str], out: str) -> None:
+    """`rm NAME...`: their logs are gone with them."""
+    assert session.agent is not None
+    names = [a for a in args[1:] if not a.startswith("-")]
+    assert names and out.split() == names
+    assert not any((session.agent.state_dir / "logs" / f"{n}.log").exists() for n in names)
 
 
 def attached(session: Session, args: list[str], out: str) -> None:
@@ -345,6 +367,8 @@ CHECKS = [
           auto_subnets),
     Check("published port", cmd("run", has=("-d", "http.server")), published_port_answers),
     Check("foreground run", cmd("run", lacks="-d"), foreground_run),
+    Check("logs", cmd("logs"), logs),
+    Check("rm removes logs", cmd("rm"), removed_logs),
     Check("exec ip addr", lambda argv: cmd("exec")(argv) and argv[-2:] == ["ip", "addr"],
           exec_in_container),
     Check("attach --ip", cmd("attach", has=("--ip",)), attached),

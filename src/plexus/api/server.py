@@ -7,6 +7,7 @@ deeper.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,9 +22,9 @@ from plexus.api import views
 from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
-from plexus.errors import InvalidArgument, NotFound, PlexusError
+from plexus.errors import Conflict, InvalidArgument, NotFound, PlexusError
 from plexus.model import parse
-from plexus.model.types import Endpoint
+from plexus.model.types import Container, Endpoint
 from plexus.runtime.containers import ContainerRuntime, RunSpec
 from plexus.services.endpoints import AttachSpec, EndpointService
 from plexus.services.networks import NetworkService, NetworkSpec
@@ -105,9 +106,11 @@ class Api:
         self.cni = cni
         self.dns = dns
         self.admin = admin
+        self._closing = False  # followed logs end when the agent stops
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware])
+        app.on_shutdown.append(self._shutdown)
         r = app.router
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/networks", self.network_list)
@@ -117,6 +120,7 @@ class Api:
         r.add_get("/v1/containers", self.container_list)
         r.add_post("/v1/containers", self.container_run)
         r.add_get("/v1/containers/{name}", self.container_get)
+        r.add_get("/v1/containers/{name}/logs", self.container_logs)
         r.add_delete("/v1/containers/{name}", self.container_remove)
         r.add_get("/v1/endpoints", self.endpoint_list)
         r.add_post("/v1/endpoints", self.endpoint_attach)
@@ -129,6 +133,9 @@ class Api:
 
     def _require_ready(self) -> None:
         self.ctx.require_ready()
+
+    async def _shutdown(self, app: web.Application) -> None:
+        self._closing = True
 
     async def status(self, request: web.Request) -> web.Response:
         cache = self.ctx.cache
@@ -186,20 +193,69 @@ class Api:
         detached = await self.networks.remove(request.match_info["name"], force=force)
         return web.json_response({"detached": detached}, status=200)
 
+    def _externals(self) -> dict[str, list[Endpoint]]:
+        """Containers other runtimes started (CNI, Docker, `plexus attach`): their endpoints."""
+        others: dict[str, list[Endpoint]] = {}
+        for ep in self.endpoints.all():
+            if self.ctx.cache.container_by_id(ep.container_id) is None:
+                others.setdefault(ep.container_id, []).append(ep)
+        return others
+
+    def _find(self, ref: str) -> tuple[Container | None, str, list[Endpoint]]:
+        """What `ps` lists as ``ref`` (its name or ID, or a prefix of the ID no other has):
+        a container of `plexus run`, or (None) one that another runtime started."""
+        try:
+            c = self.containers.get(ref)
+            return c, c.id, self.endpoints.of_container(c.id)
+        except NotFound:
+            pass
+        others = self._externals()
+        if ref in others:
+            return None, ref, others[ref]
+        found = [cid for cid, eps in others.items() if views.external_name(cid, eps) == ref]
+        found = found or [cid for cid in others if cid.startswith(ref)]
+        if len(found) > 1:
+            raise Conflict(f"container {ref!r} is ambiguous: IDs {', '.join(sorted(found))}")
+        if not found:
+            raise NotFound(f"container {ref!r} not found")
+        return None, found[0], others[found[0]]
+
+    def _own(self, ref: str, instead: str) -> Container:
+        """A container of `plexus run`, for what only those have (a process, a log)."""
+        c, cid, _ = self._find(ref)
+        if c is None:
+            raise Conflict(f"container {ref!r} was not started by plexus run but attached by "
+                           f"another runtime or `plexus attach`: {instead.format(id=cid)}")
+        return c
+
     async def container_list(self, request: web.Request) -> web.Response:
         own = self.containers.all()
         items = [views.container(c, self.endpoints.of_container(c.id)) for c in own]
-        others: dict[str, list[Endpoint]] = {}
-        known = {c.id for c in own}
-        for ep in self.endpoints.all():
-            if ep.container_id not in known:
-                others.setdefault(ep.container_id, []).append(ep)
-        items += [views.external(cid, eps) for cid, eps in others.items()]
+        items += [views.external(cid, eps) for cid, eps in self._externals().items()]
         return web.json_response(sorted(items, key=lambda c: str(c["name"])))
 
     async def container_get(self, request: web.Request) -> web.Response:
-        c = self.containers.get(request.match_info["name"])
-        return web.json_response(views.container(c, self.endpoints.of_container(c.id)))
+        c, cid, eps = self._find(request.match_info["name"])
+        view = views.external(cid, eps) if c is None else views.container(c, eps)
+        return web.json_response(view)
+
+    async def container_logs(self, request: web.Request) -> web.StreamResponse:
+        """The container's output as it is in its log file; ``follow=1``: then as it comes,
+        until the container exits (the stream ends), the client leaves or the agent stops."""
+        c = self._own(request.match_info["name"], "its runtime keeps its logs")
+        follow = request.query.get("follow", "") in ("1", "true")
+
+        def give_up() -> bool:
+            return self._closing or request.transport is None or request.transport.is_closing()
+
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        # aclosing: a write that fails (the reader left) closes the log file now, not at GC.
+        async with contextlib.aclosing(self.containers.log(c, follow, give_up)) as chunks:
+            async for chunk in chunks:
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
     async def container_run(self, request: web.Request) -> web.Response:
         self._require_ready()
@@ -220,7 +276,8 @@ class Api:
     async def container_remove(self, request: web.Request) -> web.Response:
         self._require_ready()
         force = request.query.get("force", "") in ("1", "true")
-        await self.containers.remove(request.match_info["name"], force=force)
+        c = self._own(request.match_info["name"], "`plexus detach --id {id}` detaches it")
+        await self.containers.remove(c.id, force=force)
         return web.json_response({})
 
     async def endpoint_list(self, request: web.Request) -> web.Response:

@@ -46,19 +46,26 @@ def endpoint(ep: Endpoint) -> dict[str, Any]:
     }
 
 
+def external_name(container_id: str, eps: list[Endpoint]) -> str:
+    """The name `ps` shows for a container another runtime started."""
+    return eps[0].name or container_id[:12]
+
+
 def external(container_id: str, eps: list[Endpoint]) -> dict[str, Any]:
-    """A container that another runtime (CNI, Docker) started: plexus knows it only through
-    its endpoints, so `ps` shows it with those."""
+    """A container that another runtime (CNI, Docker, `plexus attach`) started: plexus knows it
+    only through its endpoints, so `ps` shows it with those. Its namespace is the one path its
+    endpoints name ("" while plexus knows none: a Docker endpoint before Join)."""
     first = eps[0]
     return {
         "id": container_id,
-        "name": first.name or container_id[:12],
+        "name": external_name(container_id, eps),
         "node": first.node,
         "state": "running" if all(e.state == "ready" for e in eps) else "creating",
         "exit_code": None,
         "pid": 0,
-        "netns": first.netns,
+        "netns": next((e.netns for e in eps if e.netns), ""),
         "netns_name": "",
+        "host_network": False,
         "command": [],
         "networks": [e.network for e in eps],
         "ports": [str(p) for e in eps for p in e.ports],
@@ -80,6 +87,8 @@ def container(c: Container, eps: list[Endpoint]) -> dict[str, Any]:
         "pid": c.pid,
         "netns": c.netns,
         "netns_name": c.netns_name,
+        # `plexus run` makes no namespace for a network on the host's own (driver host).
+        "host_network": not c.netns_name,
         "command": list(c.command),
         "networks": list(c.networks),
         "ports": [str(p) for p in c.ports],

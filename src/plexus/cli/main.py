@@ -1,78 +1,35 @@
-"""The `plexus` command. Every subcommand except `agent` is a thin client of the agent's API."""
+"""The `plexus` command. Every subcommand except `agent` is a thin client of the agent's API;
+the container commands live in ``cli.containers``, what all share in ``cli.common``."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket as socketlib
-import sys
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
 import click
 
-from plexus.api.client import DEFAULT_SOCKET, ApiError, Client
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _client(ctx: click.Context) -> Client:
-    return Client(ctx.obj["socket"])
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"plexus: {message}", err=True)
-    sys.exit(code)
-
-
-def _call(ctx: click.Context, method: str, path: str, body: Any = None) -> Any:
-    try:
-        return _client(ctx).call(method, path, body)
-    except ApiError as exc:
-        _fail(exc.message, 2 if exc.kind == "invalid" else 1)
+from plexus import __version__
+from plexus.api.client import DEFAULT_SOCKET
+from plexus.cli import containers
+from plexus.cli.common import (
+    EXIT_FAILED,
+    Group,
+    call,
+    client,
+    emit,
+    exit_code,
+    fail,
+    for_each,
+    json_opt,
+    kv,
+    table,
+    url,
+)
 
 
-def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    for row in (headers, *rows):
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
-
-
-def _json_opt(fn: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="print JSON")(fn)
-
-
-def _emit(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _command_words(
-    ctx: click.Context, param: click.Parameter, words: tuple[str, ...]
-) -> tuple[str, ...]:
-    """COMMAND of `run` and `exec`, without a leading `--`: it ends plexus's options and is never
-    the command's first word (no program is called `--`). click consumes a `--` only while it is
-    still reading options; with allow_interspersed_args=False it stops at the first other word
-    and passes the rest through, so in `plexus exec api -- ip addr` (NAME comes first) the `--`
-    reaches COMMAND."""
-    if words[:1] == ("--",):
-        words = words[1:]
-    if not words:
-        raise click.MissingParameter(ctx=ctx, param=param)
-    return words
-
-
-def _command_argument(fn: F) -> F:
-    """The COMMAND argument: every word from the first one that is not plexus's (options after it
-    belong to the command, hence allow_interspersed_args=False on the command)."""
-    return click.argument(
-        "command", nargs=-1, required=True, callback=_command_words, metavar="[--] COMMAND..."
-    )(fn)
-
-
-@click.group()
+@click.group(cls=Group)
 @click.option(
     "--socket",
     envvar="PLEXUS_SOCKET",
@@ -80,6 +37,7 @@ def _command_argument(fn: F) -> F:
     show_default=True,
     help="the agent's API socket ($PLEXUS_SOCKET)",
 )
+@click.version_option(__version__, prog_name="plexus", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, socket: str) -> None:
     """plexus: container networking for Linux."""
@@ -87,8 +45,13 @@ def cli(ctx: click.Context, socket: str) -> None:
     ctx.obj["socket"] = socket
 
 
+for _command in containers.COMMANDS:
+    cli.add_command(_command)
+
+
 @cli.command()
-@click.option("--state-dir", default="/var/lib/plexus", show_default=True, type=click.Path())
+@click.option("--state-dir", default="/var/lib/plexus", show_default=True, type=click.Path(),
+              help="where the agent keeps its datastore, lock and container logs")
 @click.option(
     "--socket",
     "api_socket",
@@ -96,7 +59,8 @@ def cli(ctx: click.Context, socket: str) -> None:
     help="serve the API on this unix socket, rather than plexus's --socket "
     f"(or $PLEXUS_SOCKET, or {DEFAULT_SOCKET})",
 )
-@click.option("--node", default=socketlib.gethostname(), show_default=True)
+@click.option("--node", default=socketlib.gethostname(), show_default=True,
+              help="this host's name among the datastore's hosts")
 @click.option(
     "--store",
     "store_url",
@@ -107,28 +71,32 @@ def cli(ctx: click.Context, socket: str) -> None:
     "--pool",
     default="10.89.0.0/16:24",
     show_default=True,
-    help="IPv4 pool for automatic subnets, CIDR:PREFIXLEN",
+    help="IPv4 pool for automatic subnets, CIDR:PREFIXLEN (subnets of /PREFIXLEN)",
 )
 @click.option(
     "--pool6",
     default="fd89:7c00::/48:64",
     show_default=True,
-    help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN",
+    help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN (subnets of /PREFIXLEN)",
 )
-@click.option("--reconcile-interval", default=10.0, show_default=True, type=float)
+@click.option("--reconcile-interval", default=10.0, show_default=True,
+              type=click.FloatRange(min=0.1),
+              help="seconds between full passes that compare everything with the kernel")
 @click.option(
     "--dns-upstream",
     multiple=True,
     help="resolver for names plexus does not own, "
     "IP[:PORT] (repeatable; default: the host's resolv.conf)",
 )
-@click.option("--dns-domain", default="plexus.internal", show_default=True)
-@click.option("--dns-ttl", default=5, show_default=True, type=int)
+@click.option("--dns-domain", default="plexus.internal", show_default=True,
+              help="the domain of containers' names (NAME.DOMAIN)")
+@click.option("--dns-ttl", default=5, show_default=True, type=click.IntRange(min=0),
+              help="seconds clients may cache plexus's DNS answers")
 @click.option(
     "--dns-workers",
     default=1,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=0),
     help="DNS server processes (0: in the agent's own loop)",
 )
 @click.option("--no-dns", is_flag=True, help="run without the embedded DNS server")
@@ -140,7 +108,7 @@ def cli(ctx: click.Context, socket: str) -> None:
     show_default=True,
     help="serve the Docker network+IPAM plugin here ('' to disable)",
 )
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="log at debug level")
 @click.pass_context
 def agent(
     ctx: click.Context,
@@ -166,15 +134,9 @@ def agent(
     from plexus.errors import PlexusError
     from plexus.model import parse
 
-    def split(field: str, value: str) -> tuple[Any, int]:
-        cidr, _, length = value.rpartition(":")
-        if not length.isdigit():
-            _fail(f"invalid {field} {value!r}: expected CIDR:PREFIXLEN", 2)
-        return parse.cidr(field, cidr), int(length)
-
     try:
-        p4, l4 = split("pool", pool)
-        p6, l6 = split("pool6", pool6)
+        p4, l4 = parse.pool("--pool", pool, version=4)
+        p6, l6 = parse.pool("--pool6", pool6, version=6)
         config = AgentConfig(
             state_dir=Path(state_dir),
             # `plexus agent --socket` is where users look for it; the group's option (which also
@@ -197,17 +159,20 @@ def agent(
         )
         daemon.main(config, verbose)
     except PlexusError as exc:
-        _fail(exc.message, 2 if exc.kind == "invalid" else 1)
+        fail(exc.message, exit_code(exc.kind))
+    except PermissionError as exc:  # not root: the first file, socket or netlink call says no
+        where = f" on {exc.filename}" if exc.filename else ""
+        fail(f"permission denied{where}: the agent needs root (CAP_NET_ADMIN and more)")
 
 
 @cli.command()
-@_json_opt
+@json_opt
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Is the agent up and ready?"""
-    data = _call(ctx, "GET", "/v1/status")
+    data = call(ctx, "GET", url("status"))
     if as_json:
-        _emit(data)
+        emit(data)
     else:
         state = "ready" if data["ready"] else "starting"
         click.echo(
@@ -225,7 +190,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def reconcile(ctx: click.Context) -> None:
     """Compare everything with the kernel now (the periodic full pass), print what was found."""
-    _emit(_call(ctx, "POST", "/v1/reconcile"))
+    emit(call(ctx, "POST", url("reconcile")))
 
 
 # -- networks ---------------------------------------------------------------------------------
@@ -238,17 +203,20 @@ def network() -> None:
 
 @network.command("create")
 @click.argument("name")
-@click.option("--driver", default="bridge", show_default=True)
-@click.option("--subnet", multiple=True)
-@click.option("--gateway", multiple=True)
-@click.option("--ip-range", multiple=True)
-@click.option("--ipv6", is_flag=True)
-@click.option("--internal", is_flag=True)
-@click.option("--mtu", type=int, default=1500, show_default=True)
-@click.option("--label", multiple=True, help="KEY=VALUE")
+@click.option("--driver", default="bridge", show_default=True,
+              help="bridge, host, none or ipam (addresses only, for another CNI plugin)")
+@click.option("--subnet", multiple=True,
+              help="CIDR, one per family (default: one picked from the agent's --pool)")
+@click.option("--gateway", multiple=True, help="the gateway of a subnet (default: its first)")
+@click.option("--ip-range", multiple=True,
+              help="CIDR within a subnet that automatic addresses come from")
+@click.option("--ipv6", is_flag=True, help="also an IPv6 subnet (from --pool6 unless given)")
+@click.option("--internal", is_flag=True, help="no traffic to or from outside the network")
+@click.option("--mtu", type=int, default=1500, show_default=True, help="the links' MTU")
+@click.option("--label", multiple=True, help="KEY=VALUE (repeatable)")
 @click.option("-o", "--opt", multiple=True, help="driver option KEY=VALUE (dns=false: no DNS)")
 @click.option("--dns-upstream", multiple=True, help="this network's resolvers, IP[:PORT]")
-@_json_opt
+@json_opt
 @click.pass_context
 def network_create(
     ctx: click.Context,
@@ -266,48 +234,33 @@ def network_create(
     as_json: bool,
 ) -> None:
     """Create a network."""
-    net = _call(
-        ctx,
-        "POST",
-        "/v1/networks",
-        {
-            "name": name,
-            "driver": driver,
-            "subnets": list(subnet),
-            "gateways": list(gateway),
-            "ip_ranges": list(ip_range),
-            "ipv6": ipv6,
-            "internal": internal,
-            "mtu": mtu,
-            "labels": _kv(label, "label"),
-            "options": _kv(opt, "opt"),
-            "dns_upstreams": list(dns_upstream),
-        },
-    )
+    net = call(ctx, "POST", url("networks"), {
+        "name": name,
+        "driver": driver,
+        "subnets": list(subnet),
+        "gateways": list(gateway),
+        "ip_ranges": list(ip_range),
+        "ipv6": ipv6,
+        "internal": internal,
+        "mtu": mtu,
+        "labels": kv(label, "label"),
+        "options": kv(opt, "opt"),
+        "dns_upstreams": list(dns_upstream),
+    })
     if as_json:
-        _emit(net)
+        emit(net)
     else:
         click.echo(net["name"])
 
 
-def _kv(items: Sequence[str], field: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"invalid {field} {item!r}: expected KEY=VALUE", 2)
-        out[key] = value
-    return out
-
-
 @network.command("ls")
-@_json_opt
+@json_opt
 @click.pass_context
 def network_ls(ctx: click.Context, as_json: bool) -> None:
     """List networks."""
-    nets = _call(ctx, "GET", "/v1/networks")
+    nets = call(ctx, "GET", url("networks"))
     if as_json:
-        _emit(nets)
+        emit(nets)
         return
     rows = [
         (
@@ -321,7 +274,7 @@ def network_ls(ctx: click.Context, as_json: bool) -> None:
         )
         for n in nets
     ]
-    _table(rows, ("NAME", "ID", "DRIVER", "SUBNETS", "FLAGS", "ENDPOINTS", "DOCKER"))
+    table(rows, ("NAME", "ID", "DRIVER", "SUBNETS", "FLAGS", "ENDPOINTS", "DOCKER"))
 
 
 @network.command("inspect")
@@ -329,7 +282,7 @@ def network_ls(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def network_inspect(ctx: click.Context, name: str) -> None:
     """Show a network as JSON."""
-    _emit(_call(ctx, "GET", f"/v1/networks/{name}"))
+    emit(call(ctx, "GET", url("networks", name)))
 
 
 @network.command("rm")
@@ -338,196 +291,16 @@ def network_inspect(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def network_rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
     """Remove networks."""
-    for name in names:
-        _call(ctx, "DELETE", f"/v1/networks/{name}" + ("?force=1" if force else ""))
-        click.echo(name)
 
+    def remove(name: str) -> None:
+        answer = client(ctx).call("DELETE", url("networks", name) + ("?force=1" if force else ""))
+        if force:
+            n = int(answer.get("detached", 0))
+            click.echo(f"{name} (detached {n} endpoint{'' if n == 1 else 's'})")
+        else:
+            click.echo(name)
 
-# -- containers -------------------------------------------------------------------------------
-
-
-@cli.command(context_settings={"allow_interspersed_args": False})
-@click.option("-d", "--detach", is_flag=True, help="return at once (otherwise wait for exit)")
-@click.option("--name", required=True)
-@click.option("--network", "networks", multiple=True, required=True)
-@click.option("--ip", "ips", multiple=True, help="static address (one per family)")
-@click.option("-p", "--publish", multiple=True, help="[HOSTIP:]HPORT[-HPORT2]:CPORT[/tcp|udp]")
-@click.option("--label", multiple=True, help="KEY=VALUE")
-@click.option("--namespace", default="", help="the policy namespace of the container")
-@click.option("--alias", "aliases", multiple=True, help="extra DNS name")
-@_json_opt
-@_command_argument
-@click.pass_context
-def run(
-    ctx: click.Context,
-    detach: bool,
-    name: str,
-    networks: tuple[str, ...],
-    ips: tuple[str, ...],
-    publish: tuple[str, ...],
-    label: tuple[str, ...],
-    namespace: str,
-    aliases: tuple[str, ...],
-    as_json: bool,
-    command: tuple[str, ...],
-) -> None:
-    """Start COMMAND as a lightweight container: its own network namespace."""
-    c = _call(
-        ctx,
-        "POST",
-        "/v1/containers",
-        {
-            "name": name,
-            "command": list(command),
-            "networks": list(networks),
-            "ips": list(ips),
-            "publish": list(publish),
-            "labels": _kv(label, "label"),
-            "namespace": namespace,
-            "aliases": list(aliases),
-        },
-    )
-    if as_json:
-        _emit(c)
-    else:
-        click.echo(c["id"])
-    if not detach:
-        _wait(ctx, name)
-
-
-def _wait(ctx: click.Context, name: str) -> None:
-    while True:
-        c = _call(ctx, "GET", f"/v1/containers/{name}")
-        if c["state"] != "running":
-            sys.exit(c["exit_code"] or 0)
-        time.sleep(0.2)
-
-
-@cli.command("exec", context_settings={"allow_interspersed_args": False})
-@click.argument("name")
-@_command_argument
-@click.pass_context
-def exec_(ctx: click.Context, name: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND inside container NAME's network namespace."""
-    c = _call(ctx, "GET", f"/v1/containers/{name}")
-    argv = list(command)
-    if c["netns_name"]:
-        argv = ["ip", "netns", "exec", c["netns_name"], *argv]
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        _fail(f"cannot run {argv[0]}: {exc.strerror}", 127)
-
-
-@cli.command()
-@click.option("-a", "--all", "show_all", is_flag=True, help="also exited containers")
-@_json_opt
-@click.pass_context
-def ps(ctx: click.Context, show_all: bool, as_json: bool) -> None:
-    """List containers."""
-    items = [c for c in _call(ctx, "GET", "/v1/containers") if show_all or c["state"] == "running"]
-    if as_json:
-        _emit(items)
-        return
-    rows = [
-        (
-            c["name"],
-            c["id"][:12],
-            c["state"],
-            ",".join(c["networks"]),
-            " ".join(a for e in c["endpoints"] for a in e["addresses"]),
-            " ".join(c["ports"]),
-        )
-        for c in items
-    ]
-    _table(rows, ("NAME", "ID", "STATE", "NETWORKS", "ADDRESSES", "PORTS"))
-
-
-@cli.command()
-@click.argument("name")
-@click.pass_context
-def inspect(ctx: click.Context, name: str) -> None:
-    """Show a container as JSON."""
-    _emit(_call(ctx, "GET", f"/v1/containers/{name}"))
-
-
-@cli.command()
-@click.argument("names", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="kill it if it is running")
-@click.pass_context
-def rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
-    """Remove containers."""
-    for name in names:
-        _call(ctx, "DELETE", f"/v1/containers/{name}" + ("?force=1" if force else ""))
-        click.echo(name)
-
-
-# -- attachments of namespaces made by others -------------------------------------------------
-
-
-@cli.command()
-@click.option("--netns", required=True, help="path of the network namespace")
-@click.option("--id", "container_id", required=True)
-@click.option("--network", required=True)
-@click.option("--ifname", default="", help="interface name in the namespace (default: next ethN)")
-@click.option("--ip", "ips", multiple=True)
-@click.option("-p", "--publish", multiple=True)
-@click.option("--name", default="")
-@click.option("--label", multiple=True, help="KEY=VALUE")
-@click.option("--namespace", default="")
-@_json_opt
-@click.pass_context
-def attach(
-    ctx: click.Context,
-    netns: str,
-    container_id: str,
-    network: str,
-    ifname: str,
-    ips: tuple[str, ...],
-    publish: tuple[str, ...],
-    name: str,
-    label: tuple[str, ...],
-    namespace: str,
-    as_json: bool,
-) -> None:
-    """Wire an existing network namespace to a network."""
-    ep = _call(
-        ctx,
-        "POST",
-        "/v1/endpoints",
-        {
-            "container_id": container_id,
-            "network": network,
-            "netns": netns,
-            "ifname": ifname,
-            "ips": list(ips),
-            "publish": list(publish),
-            "name": name,
-            "labels": _kv(label, "label"),
-            "namespace": namespace,
-        },
-    )
-    if as_json:
-        _emit(ep)
-    else:
-        click.echo(f"{ep['ifname']} {' '.join(ep['addresses'])}")
-
-
-@cli.command()
-@click.option("--id", "container_id", required=True)
-@click.option("--network", default="")
-@click.option("--ifname", default="")
-@click.pass_context
-def detach(ctx: click.Context, container_id: str, network: str, ifname: str) -> None:
-    """Undo an attach."""
-    if not network and not ifname:
-        _fail("detach needs --network or --ifname", 2)
-    _call(
-        ctx,
-        "POST",
-        "/v1/endpoints/detach",
-        {"container_id": container_id, "network": network, "ifname": ifname},
-    )
+    for_each(names, remove)
 
 
 # -- dns ----------------------------------------------------------------------------------------
@@ -538,30 +311,46 @@ def dns() -> None:
     """Ask the embedded DNS server."""
 
 
+# What a client of the DNS server would take as a failure (NXDOMAIN is an answer).
+FAILED_RCODES = ("REFUSED", "SERVFAIL")
+
+
+def dns_failed(answer: dict[str, Any]) -> bool:
+    """Did the lookup fail: REFUSED or SERVFAIL, plexus's own or a forwarded name's upstream's,
+    or no upstream answered (a client gets SERVFAIL)?"""
+    if answer.get("rcode") in FAILED_RCODES or answer.get("error"):
+        return True
+    first = (answer.get("response") or [""])[0]  # "rcode NAME" when forwarded
+    return str(first).removeprefix("rcode ") in FAILED_RCODES
+
+
 @dns.command("lookup")
 @click.argument("name")
 @click.option("--network", required=True, help="the network the question arrives on")
-@click.option("--type", "qtype", default="A", show_default=True)
+@click.option("--type", "qtype", default="A", show_default=True,
+              help="the query type: A, AAAA, PTR, ... or TYPEnnn")
 @click.option("--client", default="", help="the asking container's address")
-@_json_opt
+@json_opt
 @click.pass_context
 def dns_lookup(
     ctx: click.Context, name: str, network: str, qtype: str, client: str, as_json: bool
 ) -> None:
-    """What the server answers for NAME on NETWORK, and why."""
+    """What the server answers for NAME on NETWORK, and why (exit 1: REFUSED or SERVFAIL)."""
     query = urlencode({"name": name, "network": network, "type": qtype, "client": client})
-    answer = _call(ctx, "GET", f"/v1/dns/lookup?{query}")
+    answer = call(ctx, "GET", url("dns", "lookup") + f"?{query}")
     if as_json:
-        _emit(answer)
+        emit(answer)
     else:
         click.echo(answer["text"])
+    if dns_failed(answer):
+        ctx.exit(EXIT_FAILED)
 
 
 @dns.command("stats")
 @click.pass_context
 def dns_stats(ctx: click.Context) -> None:
     """Query counters, upstream health and latency, as JSON."""
-    _emit(_call(ctx, "GET", "/v1/dns/stats"))
+    emit(call(ctx, "GET", url("dns", "stats")))
 
 
 def main() -> None:

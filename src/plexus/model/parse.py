@@ -77,8 +77,43 @@ def driver(value: str) -> Driver:
 def cidr(field: str, value: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(value, strict=True)
-    except ValueError as exc:
-        raise InvalidArgument(field, value, str(exc)) from None
+    except ValueError:
+        raise InvalidArgument(field, value, _cidr_reason(value)) from None
+
+
+def _cidr_reason(value: str) -> str:
+    """Why ``value`` is not a network, in words that do not repeat it (the standard library's
+    do: "'x' does not appear to be an IPv4 or IPv6 network")."""
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return "not an IPv4 or IPv6 network (expected ADDRESS/PREFIXLEN)"
+    return f"host bits set (the network is {loose})"
+
+
+# The smallest subnet a pool may be cut into: 8 addresses, so that after the network address,
+# the gateway and (IPv4) the broadcast address a few containers still fit.
+MIN_POOL_SUBNET_BITS = 3
+
+
+def pool(field: str, value: str, version: int | None = None) -> tuple[IPNetwork, int]:
+    """``CIDR:PREFIXLEN``, a pool that automatic subnets (of ``/PREFIXLEN``) are cut from,
+    e.g. ``10.89.0.0/16:24``; ``version`` (4 or 6) if the pool must be of that family."""
+    net_text, _, length = value.rpartition(":")
+    if "/" not in net_text or not length.isdigit():
+        example = "fd89:7c00::/48:64" if version == 6 else "10.89.0.0/16:24"
+        raise InvalidArgument(field, value, f"expected CIDR:PREFIXLEN, e.g. {example}")
+    try:
+        net = ipaddress.ip_network(net_text, strict=True)
+    except ValueError:
+        raise InvalidArgument(field, value, _cidr_reason(net_text)) from None
+    if version is not None and net.version != version:
+        raise InvalidArgument(field, value, f"expected an IPv{version} network")
+    prefix, longest = int(length), net.max_prefixlen - MIN_POOL_SUBNET_BITS
+    if not net.prefixlen <= prefix <= longest:
+        raise InvalidArgument(field, value, f"the subnets' prefix length must be between "
+                              f"/{net.prefixlen} (the pool's) and /{longest} (8 addresses)")
+    return net, prefix
 
 
 def address(field: str, value: str) -> IPAddress:

@@ -8,6 +8,10 @@ mount, pid or user namespaces): they exist so plexus can be used and demonstrate
 A container is written ("creating") in the same transaction as its endpoints; it becomes
 "running" once its process runs. An agent killed in between finds it "creating" at start-up and
 removes it (its requester got an error).
+
+The process writes its stdout and stderr straight into one log file (logs/NAME.log in the state
+directory), not through a pipe to the agent: a restarted agent leaves it running, and nothing it
+prints passes through Python. `plexus logs` and a foreground `plexus run` read that file back.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from plexus.dataplane import netns
 from plexus.dns import dns_enabled
-from plexus.errors import AlreadyExists, InUse, InvalidArgument, NotFound, PlexusError
+from plexus.errors import (
+    AlreadyExists,
+    Conflict,
+    InUse,
+    InvalidArgument,
+    NotFound,
+    PlexusError,
+    StoreError,
+)
 from plexus.model import keys, parse
 from plexus.model.drivers import traits
 from plexus.model.types import Container, IPAddress, Network, PortMapping
@@ -35,6 +47,10 @@ from plexus.store.base import Compare, Delete, Put
 
 ETC_NETNS = Path("/etc/netns")
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+LOG_CHUNK = 65536
+# How often a followed log is read again while its container runs and prints nothing new (the
+# container's exit itself wakes the reader at once).
+LOG_POLL = 0.1
 
 
 @dataclass(frozen=True)
@@ -108,15 +124,30 @@ class ContainerRuntime:
         return [self._observed(c) for c in self.ctx.cache.containers.values()]
 
     def _observed(self, c: Container) -> Container:
-        if c.state == "running" and not is_alive(c):
+        """A "running" container whose process is gone has exited. While this agent reaps the
+        process it records the exit code itself; only a container started before a restart (no
+        reaper) is judged by its pid."""
+        if c.state == "running" and c.name not in self._waiters and not is_alive(c):
             return replace(c, state="exited")
         return c
 
-    def get(self, name: str) -> Container:
-        c = self.ctx.cache.containers.get(name)
+    def get(self, ref: str) -> Container:
+        """A container by name, by ID, or by a prefix of the ID that no other has (as Docker)."""
+        cache = self.ctx.cache
+        c = cache.containers.get(ref) or cache.container_by_id(ref) or self._by_prefix(ref)
         if c is None:
-            raise NotFound(f"container {name!r} not found")
+            raise NotFound(f"container {ref!r} not found")
         return self._observed(c)
+
+    def _by_prefix(self, prefix: str) -> Container | None:
+        found = [c for c in self.ctx.cache.containers.values() if c.id.startswith(prefix)]
+        if len(found) > 1:
+            names = ", ".join(sorted(c.name for c in found))
+            raise Conflict(f"container ID prefix {prefix!r} is ambiguous: {names}")
+        return found[0] if found else None
+
+    def log_path(self, c: Container) -> Path:
+        return self.logs / f"{c.name}.log"
 
     async def run(self, spec: RunSpec) -> Container:
         c = self._validate(spec)
@@ -187,9 +218,14 @@ class ContainerRuntime:
     async def _start(self, c: Container) -> Container:
         if c.netns_name:
             self._write_resolv_conf(c)
-        c = await self._spawn(c)
-        result = await self.ctx.commit([], [Put(self._key(c), c.to_json())])
-        await self.ctx.seen(result.revision)
+        c, proc = await self._spawn(c)
+        try:
+            result = await self.ctx.commit([], [Put(self._key(c), c.to_json())])
+            await self.ctx.seen(result.revision)
+        finally:
+            # Reaped only once "running" is written, so that a quick exit is not overwritten by
+            # it (the exit code would be lost).
+            self._waiters[c.name] = asyncio.create_task(self._reap(c, proc))
         return c
 
     def _write_resolv_conf(self, c: Container) -> None:
@@ -201,13 +237,14 @@ class ContainerRuntime:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
 
-    async def _spawn(self, c: Container) -> Container:
+    async def _spawn(self, c: Container) -> tuple[Container, asyncio.subprocess.Process]:
         self.logs.mkdir(parents=True, exist_ok=True)
         argv = list(c.command)
         if c.netns_name:
             # `ip netns exec` also binds /etc/netns/NAME/* (resolv.conf, hosts) over /etc.
             argv = ["ip", "netns", "exec", c.netns_name, *argv]
-        with open(self.logs / f"{c.name}.log", "ab") as out:
+        # A new container: whatever a file of that name holds is not its output.
+        with open(self.log_path(c), "wb") as out:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
@@ -216,25 +253,69 @@ class ContainerRuntime:
             except OSError as exc:
                 raise InvalidArgument("command", c.command[0], exc.strerror or str(exc)) from None
         c = replace(c, pid=proc.pid, pid_start=proc_start_time(proc.pid), state="running")
-        self._waiters[c.name] = asyncio.create_task(self._reap(c, proc))
-        return c
+        return c, proc
 
     async def _reap(self, c: Container, proc: asyncio.subprocess.Process) -> None:
+        """Record the exit code; the reaper ends once the cache holds it, so whoever waits for
+        the reaper (a followed log, a foreground `run`) then reads the exit code."""
         code = await proc.wait()
-        self._waiters.pop(c.name, None)
-        kv = await self.ctx.store.get(self._key(c))
-        if kv is not None and Container.from_json(kv.value).id == c.id:
-            done = replace(Container.from_json(kv.value), state="exited", exit_code=code)
-            await self.ctx.commit([Compare(kv.key, "mod", "==", kv.mod_revision)],
-                                  [Put(kv.key, done.to_json())])
+        try:
+            kv = await self.ctx.store.get(self._key(c))
+            if kv is not None and Container.from_json(kv.value).id == c.id:
+                done = replace(Container.from_json(kv.value), state="exited", exit_code=code)
+                result = await self.ctx.commit([Compare(kv.key, "mod", "==", kv.mod_revision)],
+                                               [Put(kv.key, done.to_json())])
+                if result.succeeded:
+                    with contextlib.suppress(StoreError):
+                        await self.ctx.seen(result.revision)
+        finally:
+            if self._waiters.get(c.name) is asyncio.current_task():
+                del self._waiters[c.name]
 
-    async def remove(self, name: str, force: bool = False) -> None:
-        c = self.get(name)
+    # -- logs ----------------------------------------------------------------------------------
+
+    async def log(self, c: Container, follow: bool,
+                  give_up: Callable[[], bool]) -> AsyncGenerator[bytes, None]:
+        """The container's output (stdout and stderr, in one file) from its start; with
+        ``follow``, then what it prints until it exits (and its exit is recorded) or
+        ``give_up()`` says so (the reader left, the agent stops)."""
+        try:
+            f = open(self.log_path(c), "rb")  # noqa: SIM115 (held across awaits)
+        except FileNotFoundError:
+            return
+        with f:
+            running = follow
+            while True:
+                chunk = f.read(LOG_CHUNK)
+                if chunk:
+                    yield chunk
+                elif not running or give_up():
+                    return
+                else:
+                    # After it exits, one more pass reads what it printed last.
+                    running = await self._runs_after(c, LOG_POLL)
+
+    async def _runs_after(self, c: Container, timeout: float) -> bool:
+        """Waits up to ``timeout`` for ``c`` to exit; does it still run?"""
+        current = self.ctx.cache.containers.get(c.name)
+        if current is None or current.id != c.id:
+            return False  # removed
+        waiter = self._waiters.get(c.name)
+        if waiter is not None:
+            await asyncio.wait([waiter], timeout=timeout)
+        elif is_alive(current):
+            await asyncio.sleep(timeout)  # started before a restart: no reaper to wait for
+        current = self.ctx.cache.containers.get(c.name)
+        return (current is not None and current.id == c.id
+                and self._observed(current).state == "running")
+
+    async def remove(self, ref: str, force: bool = False) -> None:
+        c = self.get(ref)
         if c.state == "running" and not force:
-            raise InUse(f"container {name!r} is running: stop it first or use --force")
+            raise InUse(f"container {c.name!r} is running: --force kills and removes it")
         errors = await self._remove(c)
         if errors:
-            raise PlexusError(f"remove {name}: " + "; ".join(errors))
+            raise PlexusError(f"remove {c.name}: " + "; ".join(errors))
 
     async def _remove(self, c: Container) -> list[str]:
         """Kill, detach, delete the netns, forget: keep going on error and report them all."""
@@ -251,6 +332,7 @@ class ContainerRuntime:
         except PlexusError as exc:
             errors.append(str(exc))
         self._delete_netns(c, errors)
+        self.log_path(c).unlink(missing_ok=True)
         result = await self.ctx.commit([], [Delete(self._key(c))])
         await self.ctx.seen(result.revision)
         return errors
