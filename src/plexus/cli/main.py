@@ -27,6 +27,7 @@ from plexus.cli.common import (
     table,
     url,
 )
+from plexus.config import DEFAULT_RECONCILE_INTERVAL
 
 
 @click.group(cls=Group)
@@ -79,9 +80,10 @@ for _command in containers.COMMANDS:
     show_default=True,
     help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN (subnets of /PREFIXLEN)",
 )
-@click.option("--reconcile-interval", default=10.0, show_default=True,
+@click.option("--reconcile-interval", default=DEFAULT_RECONCILE_INTERVAL, show_default=True,
               type=click.FloatRange(min=0.1),
-              help="seconds between full passes that compare everything with the kernel")
+              help="seconds between full passes that compare everything with the kernel "
+              "(a safety net: the datastore's watch and kernel events do the real work)")
 @click.option(
     "--dns-upstream",
     multiple=True,
