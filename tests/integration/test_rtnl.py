@@ -182,6 +182,18 @@ def test_enslave_errors(host: Ns, ctr: Ns) -> None:
     assert host.link("pxv1").get("master") is None
 
 
+def test_a_batch_is_handled_in_order_and_only_failures_answer(host: Ns) -> None:
+    lo = ipaddress.ip_interface("10.61.0.1/32")
+    answers = host.nl.call_all([
+        lambda seq: rtnl.link_up_request(seq, 1),
+        lambda seq: rtnl.addaddr_request(seq, 999, lo),  # no such link
+        lambda seq: rtnl.addaddr_request(seq, 1, lo),
+    ])
+    assert [a.error for a in answers] == [0, errno.ENODEV, 0]
+    assert "UP" in host.link("lo")["flags"]
+    assert "10.61.0.1" in {a["local"] for a in host.ip("addr", "show", "dev", "lo")[0]["addr_info"]}
+
+
 # --- the bridge driver through an agent ---------------------------------------------------------
 
 

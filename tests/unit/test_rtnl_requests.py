@@ -178,13 +178,19 @@ def kernel() -> Iterator[tuple[rawnl.Channel, socket.socket]]:
     theirs.close()
 
 
-def answering(peer: socket.socket, answer: Callable[[int], list[bytes]]) -> threading.Thread:
-    """A thread that reads one request and sends back ``answer(seq)``, one datagram each."""
+def answering(peer: socket.socket, answer: Callable[[list[tuple[int, int]]], list[bytes]],
+              ) -> threading.Thread:
+    """A thread that reads one datagram of requests and sends back ``answer([(seq, flags)])``,
+    one datagram each, as the kernel does."""
 
     def run() -> None:
         data = peer.recv(65536)
-        seq = struct.unpack_from("=IHHII", data)[3]
-        for datagram in answer(seq):
+        found, pos = [], 0
+        while pos < len(data):
+            length, _, flags, seq, _ = struct.unpack_from("=IHHII", data, pos)
+            found.append((seq, flags))
+            pos += length
+        for datagram in answer(found):
             peer.send(datagram)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -194,24 +200,63 @@ def answering(peer: socket.socket, answer: Callable[[int], list[bytes]]) -> thre
 
 def test_channel_skips_stale_answers(kernel: tuple[rawnl.Channel, socket.socket]) -> None:
     channel, peer = kernel
-    thread = answering(peer, lambda seq: [error(seq + 100, errno.EBUSY), error(seq, errno.EEXIST)])
+    thread = answering(peer, lambda got: [error(got[0][0] + 100, errno.EBUSY),
+                                          error(got[0][0], errno.EEXIST)])
     answer = channel.call(rtnl.dellink_request, "pxv1")
     thread.join(5)
     assert answer.error == errno.EEXIST
 
 
+def test_a_batch_asks_only_its_last_request_for_an_ack(
+        kernel: tuple[rawnl.Channel, socket.socket]) -> None:
+    channel, peer = kernel
+    sent: list[tuple[int, int]] = []
+
+    def kernel_side(got: list[tuple[int, int]]) -> list[bytes]:
+        sent.extend(got)
+        (_, _), (second, _), (third, _) = got
+        return [error(second, errno.ENETUNREACH), error(third, 0)]  # the first one worked
+
+    thread = answering(peer, kernel_side)
+    steps = [rawnl.up(1, "lo"), *rawnl.default_routes([ipaddress.ip_address("10.9.0.1")]),
+             rawnl.up(5, "eth0")]
+    with pytest.raises(DataplaneError, match=r"cannot add default route via 10.9.0.1: Network"):
+        rawnl.run_steps(channel, steps)
+    thread.join(5)
+    assert [flags & rtnl.NLM_F_ACK for _, flags in sent] == [0, 0, rtnl.NLM_F_ACK]
+    assert len({seq for seq, _ in sent}) == 3
+
+
 def test_verbs_map_errnos(kernel: tuple[rawnl.Channel, socket.socket]) -> None:
     channel, peer = kernel
-    thread = answering(peer, lambda seq: [error(seq, errno.ENODEV)])
+
+    def answer_each(code: int) -> threading.Thread:
+        return answering(peer, lambda got: [error(seq, code) for seq, _ in got])
+
+    thread = answer_each(errno.ENODEV)
     assert rawnl.link_index(channel, "nope") is None
     thread.join(5)
-    thread = answering(peer, lambda seq: [error(seq, errno.ENODEV)])
+    thread = answer_each(errno.ENODEV)
     assert rawnl.delete_link(channel, "nope") is False
     thread.join(5)
-    thread = answering(peer, lambda seq: [error(seq, errno.EPERM)])
+    thread = answer_each(errno.EPERM)
     with pytest.raises(DataplaneError, match="cannot delete link pxv1: Operation not permitted"):
         rawnl.delete_link(channel, "pxv1")
     thread.join(5)
-    thread = answering(peer, lambda seq: [error(seq, errno.EEXIST)])
-    rawnl.add_addresses(channel, 3, [ipaddress.ip_interface("10.0.0.2/24")])  # already there
+    thread = answer_each(errno.EEXIST)  # already there: done
+    rawnl.run_steps(channel, rawnl.addresses(3, [ipaddress.ip_interface("10.0.0.2/24")]))
     thread.join(5)
+    thread = answer_each(errno.ENODEV)
+    with pytest.raises(DataplaneError, match="veth pxv1 vanished before it joined its bridge"):
+        rawnl.join_bridge(channel, "pxv1", 4, "plexus:ep:c/eth0")
+    thread.join(5)
+    thread = answer_each(errno.EINVAL)  # no such bridge: the caller looks again
+    assert rawnl.join_bridge(channel, "pxv1", 4, "plexus:ep:c/eth0") == errno.EINVAL
+    thread.join(5)
+
+
+def test_without_ack_changes_only_the_flag() -> None:
+    request = rtnl.link_up_request(7, 1)
+    stripped = rtnl.without_ack(request)
+    assert len(stripped) == len(request) and stripped[8:] == request[8:]
+    assert struct.unpack_from("=H", stripped, 6)[0] == rtnl.NLM_F_REQUEST

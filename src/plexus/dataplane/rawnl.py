@@ -24,7 +24,7 @@ import functools
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -73,15 +73,31 @@ class Channel:
     def call(self, build: Callable[Concatenate[int, P], bytes], *args: P.args,
              **kwargs: P.kwargs) -> rtnl.Reply:
         """Send the request ``build(seq, ...)`` makes and return the kernel's answer to it."""
-        self._seq = self._seq % 0x7FFFFFFF + 1
-        seq = self._seq
-        self._sock.send(build(seq, *args, **kwargs))
-        for _ in range(_MAX_READS):
+        return self.call_all([lambda seq: build(seq, *args, **kwargs)])[0]
+
+    def call_all(self, builds: Sequence[Callable[[int], bytes]]) -> list[rtnl.Reply]:
+        """Several requests in one datagram, and their answers in the same order.
+
+        The kernel handles the messages of a datagram in order, each even when an earlier one
+        failed. Only the last asks for an acknowledgement; the others are answered only if they
+        fail, and before the last is: a batch that works costs one send and one receive (each
+        syscall gives up the GIL, which a busy event loop may then hold for a while).
+        """
+        seqs = [self._next_seq() for _ in builds]
+        *first, last = [build(seq) for build, seq in zip(builds, seqs, strict=True)]
+        self._sock.send(b"".join(rtnl.without_ack(m) for m in first) + last)
+        answers: dict[int, rtnl.Reply] = {}
+        for _ in range(_MAX_READS + len(seqs)):
             size = self._sock.recv_into(self._buf)  # TimeoutError (an OSError) after TIMEOUT
-            answer = rtnl.reply(memoryview(bytes(memoryview(self._buf)[:size])), seq)
-            if answer is not None:
-                return answer
-        raise DataplaneError(f"no answer from the kernel to request {seq}")
+            answers.update(rtnl.replies(memoryview(bytes(memoryview(self._buf)[:size]))))
+            if seqs[-1] in answers:
+                done = rtnl.Reply(0, rtnl.NLMSG_ERROR, memoryview(b""))
+                return [answers.get(seq, done) for seq in seqs]
+        raise DataplaneError(f"no answer from the kernel to request {seqs[-1]}")
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._seq
 
 
 class NetlinkThreads:
@@ -130,12 +146,6 @@ def link_index(ch: Channel, name: str) -> int | None:
     return parsed[0].index
 
 
-def set_up(ch: Channel, index: int, name: str) -> None:
-    answer = ch.call(rtnl.link_up_request, index)
-    if answer.error:
-        raise DataplaneError(f"cannot set {name} up: {answer.why}")
-
-
 def create_veth(ch: Channel, name: str, mtu: int, peer: str, mac: str = "",
                 netns_path: str | None = None) -> None:
     """A veth pair whose peer is born inside the namespace at ``netns_path`` as ``peer``.
@@ -156,34 +166,46 @@ def create_veth(ch: Channel, name: str, mtu: int, peer: str, mac: str = "",
         raise DataplaneError(f"cannot create veth {name}/{peer}: {answer.why}")
 
 
-def add_addresses(ch: Channel, index: int, addresses: Iterable[IPInterface]) -> None:
-    """Every address is on link ``index`` (others are left alone)."""
-    for address in addresses:
-        answer = ch.call(rtnl.addaddr_request, index, address)
-        if answer.error not in (0, errno.EEXIST):
-            raise DataplaneError(f"cannot add address {address}: {answer.why}")
+# A step of a batch: the request, what its failure means ("cannot add address X"), and the
+# errnos that mean it was done already.
+Step = tuple[Callable[[int], bytes], str, tuple[int, ...]]
 
 
-def default_routes(ch: Channel, gateways: Iterable[IPAddress]) -> None:
-    for gateway in gateways:
-        answer = ch.call(rtnl.default_route_request, gateway)
-        if answer.error:
-            raise DataplaneError(f"cannot add default route via {gateway}: {answer.why}")
+def run_steps(ch: Channel, steps: Sequence[Step]) -> None:
+    """The steps as one batch (``Channel.call_all``); the first that failed raises."""
+    answers = ch.call_all([build for build, _, _ in steps])
+    for (_, what, fine), answer in zip(steps, answers, strict=True):
+        if answer.error and answer.error not in fine:
+            raise DataplaneError(f"{what}: {answer.why}")
 
 
-def enslave(ch: Channel, name: str, master: int, alias: str) -> int:
-    """Link ``name`` joins ``master``, carries ``alias`` and is up; returns the errno (0: done),
-    which is EINVAL when there is no link ``master``."""
-    answer = ch.call(rtnl.enslave_request, name, master, alias)
-    if answer.error == errno.ENODEV:
+def up(index: int, name: str) -> Step:
+    return (lambda seq: rtnl.link_up_request(seq, index)), f"cannot set {name} up", ()
+
+
+def addresses(index: int, wanted: Iterable[IPInterface]) -> list[Step]:
+    """Every address on link ``index`` (others are left alone)."""
+    return [(functools.partial(rtnl.addaddr_request, index=index, address=address),
+             f"cannot add address {address}", (errno.EEXIST,)) for address in wanted]
+
+
+def default_routes(gateways: Iterable[IPAddress]) -> list[Step]:
+    return [(functools.partial(rtnl.default_route_request, gateway=gateway),
+             f"cannot add default route via {gateway}", ()) for gateway in gateways]
+
+
+def join_bridge(ch: Channel, name: str, master: int, alias: str) -> int:
+    """Link ``name`` joins bridge ``master``, carries ``alias``, is up and in hairpin mode, in
+    one batch; returns the errno of joining (0: done; EINVAL: there is no link ``master``)."""
+    joined, hairpin = ch.call_all([
+        lambda seq: rtnl.enslave_request(seq, name, master, alias),
+        lambda seq: rtnl.hairpin_request(seq, name),  # fails (EOPNOTSUPP) if joining did
+    ])
+    if joined.error == errno.ENODEV:
         raise DataplaneError(f"veth {name} vanished before it joined its bridge")
-    return answer.error
-
-
-def set_hairpin(ch: Channel, name: str) -> None:
-    answer = ch.call(rtnl.hairpin_request, name)
-    if answer.error:
-        raise DataplaneError(f"cannot set hairpin mode on {name}: {answer.why}")
+    if not joined.error and hairpin.error:
+        raise DataplaneError(f"cannot set hairpin mode on {name}: {hairpin.why}")
+    return joined.error
 
 
 def delete_link(ch: Channel, name: str) -> bool:

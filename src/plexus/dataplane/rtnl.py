@@ -345,18 +345,28 @@ class Reply:
         return f"{text} ({self.detail})" if self.detail else text
 
 
-def reply(data: memoryview, seq: int) -> Reply | None:
-    """The answer to request ``seq`` in datagram ``data``; None if it is not in it."""
-    for kind, flags, msg_seq, payload in messages(data):
-        if msg_seq != seq:
-            continue  # a late answer to an earlier, abandoned request
+def replies(data: memoryview) -> Iterator[tuple[int, Reply]]:
+    """(sequence number, answer) of every message in datagram ``data``."""
+    for kind, flags, seq, payload in messages(data):
         if kind != NLMSG_ERROR:
-            return Reply(0, kind, payload)
-        if len(payload) < 4:
-            return Reply(errno.EPROTO, kind, payload)
-        code = -int(struct.unpack_from("=i", payload)[0])
-        return Reply(code, kind, payload, _ack_detail(flags, payload) if code else "")
-    return None
+            yield seq, Reply(0, kind, payload)
+        elif len(payload) < 4:
+            yield seq, Reply(errno.EPROTO, kind, payload)
+        else:
+            code = -int(struct.unpack_from("=i", payload)[0])
+            yield seq, Reply(code, kind, payload, _ack_detail(flags, payload) if code else "")
+
+
+def reply(data: memoryview, seq: int) -> Reply | None:
+    """The answer to request ``seq`` in datagram ``data``; None if it is not in it (answers to
+    other requests are skipped: a late answer to an earlier, abandoned request)."""
+    return next((answer for got, answer in replies(data) if got == seq), None)
+
+
+def without_ack(request: bytes) -> bytes:
+    """``request`` with NLM_F_ACK cleared: the kernel then answers it only if it fails."""
+    length, kind, flags, seq, pid = _NLMSGHDR.unpack_from(request)
+    return _NLMSGHDR.pack(length, kind, flags & ~NLM_F_ACK, seq, pid) + request[_NLMSGHDR.size:]
 
 
 def _ack_detail(flags: int, payload: memoryview) -> str:

@@ -7,9 +7,9 @@ runtime takes it. Every link carries an alias (``plexus:net:NAME`` / ``plexus:ep
 which a restarted agent knows its own links.
 
 An endpoint's links are programmed on a worker thread with hand-built requests (``rawnl``,
-``rtnl``): ~10 requests, each of which pyroute2 spent ~0.7 ms of Python on, on the event loop,
-and the veth's creation also holds the sender for the kernel's time. Networks, checks and
-deletions of networks stay on pyroute2: they are not per endpoint.
+``rtnl``) in five round trips: ~11 requests, each of which pyroute2 spent ~0.7 ms of Python on,
+on the event loop, which the veth's creation also held for the kernel's time. Networks, checks
+and deletions of networks stay on pyroute2: they are not per endpoint.
 """
 
 from __future__ import annotations
@@ -101,16 +101,18 @@ class BridgeDriver:
         if bridge is None:
             bridge = self._lookup_bridge(host, net)
         with Channel.open(ep.netns) as ctr:  # NotFound: the namespace is gone
-            rawnl.set_up(ctr, LOOPBACK_INDEX, "lo")
             self._make_veth(host, ctr, net, ep)
             quiet_port(ep.host_ifname)
             bridge = self._join_bridge(host, net, ep.host_ifname, bridge, owner_alias(ep))
             index = rawnl.link_index(ctr, ep.ifname)
             if index is None:
                 raise DataplaneError(f"{ep.ifname} missing in {ep.netns} after creation")
-            rawnl.add_addresses(ctr, index, ep.addresses)
-            rawnl.set_up(ctr, index, ep.ifname)
-            rawnl.default_routes(ctr, ep.gateways)
+            rawnl.run_steps(ctr, [
+                rawnl.up(LOOPBACK_INDEX, "lo"),
+                *rawnl.addresses(index, ep.addresses),
+                rawnl.up(index, ep.ifname),
+                *rawnl.default_routes(ep.gateways),  # (once the addresses make them reachable)
+            ])
         return bridge
 
     @staticmethod
@@ -150,20 +152,21 @@ class BridgeDriver:
     def _join_bridge(self, host: Channel, net: Network, name: str, bridge: int,
                      alias: str) -> int:
         """Port ``name`` of the bridge (up, with its alias), in hairpin mode; returns the
-        bridge's index, looked up again if ``bridge`` was stale."""
-        error = rawnl.enslave(host, name, bridge, links.ALIAS_PREFIX + alias)
+        bridge's index, looked up again if ``bridge`` was stale.
+
+        Hairpin mode lets the bridge send a frame back out of the port it came in on. A
+        container connecting to its own published port needs it: its SYN enters through its
+        port, is DNATed back to itself, and must leave through the same port (Docker does the
+        same when its userland proxy is off)."""
+        alias = links.ALIAS_PREFIX + alias
+        error = rawnl.join_bridge(host, name, bridge, alias)
         if error:
             fresh = self._lookup_bridge(host, net)
             if fresh != bridge:
-                bridge, error = fresh, rawnl.enslave(host, name, fresh, links.ALIAS_PREFIX + alias)
+                bridge, error = fresh, rawnl.join_bridge(host, name, fresh, alias)
         if error:
             raise DataplaneError(f"cannot attach {name} to bridge {net.bridge}: "
                                  f"{os.strerror(error)}")
-        # Hairpin mode lets the bridge send a frame back out of the port it came in on. A
-        # container connecting to its own published port needs it: its SYN enters through its
-        # port, is DNATed back to itself, and must leave through the same port (Docker does the
-        # same when its userland proxy is off).
-        rawnl.set_hairpin(host, name)
         return bridge
 
     @staticmethod
