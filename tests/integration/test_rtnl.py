@@ -114,8 +114,12 @@ def test_getlink_by_name_answers_the_link(host: Ns) -> None:
     assert (answer.error, answer.kind) == (0, rtnl.RTM_NEWLINK)
     parsed = rtnl.parse_link(answer.payload)
     assert parsed is not None
-    assert (parsed[0].index, parsed[0].ifname) == (host.link("br-t")["ifindex"], "br-t")
+    index = host.link("br-t")["ifindex"]
+    assert (parsed[0].index, parsed[0].ifname, parsed[0].admin_up) == (index, "br-t", False)
     assert host.nl.call(rtnl.getlink_request, "nope").error == errno.ENODEV
+    by_index = rtnl.parse_link(host.nl.call(rtnl.getlink_request, index=index).payload)
+    assert by_index is not None and by_index[0].ifname == "br-t"
+    assert host.nl.call(rtnl.getlink_request, index=999).error == errno.ENODEV
 
 
 def test_delete_link_by_name(host: Ns, ctr: Ns) -> None:
@@ -219,3 +223,24 @@ def test_a_leftover_host_end_gives_way_to_a_whole_pair(agent: Agent, world: Worl
     assert [f"{a['local']}/{a['prefixlen']}" for a in inside["addr_info"]
             if a["scope"] == "global"] == ep["addresses"]
     assert nsexec("host1", "ip", "link", "show", "leftover", check=False).returncode != 0
+
+
+def test_a_veth_taken_off_its_bridge_is_put_back(agent: Agent, world: World) -> None:
+    """The kernel watcher looks at such a link again (HostNetlink.link_state, on a worker
+    thread) and has it repaired."""
+    client = Client(str(agent.socket))
+    client.post("/v1/networks", {"name": "n", "subnets": ["10.63.0.0/24"]})
+    world.add_ns("c1")
+    client.post("/v1/endpoints", {"container_id": "c1", "network": "n",
+                                  "netns": "/run/netns/c1", "ifname": "eth0"})
+    by_alias = {link.get("ifalias"): link["ifname"]
+                for link in json.loads(nsexec("host1", "ip", "-j", "link").stdout)}
+    name, bridge = by_alias["plexus:ep:c1/eth0"], by_alias["plexus:net:n"]
+    nsexec("host1", "ip", "link", "set", name, "nomaster")
+
+    def master() -> str | None:
+        link = json.loads(nsexec("host1", "ip", "-j", "link", "show", name).stdout)[0]
+        return link.get("master")
+
+    assert master() is None
+    assert wait_until(lambda: master() == bridge, timeout=10)

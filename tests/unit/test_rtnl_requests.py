@@ -74,6 +74,11 @@ def test_getlink_asks_by_name_without_statistics() -> None:
     assert msg.get_attr("IFLA_EXT_MASK") == rtnl.RTEXT_FILTER_SKIP_STATS
 
 
+def test_getlink_by_index() -> None:
+    msg = decoded(ifinfmsg, rtnl.getlink_request(4, index=12))
+    assert (msg["index"], msg.get_attr("IFLA_IFNAME")) == (12, None)
+
+
 def test_dellink_by_name() -> None:
     msg = decoded(ifinfmsg, rtnl.dellink_request(5, "pxv1"))
     assert header(msg) == (rtnl.RTM_DELLINK, rtnl.NLM_F_REQUEST | ACK, 5)

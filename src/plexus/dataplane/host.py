@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import ipaddress
 import logging
@@ -29,7 +28,6 @@ from plexus.errors import DataplaneError
 from plexus.model.types import IPNetwork
 
 log = logging.getLogger("plexus.dataplane")
-IFF_UP = 0x1
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 P = ParamSpec("P")
@@ -131,14 +129,11 @@ class HostNetlink:
 
     @kernel_errors
     async def link_state(self, index: int) -> tuple[bool, int | None] | None:
-        """(up, master index) of link ``index`` now, or None if there is none."""
-        try:
-            msg = (await (await self.ipr()).link("get", index=index))[0]
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return None
-            raise
-        return bool(msg["flags"] & IFF_UP), msg.get("master")
+        """(up, master index) of link ``index`` now, or None if there is none. Asked once per
+        new endpoint (the kernel watcher looks again at a veth it saw up before it joined its
+        bridge), so on a worker thread, like the endpoint's own requests."""
+        link = await self.offload(rawnl.get_link, index=index)
+        return None if link is None else (link.admin_up, link.master)
 
     @kernel_errors
     async def has_link(self, name: str) -> bool:

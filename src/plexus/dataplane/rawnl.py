@@ -134,16 +134,23 @@ class NetlinkThreads:
 # --- idempotent verbs over channels (the blocking twins of links.py's) -------------------------
 
 
-def link_index(ch: Channel, name: str) -> int | None:
-    answer = ch.call(rtnl.getlink_request, name)
+def get_link(ch: Channel, name: str = "", index: int = 0) -> rtnl.LinkInfo | None:
+    """Link ``name`` (or else link ``index``) now; None if there is no such link."""
+    what = name or f"#{index}"
+    answer = ch.call(rtnl.getlink_request, name, index)
     if answer.error == errno.ENODEV:
         return None
     if answer.error:
-        raise DataplaneError(f"cannot look up link {name}: {answer.why}")
+        raise DataplaneError(f"cannot look up link {what}: {answer.why}")
     parsed = rtnl.parse_link(answer.payload) if answer.kind == rtnl.RTM_NEWLINK else None
     if parsed is None:
-        raise DataplaneError(f"unexpected answer (type {answer.kind}) looking up link {name}")
-    return parsed[0].index
+        raise DataplaneError(f"unexpected answer (type {answer.kind}) looking up link {what}")
+    return parsed[0]
+
+
+def link_index(ch: Channel, name: str) -> int | None:
+    link = get_link(ch, name)
+    return None if link is None else link.index
 
 
 def create_veth(ch: Channel, name: str, mtu: int, peer: str, mac: str = "",

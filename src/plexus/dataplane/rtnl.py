@@ -273,10 +273,11 @@ def veth_request(seq: int, name: str, mtu: int, peer: str, peer_mtu: int, peer_m
     return _request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
-def getlink_request(seq: int, name: str) -> bytes:
-    """RTM_GETLINK of the link named ``name``: answered by its RTM_NEWLINK (``parse_link``) or
-    ENODEV. Without statistics, which nothing here reads."""
-    body = _ifinfo() + _string(IFLA_IFNAME, name) + _u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+def getlink_request(seq: int, name: str = "", index: int = 0) -> bytes:
+    """RTM_GETLINK of the link named ``name`` (or else of link ``index``): answered by its
+    RTM_NEWLINK (``parse_link``) or ENODEV. Without statistics, which nothing here reads."""
+    body = _ifinfo(index) + (_string(IFLA_IFNAME, name) if name else b"")
+    body += _u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
     return _request(RTM_GETLINK, 0, seq, body)
 
 
