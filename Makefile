@@ -60,6 +60,7 @@ demo: deps venv
 
 bench: deps venv
 	$(SANDBOX) $(PY) bench/attach.py
+	$(SANDBOX) $(PY) bench/attach_phases.py
 	$(SANDBOX) $(PY) bench/throughput.py
 	$(SANDBOX) $(PY) bench/memory.py
 	$(SANDBOX) $(PY) bench/cni.py

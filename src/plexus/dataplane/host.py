@@ -1,37 +1,38 @@
 """The agent's own network namespace (the "host"), as the drivers share it.
 
-One netlink socket for requests, opened once. Two kernel facts shape this class: a netlink
+One pyroute2 netlink socket for requests that are not per endpoint, opened once. A netlink
 socket serves one dump at a time (a second concurrent dump fails with EBUSY), hence
-``_dump_lock``; and deleting a veth costs ~15-20 ms of the kernel's time (unregistering under
-RTNL), which a CNI DEL need not wait for, hence ``delete_link(wait=False)`` with ``_deleting``,
-which a later creation of the same link waits on (``settle``) before it makes it again.
+``_dump_lock``. The requests of the endpoint path run on worker threads with sockets of their
+own (``offload``, ``rawnl.py`` has why). Deleting a veth costs ~15-20 ms of the kernel's time
+(unregistering under RTNL), which a CNI DEL need not wait for, hence
+``delete_link(wait=False)`` with ``_deleting``, which a later creation of the same link waits on
+(``settle``) before it makes it again; deletions have a thread of their own, so that they never
+hold up a creation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import errno
 import functools
 import ipaddress
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from plexus.dataplane import events, links, netns, rtnl
+from plexus.dataplane import events, links, netns, rawnl
 from plexus.errors import DataplaneError
 from plexus.model.types import IPAddress, IPNetwork
 
 log = logging.getLogger("plexus.dataplane")
-IFF_UP = 0x1
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+P = ParamSpec("P")
+T = TypeVar("T")
+LINK_WORKERS = 2  # threads programming endpoints: the kernel serializes them (RTNL) anyway
 
 
 class LinkTable(Protocol):
@@ -68,10 +69,8 @@ class HostNetlink:
         self._dump_lock = asyncio.Lock()
         self._deleting: dict[str, asyncio.Task[None]] = {}
         self._forwarding: set[int] = set()
-        # Deleting a link: see _delete_off_loop.
-        self._deleter = concurrent.futures.ThreadPoolExecutor(1, "plexus-dellink")
-        self._deleter_socket: socket.socket | None = None
-        self._seq = 0
+        self._links = rawnl.NetlinkThreads(LINK_WORKERS, "plexus-links")
+        self._deleter = rawnl.NetlinkThreads(1, "plexus-dellink")  # see _delete_off_loop
 
     async def ipr(self) -> AsyncIPRoute:
         if self._ipr is None:
@@ -86,9 +85,14 @@ class HostNetlink:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        self._deleter.shutdown(wait=True)
-        if self._deleter_socket is not None:
-            self._deleter_socket.close()
+        self._links.close()
+        self._deleter.close()
+
+    async def offload(self, fn: Callable[Concatenate[rawnl.Channel, P], T], *args: P.args,
+                      **kwargs: P.kwargs) -> T:
+        """``fn(channel, ...)`` on a worker thread, with a channel into this namespace of that
+        thread's own: blocking requests (``rawnl``) that must not run on the event loop."""
+        return await self._links.run(fn, *args, **kwargs)
 
     async def settle(self, name: str) -> None:
         """Wait for a background deletion of link ``name`` (a DEL just before this ADD)."""
@@ -121,37 +125,15 @@ class HostNetlink:
         sender's send(): deleting a veth unregisters it under the networking lock and waits
         for RCU, ~15-20 ms in that one syscall, which on the agent's socket would hold the
         whole event loop (every API call, every DNS update) as long."""
-        self._seq += 1
-        seq = self._seq
-        loop = asyncio.get_running_loop()
-        code = await loop.run_in_executor(self._deleter, self._delete_sync, seq, name)
-        if code not in (0, errno.ENODEV, errno.ENOENT):
-            raise DataplaneError(f"cannot delete link {name}: {os.strerror(code)}")
-
-    def _delete_sync(self, seq: int, name: str) -> int:
-        if self._deleter_socket is None:
-            self._deleter_socket = netns.netlink_socket(None)
-            self._deleter_socket.settimeout(30)
-        sock = self._deleter_socket
-        sock.send(rtnl.dellink_request(seq, name))
-        buf = bytearray(65536)
-        for _ in range(64):  # bounded: the acknowledgement is the next message
-            size = sock.recv_into(buf)
-            code = rtnl.ack_code(memoryview(buf)[:size], seq)
-            if code is not None:
-                return code
-        raise DataplaneError(f"no answer from the kernel deleting {name}")
+        await self._deleter.run(rawnl.delete_link, name)
 
     @kernel_errors
     async def link_state(self, index: int) -> tuple[bool, int | None] | None:
-        """(up, master index) of link ``index`` now, or None if there is none."""
-        try:
-            msg = (await (await self.ipr()).link("get", index=index))[0]
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return None
-            raise
-        return bool(msg["flags"] & IFF_UP), msg.get("master")
+        """(up, master index) of link ``index`` now, or None if there is none. Asked once per
+        new endpoint (the kernel watcher looks again at a veth it saw up before it joined its
+        bridge), so on a worker thread, like the endpoint's own requests."""
+        link = await self.offload(rawnl.get_link, index=index)
+        return None if link is None else (link.admin_up, link.master)
 
     @kernel_errors
     async def has_link(self, name: str) -> bool:
