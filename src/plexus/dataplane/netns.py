@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import socket
 import threading
@@ -28,6 +29,7 @@ from plexus.errors import DataplaneError, InvalidArgument, NotFound
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SHARED = 1 << 20
@@ -85,15 +87,25 @@ def netlink_socket(path: str | None) -> socket.socket:
 
 
 def check_netns(path: str) -> None:
-    """Raise InvalidArgument unless ``path`` names a network namespace we can enter."""
-    if not os.path.exists(path):
-        raise InvalidArgument("netns", path, "no such network namespace")
+    """Raise InvalidArgument unless ``path`` names a network namespace.
+
+    ``ioctl(NS_GET_NSTYPE)`` on the opened file asks nsfs what kind of namespace it is (Linux
+    4.11+): exact, and no thread (entering the namespace to find out cost a thread start and
+    join per attach, up to 16 ms of the event loop's time under load)."""
     try:
-        # Entering it is the only check that is both portable and exact (nsfs inodes carry no
-        # marker visible to stat); it costs one short-lived thread.
-        run_in_netns(path, lambda: None)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidArgument("netns", path, "no such network namespace") from None
     except OSError as exc:
-        raise InvalidArgument("netns", path, f"not a network namespace ({exc.strerror})") from None
+        raise InvalidArgument("netns", path, f"cannot open it ({exc.strerror})") from None
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = 0  # ENOTTY: not an nsfs file at all
+    finally:
+        os.close(fd)
+    if kind != CLONE_NEWNET:
+        raise InvalidArgument("netns", path, "not a network namespace")
 
 
 def same_netns(path: str) -> bool:
