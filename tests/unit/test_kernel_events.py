@@ -262,3 +262,44 @@ async def test_draining_a_long_backlog_lets_other_tasks_run(
             drained.append(await events.get())
         await task
     assert 0 < when_other_ran[0] < 301
+
+
+class OverrunSocket:
+    """A socket whose first read reports ENOBUFS, as the kernel's does after dropping; records
+    what the reader had handed out at each later read."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.overrun = True
+        self.resync_before_read: list[bool] = []
+        self.backlog = Backlog(1)
+
+    def recv_into(self, buf: bytearray) -> int:
+        if self.overrun:
+            self.overrun = False
+            raise OSError(ev.errno.ENOBUFS, "No buffer space available")
+        pending = list(self.backlog._items)
+        self.resync_before_read.append(Resync(ResyncReason.ENOBUFS) in pending)
+        return self.real.recv_into(buf)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+async def test_overrun_resync_waits_until_the_queue_is_drained(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # The kernel drops silently until the queue is read empty: a Resync handed out earlier would
+    # let the consumer relist while a change could still vanish unannounced.
+    kernel, ours = pair
+    fake = OverrunSocket(ours)
+    async with KernelEvents(sock=fake) as events:  # type: ignore[arg-type]
+        fake.backlog = events.backlog
+        assert await events.get() == Resync(ResyncReason.START)
+        kernel.send(link_msg(alias="plexus:net:n1", change=0xFFFFFFFF))
+        handed_out = [await asyncio.wait_for(events.get(), 2)]
+        kernel.send(link_msg(alias="plexus:net:n2", change=0))
+        after = await asyncio.wait_for(events.get(), 2)
+    assert handed_out == [Resync(ResyncReason.ENOBUFS)]
+    assert fake.resync_before_read[:2] == [False, False]  # the kept datagram, then EAGAIN
+    assert isinstance(after, LinkEvent) and after.link.alias == "net:n2"

@@ -17,7 +17,9 @@ Design notes (checked on kernel 6.18, pyroute2 0.9.7):
 - Reading: ``add_reader`` on a non-blocking socket; each wake-up reads datagrams for at most
   ``_READ_BUDGET`` seconds and returns, so a burst is consumed in slices between other callbacks.
   The kernel sends one notification per datagram; a full socket buffer drops them and reports
-  ENOBUFS once (then delivers what it kept), which becomes Resync(ENOBUFS).
+  ENOBUFS once (then delivers what it kept), which becomes Resync(ENOBUFS). The socket stays
+  congested, silently dropping, until its queue is read empty; the Resync is handed out only
+  then, so a consumer never relists while changes can still be lost unannounced.
 - Bridge ports: enslaving, releasing and carrier changes of a port also send RTM_NEWLINK and
   RTM_DELLINK with family AF_BRIDGE for the *port*. A DELLINK of that family means "left the
   bridge", not "deleted": only AF_UNSPEC link messages are links.
@@ -213,6 +215,7 @@ class KernelEvents:
         self._names: dict[int, str] = {}
         self._closed = False
         self._failure: str | None = None
+        self._overrun = False  # ENOBUFS seen, Resync due once the queue is drained
         self._streak = 0  # events handed out since the consumer last had to wait
 
     async def __aenter__(self) -> KernelEvents:
@@ -269,6 +272,8 @@ class KernelEvents:
         return self._closed
 
     def _on_readable(self) -> None:
+        if self._closed:  # a call_soon below can outlive the stream
+            return
         assert self._sock is not None
         deadline = time.perf_counter() + _READ_BUDGET
         view = memoryview(self._buf)
@@ -276,11 +281,17 @@ class KernelEvents:
             try:
                 size = self._sock.recv_into(self._buf)
             except BlockingIOError:
+                if self._overrun:
+                    # Only now, with the queue read empty, does the kernel clear the socket's
+                    # congestion and deliver again: a relist made earlier could miss a change
+                    # dropped in between, with no second ENOBUFS to say so.
+                    self._overrun = False
+                    self.backlog.resync(ResyncReason.ENOBUFS)
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     log.warning("kernel events in %s: receive buffer overrun", self._where)
-                    self.backlog.resync(ResyncReason.ENOBUFS)
+                    self._overrun = True
                     continue
                 self._failure = f"kernel events in {self._where}: {exc}"
                 log.error("%s", self._failure)
@@ -290,6 +301,10 @@ class KernelEvents:
                 event = decode(kind, payload, self._names)
                 if event is not None:
                     self.backlog.push(event)
+        if self._overrun and self._loop is not None:
+            # Out of budget with the Resync still due: an empty socket never wakes the reader
+            # again, so come back for the read that finds it empty.
+            self._loop.call_soon(self._on_readable)
 
     async def get(self) -> KernelEvent:
         """The next event; DataplaneError once the stream has ended (closed, or the socket
