@@ -210,7 +210,7 @@ def test_error_codes(cni: Cni, change: dict[str, Any], code: int, words: str) ->
     r = cni.run(change.get("command", "ADD"), conf, extra_env=env, **kw)
     assert r.error_code == code, (r.stdout, r.stderr)
     assert words in r.out["msg"] + r.out.get("details", "")
-    assert r.stderr.strip()  # the log line
+    assert r.stderr.startswith("plexus: ") and words in r.stderr, r.stderr  # the log line
     rows = store_rows(cni.agent.state_dir, "/plexus/endpoints/")
     assert [k.rsplit("/", 2)[1] for k in rows] == ["base"]  # nothing half-made
 
