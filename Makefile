@@ -20,24 +20,42 @@ export PYTHONPATH := $(CURDIR)
 all: venv
 
 deps: $(STAMPS)/deps
+# apt's progress (APT::Status-Fd) reduced to a line per quarter downloaded and per package set up;
+# the rest of its output is kept out of sight unless something fails.
+APT_PROGRESS = awk -F: '/^dlstatus/ && $$3 >= d { printf "  downloading %3d%%\n", $$3; d = $$3 + 25; fflush() } \
+  /^pmstatus:/ && (i = index($$0, ":Installed ")) { pct = substr($$0, 1, i - 1); sub(/.*:/, "", pct); \
+    printf "  [%3d%%] installed %s\n", pct, substr($$0, i + 11); fflush() }'
 $(STAMPS)/deps: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:" $$missing; \
+	  echo "updating the package lists (apt-get update)"; \
+	  apt-get update -qq || exit 1; \
+	  total=$$(apt-get -s install --no-install-recommends $$missing | grep -c '^Inst '); \
+	  echo "installing $$(echo $$missing | wc -w) Debian packages ($$total with their dependencies):" $$missing; \
 	  guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=1; printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; rc=$$?; \
+	  set -o pipefail; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -o APT::Status-Fd=3 $$missing \
+	    3>&1 >$(STAMPS)/apt.log 2>&1 | $(APT_PROGRESS); rc=$$?; \
 	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
-	  exit $$rc; \
+	  [ $$rc = 0 ] || { tail -n 30 $(STAMPS)/apt.log; exit $$rc; }; \
 	fi
 	@touch $@
 
 venv: $(STAMPS)/venv
+# The packages pyproject.toml names (plexus's and the dev tools'); pip shows as one line per
+# package it collects (dependencies included), the rest of its output goes to a log.
+PY_REQUIREMENTS = $(PY) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+  print(" ".join(re.split(r"[<>=!~ ;\[]", r)[0] for r in p["dependencies"] + p["optional-dependencies"]["dev"]))'
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip >/dev/null
-	$(PY) -m pip install -q -e '.[dev]'
+	@test -x $(PY) || { echo "creating the virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@set -o pipefail; log=$(STAMPS)/pip.log; wanted=$$($(PY_REQUIREMENTS)); \
+	echo "installing plexus (editable) and $$(echo $$wanted | wc -w) Python packages into $(VENV), with their dependencies:" $$wanted; \
+	$(PY) -m pip install --upgrade pip >$$log 2>&1 || { tail -n 30 $$log; exit 1; }; \
+	$(PY) -m pip install -e '.[dev]' 2>&1 | tee -a $$log | awk '/^Collecting / { sub(/[<>=!~;[].*/, "", $$2); printf "  collecting %s\n", $$2; fflush() } \
+	  /^Processing .*\.whl/ { n = split($$2, path, "/"); split(path[n], w, "-"); printf "  collecting %s\n", w[1]; fflush() } \
+	  /^Successfully installed/ { printf "  installed %d packages\n", NF - 2; fflush() }' \
+	  || { tail -n 30 $$log; exit 1; }
 	@touch $@
 
 unit: venv

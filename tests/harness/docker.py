@@ -60,7 +60,6 @@ import os
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import tempfile
 import time
@@ -82,7 +81,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PREFIX = "plexus-docker-"
 # What the harness needs from Debian: docker.io pulls containerd, runc, tini (docker-init) and
 # iptables; busybox-static makes the image; iperf3 for the throughput benchmark.
-DEB_PACKAGES = ("docker.io", "busybox-static", "iperf3")
 BUILTIN_NETWORKS = ("bridge", "host", "none")
 # Processes that may be left as zombies re-parented to the sandbox's PID 1 (often our process).
 # (comm is cut to 15 characters: containerd-shim-runc-v2 shows as containerd-shim.)
@@ -100,46 +98,6 @@ class DockerError(RuntimeError):
 def installed() -> bool:
     """dockerd, containerd and runc are on PATH."""
     return all(shutil.which(b) for b in ("dockerd", "containerd", "runc"))
-
-
-def install_packages(packages: Sequence[str] = DEB_PACKAGES, timeout: float = 900) -> list[str]:
-    """``apt-get install`` the missing Debian packages; returns what was installed.
-
-    Run it outside the sandbox (it needs the network). docker.io's and containerd's maintainer
-    scripts start their services (``invoke-rc.d`` / ``deb-systemd-invoke``), which would run a
-    dockerd in the root namespace: unless ``/usr/sbin/policy-rc.d`` exists already, one that
-    denies every start (``exit 101``) is in place for the duration of the install.
-    """
-    missing = [
-        p
-        for p in packages
-        if subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True, timeout=30
-        ).stdout.strip()
-        != "install ok installed"
-    ]
-    if not missing:
-        return []
-    policy = Path("/usr/sbin/policy-rc.d")
-    made_policy = not policy.exists()
-    if made_policy:
-        policy.write_text(
-            "#!/bin/sh\n# plexus: no service starts during apt-get install\nexit 101\n"
-        )
-        policy.chmod(0o755)
-    try:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        r = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-            capture_output=True, text=True, timeout=timeout, env=env,
-        )  # fmt: skip
-        if r.returncode != 0:
-            raise DockerError(f"apt-get install {' '.join(missing)} failed:\n{r.stderr[-2000:]}")
-    finally:
-        if made_policy:
-            with contextlib.suppress(FileNotFoundError):
-                policy.unlink()
-    return missing
 
 
 def docker_cli() -> str:
@@ -755,20 +713,6 @@ class Dockerd(ContainerCommands):
         self.docker(*argv, timeout=timeout)
         return time.perf_counter() - t0
 
-    def time_run_rm(self, network: str | None, n: int = 10, warmup: int = 1) -> dict[str, Any]:
-        """Median/min/max wall time of ``n`` ``docker run --rm IMAGE true`` (after ``warmup``)."""
-        for _ in range(warmup):
-            self.run_rm(network)
-        samples = [self.run_rm(network) for _ in range(n)]
-        return {
-            "network": network or "default",
-            "n": n,
-            "median_s": statistics.median(samples),
-            "min_s": min(samples),
-            "max_s": max(samples),
-            "samples_s": samples,
-        }
-
     def container_cli(
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
@@ -794,13 +738,6 @@ class Dockerd(ContainerCommands):
     def netns_path(self, name: str) -> str:
         """A path to the container's netns usable from any mount namespace."""
         return f"/proc/{self.container_pid(name)}/ns/net"
-
-    def iptables_save(self) -> str:
-        """``iptables-save`` in dockerd's network namespace."""
-        prefix = ["nsenter", f"--net={_netns_path(self.netns)}", "--"] if self.netns else []
-        return subprocess.run(
-            [*prefix, "iptables-save"], capture_output=True, text=True, timeout=20, check=True
-        ).stdout
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plexus.dataplane.netns import run_in_netns
+# The probes live in tests.harness.probes; their old home keeps the old names working.
+from tests.harness.probes import http_get as http_get
+from tests.harness.probes import netns_path as netns_path
+from tests.harness.probes import tcp_probe, wait_for_answer
+from tests.harness.probes import tcp_request as tcp_request
+from tests.harness.probes import udp_request as udp_request
+from tests.harness.probes import wait_tcp as wait_tcp
 
 VENV_BIN = Path(sys.executable).parent
 # The traffic-check server that containers of tests, the demo and bench run (a file, so it runs
@@ -53,76 +58,6 @@ def nsexec(
 ) -> subprocess.CompletedProcess[str]:
     """Run argv in namespace ``ns``: a name under /run/netns or a path."""
     return sh("nsenter", f"--net={netns_path(ns)}", "--", *argv, check=check, timeout=timeout)
-
-
-def netns_path(ns: str) -> str:
-    return ns if ns.startswith("/") else f"/run/netns/{ns}"
-
-
-def tcp_request(ns: str, ip: str, port: int, timeout: float = 2.0, payload: bytes = b"") -> str:
-    """Connect from namespace ``ns`` and return the server's first line ("" if it fails)."""
-
-    def go() -> str:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            try:
-                s.connect((ip, port))
-                if payload:
-                    s.sendall(payload)
-                return s.recv(4096).decode().strip()
-            except OSError:
-                return ""
-
-    return run_in_netns(netns_path(ns), go)
-
-
-def wait_tcp(ns: str, ip: str, port: int, timeout: float = 10.0) -> str:
-    """Like tcp_request, but retries (a server still starting refuses at once) until it
-    answers or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        reply = tcp_request(ns, ip, port, timeout=min(1.0, timeout))
-        if reply or time.monotonic() > deadline:
-            return reply
-        time.sleep(0.1)
-
-
-def http_get(ns: str, ip: str, port: int, timeout: float = 5.0) -> str:
-    """GET / over HTTP/1.0 from namespace ``ns``; the whole response ("" if it fails)."""
-
-    def go() -> str:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        chunks = []
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            try:
-                s.connect((ip, port))
-                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                for _ in range(1024):  # bounded: 4 MiB at most
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-            except OSError:
-                return ""
-        return b"".join(chunks).decode(errors="replace")
-
-    return run_in_netns(netns_path(ns), go)
-
-
-def udp_request(ns: str, ip: str, port: int, timeout: float = 2.0) -> str:
-    def go() -> str:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.settimeout(timeout)
-            try:
-                s.sendto(b"ping", (ip, port))
-                return s.recv(4096).decode().strip()
-            except OSError:
-                return ""
-
-    return run_in_netns(netns_path(ns), go)
 
 
 def ping(ns: str, ip: str, count: int = 1, timeout: float = 1) -> bool:
@@ -254,13 +189,9 @@ class Agent:
         )
 
     def wait_listening(self, name: str, port: int = 80, timeout: float = 10) -> None:
-        ns, ip = self.netns(name), "127.0.0.1"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if tcp_request(ns, ip, port, timeout=0.5):
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"{name} is not listening on {port}")
+        ns = self.netns(name)
+        if not wait_for_answer(lambda: tcp_probe(ns, "127.0.0.1", port, 0.5), timeout):
+            raise TimeoutError(f"{name} is not listening on {port}")
 
 
 class World:

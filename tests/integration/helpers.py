@@ -39,6 +39,17 @@ def addresses(ns: str, ifname: str) -> list[str]:
     ]
 
 
+def global_addresses(ns: str) -> list[str]:
+    """Every global-scope address in namespace ``ns`` (``ip -j addr``), as ADDRESS/PREFIX."""
+    data = json.loads(nsexec(ns, "ip", "-j", "addr").stdout)
+    return [
+        f"{a['local']}/{a['prefixlen']}"
+        for link in data
+        for a in link["addr_info"]
+        if a.get("scope") == "global"
+    ]
+
+
 def nft_table(ns: str) -> list[dict[str, Any]]:
     out = nsexec(ns, "nft", "-j", "list", "table", "inet", "plexus", check=False)
     return list(json.loads(out.stdout)["nftables"]) if out.returncode == 0 else []

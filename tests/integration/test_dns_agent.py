@@ -5,6 +5,7 @@ follow containers as they come and go, and other names are forwarded to the upst
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 
@@ -92,15 +93,19 @@ def test_records_follow_containers_and_aliases_rotate(dns_agent: Agent) -> None:
     assert getent(a, "client", "svc") == [a.address("s2")]
 
 
-def test_dns_lookup_explains(dns_agent: Agent) -> None:
+def test_dns_lookup_explains(dns_agent: Agent, upstream: StubUpstream) -> None:
     a = dns_agent
     a.cli("network", "create", "app", "--subnet", "10.83.0.0/24")
     a.run_echo("web", "app")
     out = a.json("dns", "lookup", "web", "--network", "app")
-    assert out["text"] and a.address("web") in str(out)
+    assert (out["outcome"], out["addresses"]) == ("answer", [a.address("web")])
+    assert [m["container"] for m in out["matches"]] == ["web"]
     text = a.cli("dns", "lookup", "nosuch.example", "--network", "app").stdout
-    assert "forward" in text.lower()
-    stats = __import__("json").loads(a.cli("dns", "stats").stdout)
-    assert stats  # counters by type and result, upstream health
+    assert f"forwarded to {INTERNET_ADDR}:53" in text and "rcode NXDOMAIN" in text, text
+    assert ("udp", "nosuch.example", 1) in upstream.queries  # it really asked the upstream
+    stats = json.loads(a.cli("dns", "stats").stdout)
+    assert stats["listeners"] == ["app 10.83.0.1:53"]
+    asked = stats["upstreams"][f"{INTERNET_ADDR}:53"]
+    assert asked["healthy"] is True and asked["answers"] >= 1
     r = a.cli("dns", "lookup", "web", "--network", "nope", check=False)
     assert r.returncode != 0 and "nope" in r.stderr

@@ -47,8 +47,12 @@ def test_container_interfaces_addresses_routes_and_mtu(agent: Agent) -> None:
     assert [(r["gateway"], r["dev"]) for r in routes] == [("10.21.0.1", "eth0")]
     routes6 = json.loads(nsexec(ns, "ip", "-j", "-6", "route", "show", "default").stdout)
     assert [r["dev"] for r in routes6] == ["eth0"]
-    host_veths = [l for l in links("host1") if l["ifname"].startswith("pxv")]
-    assert len(host_veths) == 2 and all(l["mtu"] in (1400, 1500) for l in host_veths)
+    assert next(l for l in links(ns) if l["ifname"] == "eth1")["mtu"] == 1500
+    # each host-side veth has its own network's MTU: 1400 on "a", the default 1500 on "b"
+    mtu = {l["ifname"]: l["mtu"] for l in links("host1") if l["ifname"].startswith("pxv")}
+    endpoints = {e["network"]: e["host_ifname"] for e in agent.container("c")["endpoints"]}
+    assert set(mtu) == set(endpoints.values())
+    assert {net: mtu[veth] for net, veth in endpoints.items()} == {"a": 1400, "b": 1500}
 
 
 def test_attach_and_detach_a_namespace_made_by_someone_else(agent: Agent, world: World) -> None:

@@ -45,6 +45,7 @@ from plexus.dataplane.nft import (
     render_teardown,
 )
 from plexus.errors import DataplaneError
+from tests.harness.probes import DROPPED, REFUSED, Probe, tcp_probe, udp_probe
 
 ip_address, ip_network = ipaddress.ip_address, ipaddress.ip_network
 CLONE_NEWNET = 0x40000000
@@ -164,20 +165,15 @@ class Server:
         self.sock.close()
 
 
-def talk(ns: str, addr: str, port: int, proto: str = "tcp") -> str | None:
-    """The server's answer, or None if the connection was dropped or refused."""
-    s = netns_socket(ns, addr, proto)
-    s.settimeout(TIMEOUT)
-    try:
-        if proto == "tcp":
-            s.connect((addr, port))
-        else:
-            s.sendto(b"hi", (addr, port))
-        return s.recv(128).decode()
-    except OSError:  # timeout, refused, unreachable
-        return None
-    finally:
-        s.close()
+def talk(ns: str, addr: str, port: int, proto: str = "tcp") -> Probe:
+    """What happened to one connection or datagram: answered (and what), dropped, refused."""
+    probe = tcp_probe if proto == "tcp" else udp_probe
+    return probe(ns, addr, port, TIMEOUT)
+
+
+def answer(ns: str, addr: str, port: int, proto: str = "tcp") -> str:
+    """The server's answer ("" if there was none), for checks that expect one."""
+    return talk(ns, addr, port, proto).answer
 
 
 def listing(ns: str = "host") -> list[dict]:  # type: ignore[type-arg]
@@ -277,16 +273,19 @@ def nft(world: object) -> Iterator[LibNft]:
         yield n
 
 
-@pytest.fixture(params=[False, True], ids=["br_netfilter-off", "br_netfilter-on"])
-def br_nf(request: pytest.FixtureRequest, nft: LibNft) -> bool:
-    set_br_netfilter(request.param)
-    return bool(request.param)
-
-
 @pytest.fixture
 def fw(nft: LibNft) -> NftFirewall:
+    """The table holding STATE, and br_netfilter off unless the test asks for ``br_nf``: no
+    test inherits what an earlier one left."""
+    set_br_netfilter(False)
     nft.run_sync(render_table(STATE))
     return NftFirewall(nft)
+
+
+@pytest.fixture(params=[False, True], ids=["br_netfilter-off", "br_netfilter-on"])
+def br_nf(request: pytest.FixtureRequest, fw: NftFirewall) -> bool:
+    set_br_netfilter(request.param)
+    return bool(request.param)
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -311,64 +310,75 @@ async def test_current_reads_back_the_state(fw: NftFirewall) -> None:
 
 
 def test_same_network_containers_connect(fw: NftFirewall, br_nf: bool) -> None:
-    assert talk("a1", A2, SERVED_PORT) == f"a2 {A1}"
-    assert talk("a2", A1_6, SERVED_PORT) == "a1 fd01::3"
+    assert answer("a1", A2, SERVED_PORT) == f"a2 {A1}"
+    assert answer("a2", A1_6, SERVED_PORT) == "a1 fd01::3"
 
 
 def test_networks_are_isolated_both_ways(fw: NftFirewall, br_nf: bool) -> None:
-    assert talk("a1", B1, SERVED_PORT) is None
-    assert talk("b1", A1, SERVED_PORT) is None
+    assert talk("a1", B1, SERVED_PORT).outcome is DROPPED
+    assert answer("host", B1, SERVED_PORT) == "b1 10.2.0.1"  # b1 serves (control)
+    assert talk("b1", A1, SERVED_PORT).outcome is DROPPED
+    assert answer("a2", A1, SERVED_PORT) == f"a1 {A2}"  # a1 serves (control)
 
 
 def test_outside_reaches_a_published_port_with_its_own_source_address(
     fw: NftFirewall, br_nf: bool
 ) -> None:
-    assert talk("outside", HOST4, 8080) == f"a1 {OUT4}"
-    assert talk("outside", HOST6, 8080) == f"a1 {OUT6}"
-    assert talk("outside", HOST4, 5300, "udp") == f"a2 {OUT4}"
-    assert talk("outside", HOST4, 8082) == f"b1 {OUT4}"
+    assert answer("outside", HOST4, 8080) == f"a1 {OUT4}"
+    assert answer("outside", HOST6, 8080) == f"a1 {OUT6}"
+    assert answer("outside", HOST4, 5300, "udp") == f"a2 {OUT4}"
+    assert answer("outside", HOST4, 8082) == f"b1 {OUT4}"
 
 
 def test_outside_cannot_reach_containers_directly(fw: NftFirewall) -> None:
-    assert talk("outside", A1, SERVED_PORT) is None
-    assert talk("outside", A1_6, SERVED_PORT) is None
-    assert talk("outside", A1, SERVED_PORT, "udp") is None
+    assert talk("outside", A1, SERVED_PORT).outcome is DROPPED
+    assert talk("outside", A1_6, SERVED_PORT).outcome is DROPPED
+    assert answer("outside", HOST4, 8080) == f"a1 {OUT4}"  # the same server, published
+    assert talk("outside", A1, SERVED_PORT, "udp").outcome is DROPPED
+    assert answer("a2", A1, SERVED_PORT, "udp") == f"a1 {A2}"  # a1's UDP server answers
 
 
 def test_containers_reach_the_outside_masqueraded(fw: NftFirewall) -> None:
-    assert talk("a1", OUT4, 9000) == f"outside {HOST4}"
-    assert talk("b1", OUT4, 9000) == f"outside {HOST4}"
-    assert talk("a1", OUT6, 9000) == f"outside {HOST6}"
+    assert answer("a1", OUT4, 9000) == f"outside {HOST4}"
+    assert answer("b1", OUT4, 9000) == f"outside {HOST4}"
+    assert answer("a1", OUT6, 9000) == f"outside {HOST6}"
 
 
 def test_internal_network_is_cut_off(fw: NftFirewall, br_nf: bool) -> None:
-    assert talk("outside", I1, SERVED_PORT) is None
-    assert talk("a1", I1, SERVED_PORT) is None
-    assert talk("i1", A1, SERVED_PORT) is None
-    assert talk("i1", OUT4, 9000) is None
-    assert talk("i1", "10.3.0.1", 2222) is None  # the host, other than DNS
+    assert talk("outside", I1, SERVED_PORT).outcome is DROPPED
+    assert talk("a1", I1, SERVED_PORT).outcome is DROPPED
+    assert answer("host", I1, SERVED_PORT) == "i1 10.3.0.1"  # i1 serves (control)
+    assert talk("i1", A1, SERVED_PORT).outcome is DROPPED
+    assert answer("a2", A1, SERVED_PORT) == f"a1 {A2}"  # a1 serves (control)
+    assert talk("i1", OUT4, 9000).outcome is DROPPED
+    assert answer("a1", OUT4, 9000) == f"outside {HOST4}"  # the outside serves (control)
+    assert talk("i1", "10.3.0.1", 2222).outcome is DROPPED  # the host, other than DNS
+    assert answer("host", "10.3.0.1", 2222) == "host 10.3.0.1"  # it serves (control)
+    assert answer("i1", "10.3.0.1", 53) == f"host {I1}"  # and i1 reaches it for DNS
 
 
 def test_internal_network_may_ask_the_host_for_dns(fw: NftFirewall) -> None:
-    assert talk("i1", "10.3.0.1", 53, "udp") == f"host {I1}"
-    assert talk("i1", "10.3.0.1", 53) == f"host {I1}"
+    assert answer("i1", "10.3.0.1", 53, "udp") == f"host {I1}"
+    assert answer("i1", "10.3.0.1", 53) == f"host {I1}"
 
 
 def test_host_reaches_published_ports_on_localhost(fw: NftFirewall) -> None:
-    assert talk("host", "127.0.0.1", 8080) == "a1 10.1.0.1"
-    assert talk("host", "127.0.0.1", 8081) == "a2 10.1.0.1"
-    assert talk("host", HOST4, 8080) == f"a1 {HOST4}"  # its own address: no masquerade needed
+    assert answer("host", "127.0.0.1", 8080) == "a1 10.1.0.1"
+    assert answer("host", "127.0.0.1", 8081) == "a2 10.1.0.1"
+    assert answer("host", HOST4, 8080) == f"a1 {HOST4}"  # its own address: no masquerade needed
 
 
 def test_a_localhost_publication_is_not_published_elsewhere(fw: NftFirewall) -> None:
-    assert talk("outside", HOST4, 8081) is None
+    # Not published on HOST4, so the host's own stack refuses (no DNAT to a2, which serves).
+    assert talk("outside", HOST4, 8081).outcome is REFUSED
+    assert answer("host", "127.0.0.1", 8081) == "a2 10.1.0.1"
 
 
 def test_hairpin_to_itself_and_to_a_neighbour(fw: NftFirewall, br_nf: bool) -> None:
-    assert talk("a1", "10.1.0.1", 8080) == "a1 10.1.0.1"
-    assert talk("a2", HOST4, 8080) == "a1 10.1.0.1"
-    assert talk("a2", "fd01::1", 8080) == "a1 fd01::1"
-    assert talk("b1", HOST4, 8080) == f"a1 {B1}"  # another network, through a published port
+    assert answer("a1", "10.1.0.1", 8080) == "a1 10.1.0.1"
+    assert answer("a2", HOST4, 8080) == "a1 10.1.0.1"
+    assert answer("a2", "fd01::1", 8080) == "a1 fd01::1"
+    assert answer("b1", HOST4, 8080) == f"a1 {B1}"  # another network, through a published port
 
 
 def test_a_localhost_publication_is_not_reachable_by_routing_127_to_the_host(
@@ -381,12 +391,12 @@ def test_a_localhost_publication_is_not_reachable_by_routing_127_to_the_host(
     sh("sysctl", "-qw", "net.ipv4.conf.eth0.route_localnet=1", ns="outside")
     ip("outside", "route", "add", "127.0.0.0/8", "via", HOST4, "dev", "eth0")
     try:
-        assert talk("outside", "127.0.0.1", 8081) is None
+        assert talk("outside", "127.0.0.1", 8081).outcome is DROPPED
         # Proof the probe is real: without the raw-priority guard the CVE is there.
         handle = _rule_handle("prerouting_filter")
         sh("nft", "delete", "rule", "inet", "plexus", "prerouting_filter", "handle", str(handle),
            ns="host")
-        assert talk("outside", "127.0.0.1", 8081) == f"a2 {OUT4}"
+        assert answer("outside", "127.0.0.1", 8081) == f"a2 {OUT4}"
     finally:
         ip("outside", "route", "del", "127.0.0.0/8")
         ip("outside", "addr", "add", "127.0.0.1/8", "dev", "lo")
@@ -405,11 +415,11 @@ async def test_an_element_delta_changes_traffic_without_rebuilding_the_table(
 ) -> None:
     before = handles()
     new = FirewallState(NETS, PUBS | {pub(8090, A2)})
-    assert talk("outside", HOST4, 8090) is None
+    assert talk("outside", HOST4, 8090).outcome is REFUSED  # not published: the host's RST
     await fw.update(STATE, new)
-    assert talk("outside", HOST4, 8090) == f"a2 {OUT4}"
+    assert answer("outside", HOST4, 8090) == f"a2 {OUT4}"
     await fw.update(new, STATE)
-    assert talk("outside", HOST4, 8090) is None
+    assert talk("outside", HOST4, 8090).outcome is REFUSED
     assert handles() == before
 
 
@@ -418,7 +428,7 @@ async def test_a_publication_can_move_to_another_container_in_one_delta(fw: NftF
     before = handles()
     await fw.update(STATE, moved)
     assert handles() == before
-    assert talk("outside", HOST4, 8082) == f"a2 {OUT4}"
+    assert answer("outside", HOST4, 8082) == f"a2 {OUT4}"
     assert await fw.current() == moved.canonical()
 
 
@@ -430,9 +440,10 @@ async def test_a_network_delta_applies_as_elements(fw: NftFirewall) -> None:
     await fw.update(STATE, isolated)
     assert handles() == before
     assert sorted(elements("internal")) == ["pxbr-b", "pxbr-i"]  # type: ignore[type-var]
-    assert talk("b1", OUT4, 9000) is None
+    assert talk("b1", OUT4, 9000).outcome is DROPPED
+    assert answer("a1", OUT4, 9000) == f"outside {HOST4}"  # the outside serves (control)
     await fw.update(isolated, STATE)
-    assert talk("b1", OUT4, 9000) == f"outside {HOST4}"
+    assert answer("b1", OUT4, 9000) == f"outside {HOST4}"
 
 
 def test_a_failing_batch_applies_nothing(fw: NftFirewall, nft: LibNft) -> None:
@@ -442,7 +453,8 @@ def test_a_failing_batch_applies_nothing(fw: NftFirewall, nft: LibNft) -> None:
     with pytest.raises(DataplaneError):
         nft.run_sync([*good, *bad])
     assert not any(e[0] == {"concat": ["tcp", 8091]} for e in elements("pub4_any_addr"))  # type: ignore[index]
-    assert talk("outside", HOST4, 8091) is None
+    assert talk("outside", HOST4, 8091).outcome is REFUSED  # by the host: no DNAT to a2 ...
+    assert answer("a1", A2, SERVED_PORT) == f"a2 {A1}"  # ... which serves (control)
 
 
 async def test_update_rebuilds_a_table_someone_deleted(fw: NftFirewall) -> None:
@@ -451,7 +463,7 @@ async def test_update_rebuilds_a_table_someone_deleted(fw: NftFirewall) -> None:
     new = FirewallState(NETS, PUBS | {pub(8092, A1)})
     await fw.update(STATE, new)
     assert await fw.current() == new.canonical()
-    assert talk("outside", HOST4, 8092) == f"a1 {OUT4}"
+    assert answer("outside", HOST4, 8092) == f"a1 {OUT4}"
 
 
 async def test_current_rejects_a_table_of_another_shape(fw: NftFirewall) -> None:
@@ -463,8 +475,9 @@ async def test_teardown_removes_the_table_and_tolerates_its_absence(fw: NftFirew
     await fw.teardown()
     assert listing() == []
     await fw.teardown()
-    assert talk("outside", HOST4, 8080) is None  # no DNAT left
-    assert talk("a1", B1, SERVED_PORT) == f"b1 {A1}"  # and no filtering either
+    assert talk("outside", HOST4, 8080).outcome is REFUSED  # no DNAT left: the host's RST
+    assert answer("a2", A1, SERVED_PORT) == f"a1 {A2}"  # though a1 serves (control)
+    assert answer("a1", B1, SERVED_PORT) == f"b1 {A1}"  # and no filtering either
 
 
 async def test_sync_replaces_everything(fw: NftFirewall) -> None:

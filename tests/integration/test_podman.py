@@ -11,6 +11,7 @@ import pytest
 
 from plexus.cni.install import install
 from tests.harness.podman import INDEX_HTML, Podman
+from tests.harness.probes import REFUSED, tcp_probe
 from tests.harness.world import Agent, World, http_get, ping
 
 from .helpers import links, nft_elements, store_rows, wait_until
@@ -41,7 +42,7 @@ def podman(world: World, agent: Agent, tmp_path: Path) -> Iterator[Podman]:
 
 def test_podman_containers_on_a_plexus_network(podman: Podman, agent: Agent,
                                                world: World) -> None:
-    podman.run_http("web", NET, publish=["8080:80"])
+    podman.run_http("web", NET, publish=["8080:80", "127.0.0.1:8083:80"])
     podman.run_http("api", NET, extra=["--network-alias", "backend"])
     web, api = podman.ip("web", NET), podman.ip("api", NET)
     assert web.startswith("10.70.0.") and api.startswith("10.70.0.") and web != api
@@ -54,11 +55,16 @@ def test_podman_containers_on_a_plexus_network(podman: Podman, agent: Agent,
     assert podman.exec("web", "sh", "-c",
                        f"echo | timeout 5 nc {agent.address('native')} 80").stdout.startswith(
                            "native")
-    # the published port, from another host
-    assert INDEX_HTML.strip() in http_get("outside", world.host_addr("host1"), 8080)
+    # the published port, from another host; Podman's hostIP (127.0.0.1) is kept: the port is
+    # there on the host's loopback, and not on its address
+    host = world.host_addr("host1")
+    assert INDEX_HTML.strip() in http_get("outside", host, 8080)
+    assert INDEX_HTML.strip() in http_get("host1", "127.0.0.1", 8083)
+    assert tcp_probe("outside", host, 8083, 1).outcome is REFUSED
     # plexus sees podman's containers, by name, with their aliases
     ps = {c["name"]: c for c in agent.json("ps")}
-    assert ps["web"]["owner"] == "cni" and ps["web"]["ports"] == ["8080:80/tcp"]
+    assert ps["web"]["owner"] == "cni"
+    assert sorted(ps["web"]["ports"]) == ["127.0.0.1:8083:80/tcp", "8080:80/tcp"]
     assert "backend" in ps["api"]["endpoints"][0]["aliases"]
 
 

@@ -37,5 +37,13 @@ def test_malformed_json_is_a_value_error(text: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=12))
 def test_name_rule_is_the_spec_regex(name: str) -> None:
-    spec = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
-    assert shim.valid_name(name) == bool(spec.match(name)) or name.endswith("\n")
+    # fullmatch: with re.match, "$" also matches before a trailing newline, which the spec's
+    # (Go) regex does not.
+    spec = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+    assert shim.valid_name(name) == bool(spec.fullmatch(name))
+
+
+@pytest.mark.parametrize(("name", "valid"), [("eth0", True), ("a.b-c_d", True), ("", False),
+                                             ("-x", False), ("eth0\n", False), ("é", False)])
+def test_name_rule_examples(name: str, valid: bool) -> None:
+    assert shim.valid_name(name) is valid

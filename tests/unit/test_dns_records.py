@@ -338,17 +338,15 @@ def test_settings_are_validated(field: str, value: object) -> None:
         DnsSettings(**{field: value})  # type: ignore[arg-type]
 
 
-def test_table_build_is_fast_enough_for_a_rebuild_per_change() -> None:
-    import time
-
+def test_a_thousand_endpoints_sharing_an_alias() -> None:
+    # (How long a build takes is bench/dns_update.py's business, not a pass/fail here.)
     nets = [network("front", "10.0.0.0/16")]
     eps = [endpoint(f"c{i}", "front", str(ipaddress.ip_address("10.0.4.1") + i),
                     aliases=[f"a{i}", "shared"], namespace="ns") for i in range(1000)]
-    start = time.perf_counter()
     t = RecordTable.build(nets, eps, SETTINGS)
-    elapsed = time.perf_counter() - start
-    assert len(ask(t, "front", "shared").addresses) == 1000
-    assert elapsed < 1.0  # ~40 ms here; a generous bound for slow CI machines
+    shared = ask(t, "front", "shared").addresses
+    assert sorted(shared) == [e.addresses[0].ip for e in eps]
+    assert ask(t, "front", "a999.ns").addresses == ips("10.0.7.232")
 
 
 def test_a_container_on_an_internal_and_an_external_network_may_forward() -> None:

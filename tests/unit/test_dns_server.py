@@ -8,7 +8,6 @@ import asyncio
 import ipaddress
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator
 
 import dns.flags
@@ -148,7 +147,7 @@ async def test_update_swaps_records_without_touching_sockets(
     assert addrs(await ask(port, "new")) == ["127.0.1.50"]
     assert (await ask(port, "www.plexus.internal")).rcode() == dns.rcode.NXDOMAIN
     assert next(iter(srv._listeners.values())).transport is before
-    assert srv.stats()["responses"]["A"]["NOERROR"] >= 3  # old hits survive the swap
+    assert srv.stats()["responses"]["A"]["NOERROR"] == 3  # the hit before the swap counts too
 
 
 async def test_internal_network_refuses_to_forward(server: tuple[DnsServer, int]) -> None:
@@ -238,7 +237,7 @@ async def test_listeners_come_and_go_without_disturbing_others() -> None:
         await srv.remove_listener(b)
         await srv.remove_listener(b)  # tolerates "not found"
         assert addrs(await ask(a.port, "web")) == ["127.0.1.10"]
-        with pytest.raises((TimeoutError, ConnectionRefusedError)):
+        with pytest.raises(ConnectionRefusedError):  # the port is closed (ICMP), not just mute
             await udp(b.port, dns.message.make_query("web", "A").to_wire(), host="127.0.0.2",
                       timeout=0.3)
         assert srv.listeners == [a]
@@ -277,14 +276,11 @@ async def test_forwards_and_fails_over_from_a_dead_upstream() -> None:
         async with DnsServer(build([], upstreams=(dead.upstream, alive.upstream)),
                              options) as srv:
             port = (await srv.add_listener(ListenAddress("front", "127.0.0.1", 0))).port
-            start = time.monotonic()
             r = await ask(port, "example.com")
-            first = time.monotonic() - start
             assert addrs(r) == ["203.0.113.7"] and not r.flags & dns.flags.AA
-            assert 0.25 < first < 1.0  # one timeout, once
-            start = time.monotonic()
+            assert dead.queries == [("udp", "example.com", 1)]  # asked first: one timeout, once
             assert addrs(await ask(port, "example.com")) == ["203.0.113.7"]
-            assert time.monotonic() - start < 0.25  # the dead one (0.3 s timeout) is skipped
+            assert len(dead.queries) == 1  # marked down: the next query skips it
             assert (await ask(port, "missing.example")).rcode() == dns.rcode.NXDOMAIN
             ups = srv.stats()["upstreams"]
             assert ups[str(dead.upstream)]["healthy"] is False
@@ -299,10 +295,8 @@ async def test_servfail_when_every_upstream_is_dead() -> None:
                                                        health_interval=60))
         async with DnsServer(build([], upstreams=(dead.upstream, refused)), options) as srv:
             port = (await srv.add_listener(ListenAddress("front", "127.0.0.1", 0))).port
-            start = time.monotonic()
-            r = await ask(port, "example.com")
+            r = await ask(port, "example.com")  # answered (SERVFAIL), not left to time out
             assert r.rcode() == dns.rcode.SERVFAIL
-            assert time.monotonic() - start < 1.5
             stats = srv.stats()
             assert stats["forwarding"]["servfail"] == 1
             assert stats["upstreams"][str(refused)]["failures"] == {"unreachable": 1}

@@ -10,7 +10,6 @@ import contextlib
 import socket
 import struct
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import dns.message
@@ -52,13 +51,12 @@ async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
         return False
 
 
-async def answered_quickly(port: int, limit: float = 0.5) -> bool:
-    start = time.monotonic()
+async def answered(port: int) -> bool:
+    """A fresh connection's query is answered (within read_answer's bound)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(frame(QUERY))
-        r = await read_answer(reader)
-        return bool(r.answer) and time.monotonic() - start < limit
+        return bool((await read_answer(reader)).answer)
     finally:
         writer.close()
 
@@ -101,7 +99,7 @@ async def test_zero_length_frame_closes_the_connection(server: tuple[DnsServer, 
     writer.write(b"\x00\x00")
     assert await closed_by_server(reader, 1.0)
     assert srv.stats()["tcp"]["bad_frames"] == 1
-    assert await answered_quickly(port)
+    assert await answered(port)
 
 
 async def test_oversized_frame_closes_the_connection(server: tuple[DnsServer, int]) -> None:
@@ -133,7 +131,7 @@ async def test_slow_clients_do_not_block_others(server: tuple[DnsServer, int]) -
         writer.write(partial)
         stalled.append((reader, writer))
     for _ in range(5):
-        assert await answered_quickly(port)
+        assert await answered(port)
     for reader, _ in stalled:  # dropped by the frame or idle timeout
         assert await closed_by_server(reader, 2.5)
     tcp = srv.stats()["tcp"]
@@ -152,7 +150,7 @@ async def test_client_that_never_reads_is_dropped(server: tuple[DnsServer, int])
             with contextlib.suppress(BlockingIOError, ConnectionError):
                 sock.send(burst)
             await asyncio.sleep(0.01)
-    assert await answered_quickly(port)
+    assert await answered(port)
     sock.close()
 
 
@@ -168,7 +166,7 @@ async def test_connection_limit(server: tuple[DnsServer, int]) -> None:
     async with asyncio.timeout(2):
         while True:
             with contextlib.suppress(TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-                if await answered_quickly(port):
+                if await answered(port):
                     break
             await asyncio.sleep(0.05)
 
@@ -261,9 +259,5 @@ def test_fuzz_tcp_framing(threaded: ServerThread, chunks: list[bytes], close_ear
             while s.recv(65536):
                 pass
     assert blocking_answer(threaded.port)  # and everyone else is still served
-
-
-def test_fuzzing_left_no_internal_errors(threaded: ServerThread) -> None:
-    assert blocking_answer(threaded.port)
-    stats = threaded.stats()
-    assert stats["dropped"]["internal_errors"] == 0  # type: ignore[index]
+    # (checked after every example: a test of its own would pass alone, having fuzzed nothing)
+    assert threaded.stats()["dropped"]["internal_errors"] == 0  # type: ignore[index]
