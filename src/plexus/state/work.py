@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from plexus.errors import DataplaneError, PlexusError
+
+_HOLD = 0.004  # seconds a worker runs objects back to back before it lets the loop go
 
 log = logging.getLogger("plexus.reconcile")
 
@@ -50,7 +53,8 @@ class Reconciler:
 
     name = "reconciler"
     workers = 1  # objects reconciled at once
-    batch = False  # True: the worker takes every queued key in one ``reconcile_batch`` call
+    batch = False  # True: the worker takes queued keys together in ``reconcile_batch`` calls
+    batch_max = 128  # keys per call at most
     refreshes = False  # True: ``refresh`` re-checks an object against the kernel
 
     def __init__(self) -> None:
@@ -127,12 +131,19 @@ class Reconciler:
         self._tasks.clear()
 
     async def _work(self) -> None:
+        held_since = time.perf_counter()
         while True:
             taken = self._take()
             if not taken:
                 self._wake.clear()
                 await self._wake.wait()
+                held_since = time.perf_counter()
                 continue
+            if time.perf_counter() - held_since > _HOLD:
+                # Objects already right finish without suspending: a long queue (start-up,
+                # a relist) would otherwise hold the loop for all of it.
+                await asyncio.sleep(0)
+                held_since = time.perf_counter()
             outcome = await self._run(list(taken))
             for key in taken:
                 self._inflight.pop(key, None)
@@ -144,9 +155,11 @@ class Reconciler:
             self.on_progress()
 
     def _take(self) -> dict[str, int | None]:
-        ready = [k for k in self._dirty if k not in self._inflight]
-        if not self.batch:
-            ready = ready[:1]
+        if self.batch:  # bounded, so that one batch does not hold the loop for a whole relist
+            free = (k for k in self._dirty if k not in self._inflight)
+            ready = list(itertools.islice(free, self.batch_max))
+        else:  # the first free key: O(workers), not O(queue), per take
+            ready = list(itertools.islice((k for k in self._dirty if k not in self._inflight), 1))
         taken = {k: self._dirty.pop(k) for k in ready}
         self._inflight.update(taken)
         for key in taken:
