@@ -85,6 +85,8 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/podman.py
 	$(SANDBOX) $(PY) bench/docker.py
 	$(SANDBOX) $(PY) bench/dns.py
+	$(SANDBOX) $(PY) bench/dns_update.py
+	$(SANDBOX) $(PY) bench/loop_stall.py
 	$(SANDBOX) $(PY) bench/scale.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
