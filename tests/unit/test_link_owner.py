@@ -1,12 +1,15 @@
 """Every link an agent makes carries its owner token in the alias (``plexus:OWNER:KIND:NAME``):
-the format, and the legacy form of agents before owners."""
+the format, the legacy form of agents before owners, and the token made once per datastore."""
 
 from __future__ import annotations
 
 import pytest
 
+from plexus.agent import identity
 from plexus.dataplane import links
 from plexus.errors import DataplaneError
+from plexus.model import keys
+from plexus.store import MemoryStore
 
 ME = "host1@0a1b2c3d"
 
@@ -56,3 +59,19 @@ def test_the_longest_alias_fits_the_kernels_limit() -> None:
     # IFALIASZ is 256 with the NUL: container ids are at most 128, ifnames 15, host names 64.
     longest = links.tag(f"{'h' * 64}@0a1b2c3d", f"ep:{'c' * 128}/{'i' * 15}")
     assert len(longest.encode()) < 256
+
+
+async def test_the_store_id_is_made_once_and_kept() -> None:
+    store = MemoryStore()
+    first = await identity.store_id(store)
+    revision = await store.revision()
+    assert await identity.store_id(store) == first
+    assert await store.revision() == revision  # a restart writes nothing
+    kv = await store.get(keys.STORE_ID)
+    assert kv is not None and kv.value == first
+    assert await identity.agent_owner(store, "host1") == f"host1@{first[:8]}"
+
+
+async def test_two_stores_give_two_owners() -> None:
+    owners = {await identity.agent_owner(MemoryStore(), "host1") for _ in range(5)}
+    assert len(owners) == 5
