@@ -86,10 +86,14 @@ async def get_link(ipr: AsyncIPRoute, index: int) -> Any:
     return (await ipr.link("get", index=index))[0]
 
 
-async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, alias: str) -> int:
-    """The bridge ``name`` exists, is up, has ``mtu`` and carries ``alias``; returns its index."""
+async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, owner: str, alias: str) -> int:
+    """The bridge ``name`` exists, is up, has ``mtu`` and carries ``alias`` tagged ``owner``;
+    returns its index. DataplaneError if a bridge of that name is another agent's."""
     index = await link_index(ipr, name)
-    if index is None:
+    if index is not None:
+        found = split((await get_link(ipr, index)).get("ifalias"))
+        check_owner(name, found[0] if found else None, owner)
+    else:
         try:
             await ipr.link("add", ifname=name, kind="bridge")
         except NetlinkError as exc:
@@ -98,7 +102,7 @@ async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, alias: str) -> i
         index = await link_index(ipr, name)
         if index is None:
             raise DataplaneError(f"bridge {name} vanished right after it was created")
-    await ipr.link("set", index=index, mtu=mtu, IFLA_IFALIAS=ALIAS_PREFIX + alias, state="up")
+    await ipr.link("set", index=index, mtu=mtu, IFLA_IFALIAS=tag(owner, alias), state="up")
     return index
 
 
@@ -121,13 +125,14 @@ async def ensure_addresses(ipr: AsyncIPRoute, index: int, addrs: Iterable[IPInte
                 raise DataplaneError(f"cannot add address {iface}: {exc}") from exc
 
 
-async def owned_links(ipr: AsyncIPRoute) -> dict[str, str]:
-    """Links in this namespace that plexus made: name → alias (without the prefix)."""
+async def owned_links(ipr: AsyncIPRoute, owner: str) -> dict[str, str]:
+    """Links in this namespace that ``owner`` made (or a legacy agent): name → alias, as the
+    kernel holds it. (On the event loop: the agent uses ``events.owned_links_snapshot``.)"""
     owned: dict[str, str] = {}
     async for link in await ipr.link("dump"):
-        alias = link.get("ifalias") or ""
-        if alias.startswith(ALIAS_PREFIX):
-            owned[link.get("ifname")] = alias[len(ALIAS_PREFIX) :]
+        raw = link.get("ifalias")
+        if is_owned(raw, owner):
+            owned[link.get("ifname")] = raw
     return owned
 
 
