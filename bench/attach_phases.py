@@ -35,7 +35,7 @@ from typing import Any
 from _common import header, netns_batch, percentile, print_table, require_sandbox
 from loop_stall import StepMeter
 
-from plexus.agent import wiring
+from plexus.agent import identity, wiring
 from plexus.agent.wiring import Agent
 from plexus.cni import validate
 from plexus.config import AgentConfig
@@ -191,9 +191,10 @@ async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="plexus-phases-"))
     cfg = AgentConfig(state_dir=tmp, socket=tmp / "s", node="n1", dns_workers=1)
     store = SqliteStore(tmp / "db")
-    host = HostNetlink()
-    agent = wiring.build(cfg, store, build_drivers(host), NftFirewall(open_nft()), host, host,
-                         dns=wiring.dns_service(cfg), kernel_events=KernelEvents(None),
+    owner = await identity.agent_owner(store, cfg.node)
+    host = HostNetlink(owner)
+    agent = wiring.build(cfg, store, build_drivers(host, owner), NftFirewall(open_nft()), host,
+                         host, dns=wiring.dns_service(cfg), kernel_events=KernelEvents(None),
                          link_state=host.link_state)
     await agent.start()
     try:

@@ -46,6 +46,7 @@ QUIET = 0.5  # a burst is over when nothing has arrived for this long
 SETTLED_MS = 10.0  # the kernel's follow-up work on new links (IPv6 DAD, MLD) is over when a
 SETTLE_MAX = 30.0  # second of idle loop has no gap longer than this, or after SETTLE_MAX s
 SO_RCVBUFFORCE = 33
+OWNER = "bench@00000000"  # the agent whose links these are (links.tag)
 
 
 def populate(ns: str, n: int, bridges: bool) -> float:
@@ -54,10 +55,12 @@ def populate(ns: str, n: int, bridges: bool) -> float:
     lines = []
     if bridges:
         for b in range((n - 1) // PORTS_PER_BRIDGE + 1):
-            lines += [f"link add br{b} type bridge", f"link set br{b} alias plexus:net:n{b} up"]
+            lines += [f"link add br{b} type bridge",
+                      f"link set br{b} alias {links.tag(OWNER, f'net:n{b}')} up"]
     lines += [f"link add pxv{i} group {GROUP} type veth peer name pxc{i}" for i in range(n)]
     for i in range(n):
-        lines += [f"link set pxv{i} alias plexus:ep:c{i}/eth0 master br{i // PORTS_PER_BRIDGE} up",
+        lines += [f"link set pxv{i} alias {links.tag(OWNER, f'ep:c{i}/eth0')} "
+                  f"master br{i // PORTS_PER_BRIDGE} up",
                   f"link set pxc{i} up"]
     t0 = time.perf_counter()
     sh("ip", "-n", ns, "-batch", "-", stdin="\n".join(lines) + "\n", timeout=1800)
@@ -185,13 +188,13 @@ async def snapshots(path: str) -> dict[str, Figures]:
     ipr = AsyncIPRoute(fileno=netns.netlink_socket(path).detach())
     await ipr.setup_endpoint()
     try:
-        old = await measure(lambda: links.owned_links(ipr))
+        old = await measure(lambda: links.owned_links(ipr, OWNER))
     finally:
         ipr.close()
     return {
         "idle": idle,
         "old": old,
-        "new": await measure(lambda: events.owned_links_snapshot(path)),
+        "new": await measure(lambda: events.owned_links_snapshot(path, owner=OWNER)),
         "alt": await measure(lambda: on_loop_dump(path)),
     }
 

@@ -77,6 +77,18 @@ def store_rows(state_dir: Path, prefix: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in rows}
 
 
+def link_owner(agent: Any) -> str:
+    """The tag on an agent's links (``plexus:TAG:net:NAME``): its node's name and the first 8
+    hex digits of its datastore's id, read from the SQLite file."""
+    [store_id] = store_rows(agent.state_dir, "/plexus/meta/store-id").values()
+    return f"{agent.host}@{store_id[:8]}"
+
+
+def by_alias(ns: str) -> dict[str, str]:
+    """ifalias → ifname of every link in ``ns`` that has an alias."""
+    return {link["ifalias"]: link["ifname"] for link in links(ns) if "ifalias" in link}
+
+
 BUILTIN_NETWORKS = ["host", "none"]  # every agent has them (as Docker has)
 
 

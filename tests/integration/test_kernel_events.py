@@ -238,30 +238,39 @@ async def test_close_ends_the_stream_and_releases_the_socket(ns: Netns) -> None:
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
+ME = "host1@0a1b2c3d"  # the owner the snapshots are taken for
+
+
 def owned_by_ip(ns: Netns) -> dict[str, dict[str, Any]]:
-    return {n: link for n, link in ns.links().items()
-            if link.get("ifalias", "").startswith("plexus:")}
+    """Links whose alias is this agent's (``plexus:ME:``) or legacy (``plexus:net:``...)."""
+    mine = (f"plexus:{ME}:", "plexus:net:", "plexus:ep:")
+    return {n: link for n, link in ns.links().items() if link.get("ifalias", "").startswith(mine)}
 
 
-async def test_snapshot_lists_exactly_the_plexus_owned_links(ns: Netns) -> None:
+async def test_snapshot_lists_exactly_the_links_this_agent_owns(ns: Netns) -> None:
     ns.ip_batch([
         "link add br0 type bridge",
-        "link set br0 alias plexus:net:n1 up",
+        f"link set br0 alias plexus:{ME}:net:n1 up",
         "link add pxv1 type veth peer name pxc1",
-        "link set pxv1 alias plexus:ep:c1/eth0 master br0",
+        f"link set pxv1 alias plexus:{ME}:ep:c1/eth0 master br0",
         "link add pxv2 type veth peer name pxc2",
-        "link set pxv2 alias plexus:ep:c2/eth0 up",
+        "link set pxv2 alias plexus:ep:c2/eth0 up",  # legacy: an agent before owners
+        "link add theirs0 type bridge",  # another agent's (another datastore, another node)
+        "link set theirs0 alias plexus:host1@ffffffff:net:n1",
+        "link add theirs1 type bridge",
+        "link set theirs1 alias plexus:host2@0a1b2c3d:net:n1",
         "link add foreign0 type bridge",
         "link set foreign0 alias someone:else",
         "link add plain0 type bridge",
     ])
     expected = owned_by_ip(ns)
-    snapshot = await owned_links_snapshot(ns.path)
+    snapshot = await owned_links_snapshot(ns.path, owner=ME)
     assert set(snapshot) == set(expected) == {"br0", "pxv1", "pxv2"}
     index = {name: link["ifindex"] for name, link in ns.links().items()}
+    aliases = {"br0": (ME, "net:n1"), "pxv1": (ME, "ep:c1/eth0"), "pxv2": (None, "ep:c2/eth0")}
     for name, link in expected.items():
         got = snapshot[name]
-        assert got.alias == link["ifalias"].removeprefix("plexus:")
+        assert (got.owner, got.alias) == aliases[name]
         assert got.index == link["ifindex"]
         assert got.master == (index[link["master"]] if "master" in link else None)
         assert got.admin_up == ("UP" in link["flags"])
@@ -271,7 +280,8 @@ async def test_concurrent_snapshots_each_use_their_own_socket(ns: Netns) -> None
     ns.ip_batch([f"link add pxv{i} type bridge\nlink set pxv{i} alias plexus:ep:c{i}/eth0"
                  for i in range(50)])
     first, second, everything = await asyncio.gather(
-        owned_links_snapshot(ns.path), owned_links_snapshot(ns.path), links_snapshot(ns.path)
+        owned_links_snapshot(ns.path, owner=ME), owned_links_snapshot(ns.path, owner=ME),
+        links_snapshot(ns.path)
     )
     assert set(first) == set(second) == set(owned_by_ip(ns))
     assert len(first) == 50
@@ -291,7 +301,7 @@ async def test_the_agents_own_namespace_by_default() -> None:
             await expect(events, link_event(LinkChange.CHANGED, "pxown0", alias="net:own"))
         owned = {link["ifname"] for link in json.loads(ip("-j", "-d", "link"))
                  if link.get("ifalias", "").startswith("plexus:")}
-        assert set(await owned_links_snapshot()) == owned
+        assert set(await owned_links_snapshot(owner=ME)) == owned
         assert "pxown0" in owned
     finally:
         subprocess.run(["ip", "link", "del", "pxown0"], capture_output=True, timeout=30)

@@ -21,7 +21,7 @@ from plexus.dataplane import netns, rtnl
 from plexus.dataplane.rawnl import Channel
 from tests.harness.world import Agent, World, nsexec
 
-from .helpers import wait_until
+from .helpers import by_alias, link_owner, wait_until
 
 MAC = "02:42:0a:3c:00:05"
 
@@ -209,16 +209,16 @@ def test_a_leftover_host_end_gives_way_to_a_whole_pair(agent: Agent, world: Worl
     world.add_ns("c1")
     body = {"container_id": "c1", "network": "n", "netns": "/run/netns/c1", "ifname": "eth0"}
     client.post("/v1/endpoints", body)
-    by_alias = {link.get("ifalias"): link["ifname"]
-                for link in json.loads(nsexec("host1", "ip", "-j", "link").stdout)}
-    name, bridge = by_alias["plexus:ep:c1/eth0"], by_alias["plexus:net:n"]
+    tag = f"plexus:{link_owner(agent)}"
+    aliases = by_alias("host1")
+    name, bridge = aliases[f"{tag}:ep:c1/eth0"], aliases[f"{tag}:net:n"]
     client.post("/v1/endpoints/detach", {"container_id": "c1", "network": "n"})
     assert wait_until(lambda: nsexec("host1", "ip", "link", "show", name, check=False).returncode)
     nsexec("host1", "ip", "link", "add", name, "type", "veth", "peer", "name", "leftover")
     ep = client.post("/v1/endpoints", body)
     link = json.loads(nsexec("host1", "ip", "-j", "-d", "link", "show", name).stdout)[0]
     assert (link["linkinfo"]["info_kind"], link["master"], link["ifalias"]) == (
-        "veth", bridge, "plexus:ep:c1/eth0")
+        "veth", bridge, f"{tag}:ep:c1/eth0")
     inside = json.loads(nsexec("c1", "ip", "-j", "addr", "show", "eth0").stdout)[0]
     assert [f"{a['local']}/{a['prefixlen']}" for a in inside["addr_info"]
             if a["scope"] == "global"] == ep["addresses"]
@@ -233,9 +233,9 @@ def test_a_veth_taken_off_its_bridge_is_put_back(agent: Agent, world: World) -> 
     world.add_ns("c1")
     client.post("/v1/endpoints", {"container_id": "c1", "network": "n",
                                   "netns": "/run/netns/c1", "ifname": "eth0"})
-    by_alias = {link.get("ifalias"): link["ifname"]
-                for link in json.loads(nsexec("host1", "ip", "-j", "link").stdout)}
-    name, bridge = by_alias["plexus:ep:c1/eth0"], by_alias["plexus:net:n"]
+    tag = f"plexus:{link_owner(agent)}"
+    aliases = by_alias("host1")
+    name, bridge = aliases[f"{tag}:ep:c1/eth0"], aliases[f"{tag}:net:n"]
     nsexec("host1", "ip", "link", "set", name, "nomaster")
 
     def master() -> str | None:

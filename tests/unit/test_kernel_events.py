@@ -93,7 +93,21 @@ def test_a_plexus_link_is_decoded_with_its_alias_unprefixed() -> None:
         oper_state=OperState.DOWN))
 
 
-@pytest.mark.parametrize("alias", [None, "", "someone:else", "PLEXUS:net:x"])
+@pytest.mark.parametrize("owner", ["h1@0a1b2c3d", "odd:name@0a1b2c3d"])
+def test_a_tagged_link_is_decoded_with_its_owner(owner: str) -> None:
+    [event] = decode(link_msg(alias=f"plexus:{owner}:net:n1"))
+    assert isinstance(event, LinkEvent)
+    assert (event.link.owner, event.link.alias) == (owner, "net:n1")
+
+
+def test_a_legacy_link_has_no_owner() -> None:
+    [event] = decode(link_msg(alias="plexus:net:n1"))
+    assert isinstance(event, LinkEvent)
+    assert (event.link.owner, event.link.alias) == (None, "net:n1")
+
+
+@pytest.mark.parametrize("alias", [None, "", "someone:else", "PLEXUS:net:x", "plexus:junk",
+                                   "plexus:h@1:bogus:x"])
 def test_links_without_a_plexus_alias_have_none(alias: str | None) -> None:
     [event] = decode(link_msg(alias=alias))
     assert isinstance(event, LinkEvent)

@@ -97,7 +97,7 @@ async def test_a_created_network_is_programmed_when_create_returns(
     agent: Agent, kernel: FakeKernel
 ) -> None:
     net = await agent.networks.create(NetworkSpec(name="web"))
-    assert kernel.links == {net.bridge: "net:web"}
+    assert kernel.links == {net.bridge: f"plexus:{kernel.owner}:net:web"}
 
 
 async def test_explicit_subnet_conflicts_name_the_other_side(agent: Agent) -> None:
@@ -298,6 +298,43 @@ async def test_a_restarted_agent_changes_nothing_that_is_right(
     second = await make_agent(tmp_path, store, kernel, firewall)
     await second.fullpass.run()
     assert kernel.calls == calls and firewall.calls == fw_calls
+    await second.close()
+
+
+async def test_the_full_pass_leaves_another_agents_links_alone(
+    tmp_path: Path, store: MemoryStore, kernel: FakeKernel, firewall: FakeFirewall
+) -> None:
+    # Another agent (another state directory: another store) left its links in this namespace.
+    theirs = {"pxbr-theirs": "plexus:n1@ffffffff:net:n",
+              "pxv-theirs": "plexus:n1@ffffffff:ep:c/eth0"}
+    kernel.links.update(theirs)
+    agent = await make_agent(tmp_path, store, kernel, firewall)
+    await agent.networks.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
+    await agent.endpoints.attach(attach("c"))
+    report = await agent.fullpass.run()
+    assert report["orphans"] == [] and report["drifted"] == []
+    assert {n: kernel.links[n] for n in theirs} == theirs
+    assert ("delete_link", "pxbr-theirs") not in kernel.calls
+    await agent.close()
+
+
+async def test_legacy_links_are_adopted_and_re_tagged_not_deleted(
+    tmp_path: Path, store: MemoryStore, kernel: FakeKernel, firewall: FakeFirewall
+) -> None:
+    first = await make_agent(tmp_path, store, kernel, firewall)
+    net = await first.networks.create(NetworkSpec(name="n", subnets=["10.8.0.0/24"]))
+    ep = await first.endpoints.attach(attach("c"))
+    await first.close()
+    # As an agent before owners left them: "plexus:KIND:NAME"; and one nothing wants.
+    kernel.links = {net.bridge: "plexus:net:n", ep.host_ifname: "plexus:ep:c/eth0",
+                    "pxv-stale": "plexus:ep:gone/eth0"}
+    second = await make_agent(tmp_path, store, kernel, firewall)
+    report = await second.fullpass.run()
+    assert report["orphans"] == ["pxv-stale"]
+    assert kernel.links == {net.bridge: f"plexus:{kernel.owner}:net:n",
+                            ep.host_ifname: f"plexus:{kernel.owner}:ep:c/eth0"}
+    assert ("delete_link", net.bridge) not in kernel.calls
+    assert ("delete_link", ep.host_ifname) not in kernel.calls
     await second.close()
 
 

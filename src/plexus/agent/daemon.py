@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from plexus.agent import exclusive, wiring
+from plexus.agent import exclusive, identity, wiring
 from plexus.agent.migrate import migrate
 from plexus.api.server import serve
 from plexus.config import AgentConfig
@@ -42,9 +42,10 @@ async def run_agent(config: AgentConfig) -> None:
     loop.add_reader(netns_lock.fileno(), exclusive.answer, netns_lock)
     store = open_store(config.store_url or str(config.state_dir / "plexus.db"))
     await migrate(store)
-    host = HostNetlink()
+    owner = await identity.agent_owner(store, config.node)
+    host = HostNetlink(owner)
     agent = wiring.build(
-        config, store, build_drivers(host), NftFirewall(open_nft()), host, host,
+        config, store, build_drivers(host, owner), NftFirewall(open_nft()), host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
         kernel_events=KernelEvents(None), link_state=host.link_state,
     )
@@ -63,7 +64,8 @@ async def run_agent(config: AgentConfig) -> None:
             made[config.docker_plugin_socket] = exclusive.inode(config.docker_plugin_socket)
             log.info("docker plugin on %s", config.docker_plugin_socket)
         agent.run_periodic()
-        log.info("agent ready on %s (node %s)", config.socket, config.node)
+        log.info("agent ready on %s (node %s, links tagged %s)", config.socket, config.node,
+                 owner)
         await stop.wait()
     finally:
         for runner in runners:

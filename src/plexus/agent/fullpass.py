@@ -1,11 +1,13 @@
 """The periodic full pass: the safety net under the watch and the kernel events.
 
 It compares the whole of desired state with the kernel, which the event-driven path never
-does: links that went missing or carry the wrong alias are handed back to the link reconciler,
-links plexus made that nothing wants any more (orphans) are deleted, the firewall table is
-compared element by element, DNS listeners are retried, vanished namespaces and orphan claims are
-collected. It runs at start-up and rarely after that (``--reconcile-interval``), and yields to
-the event loop between chunks, so it never holds up requests for more than a few milliseconds.
+does: links that went missing or carry the wrong alias are handed back to the link reconciler
+(a legacy alias, of an agent before owners, is re-tagged that way), links this agent made that
+nothing wants any more (orphans) are deleted (another agent's are not in the snapshot), the
+firewall table is compared element by element, DNS listeners are retried, vanished namespaces
+and orphan claims are collected. It runs at start-up and rarely after that
+(``--reconcile-interval``), and yields to the event loop between chunks, so it never holds up
+requests for more than a few milliseconds.
 
 The same comparison serves start-up: ``adopt`` tells the link reconciler which objects the
 kernel already holds as they should be, so a restarted agent changes nothing that is right.
@@ -26,6 +28,7 @@ from plexus.agent.reconcilers.firewall import VERIFY, FirewallReconciler
 from plexus.agent.reconcilers.links import LinkReconciler
 from plexus.dataplane.drivers import NetworkDriver
 from plexus.dataplane.host import LinkTable
+from plexus.dataplane.links import untag
 from plexus.errors import PlexusError
 from plexus.services.context import endpoint_object, network_object
 from plexus.state.cache import Cache
@@ -39,8 +42,8 @@ CHUNK = 256
 class Expected:
     """Links the desired state wants in the host's namespace, and which object wants each."""
 
-    links: dict[str, str] = field(default_factory=dict)  # name -> alias
-    owner: dict[str, str] = field(default_factory=dict)  # name -> reconciler object key
+    links: dict[str, str] = field(default_factory=dict)  # name -> alias (tagged)
+    wanted_by: dict[str, str] = field(default_factory=dict)  # name -> reconciler object key
 
 
 class FullPass:
@@ -61,7 +64,7 @@ class FullPass:
         out = Expected()
         for net in list(self._cache.networks.values()):
             for name, alias in self._drivers[net.driver].network_links(net).items():
-                out.links[name], out.owner[name] = alias, network_object(net.name)
+                out.links[name], out.wanted_by[name] = alias, network_object(net.name)
         for i, ep in enumerate(list(self._cache.local_endpoints())):
             if i % CHUNK == CHUNK - 1:
                 await asyncio.sleep(0)
@@ -69,14 +72,14 @@ class FullPass:
             if on is None:
                 continue
             for name, alias in self._drivers[on.driver].endpoint_links(ep).items():
-                out.links[name], out.owner[name] = alias, endpoint_object(ep.store_key)
+                out.links[name], out.wanted_by[name] = alias, endpoint_object(ep.store_key)
         return out
 
     async def adopt(self) -> int:
         """Start-up: record as applied every object whose links the kernel already has."""
         owned = await self._host.owned_links()
         want = await self.expected()
-        missing = {want.owner[n] for n, alias in want.links.items() if owned.get(n) != alias}
+        missing = {want.wanted_by[n] for n, alias in want.links.items() if owned.get(n) != alias}
         adopted = 0
         for net in self._cache.networks.values():
             if network_object(net.name) not in missing:
@@ -94,10 +97,12 @@ class FullPass:
         # Decided against the cache *after* the snapshot: a link in it was made for an object
         # the cache already had, so a new endpoint's link is never taken for an orphan.
         want = await self.expected()
-        drifted = sorted({want.owner[n] for n, a in want.links.items() if owned.get(n) != a})
+        drifted = sorted({want.wanted_by[n] for n, a in want.links.items() if owned.get(n) != a})
         for key in drifted:
             self._links.invalidate(key)
-        orphans = [n for n, alias in owned.items() if want.links.get(n) != alias]
+        # An orphan by what its alias names, not by its tag: a wanted link that only lacks this
+        # agent's tag (legacy) is re-tagged above, not deleted under a running container.
+        orphans = [n for n, alias in owned.items() if untag(want.links.get(n)) != untag(alias)]
         errors = await self._delete(orphans)
         self._firewall.enqueue([VERIFY])
         if self._dns is not None:

@@ -1,11 +1,12 @@
 """Kernel events: the kernel telling the agent that something of plexus's changed under it.
 
 The link reconciler programs a link and then trusts what it applied; this watcher is how it
-learns otherwise, within milliseconds rather than at the next full pass. Only what plexus would
-have to repair is acted on (the reconciler forgets what it applied for that object and does it
-again, level-triggered):
+learns otherwise, within milliseconds rather than at the next full pass. Only links this agent
+owns count (its tag in the alias, or a legacy alias; another agent's links in the same namespace
+are none of its business), and only what plexus would have to repair is acted on (the
+reconciler forgets what it applied for that object and does it again, level-triggered):
 
-- a link carrying plexus's alias was deleted: someone deleted it, or the container's namespace
+- a link carrying this agent's alias was deleted: someone deleted it, or the container's namespace
   went away (the kernel destroys a veth with its namespace; the reconciler then finds the
   namespace gone and has the endpoint released);
 - one was set down, or an endpoint's veth left its bridge;
@@ -38,6 +39,7 @@ from plexus.dataplane.events import (
     ResyncReason,
     owned_links_snapshot,
 )
+from plexus.dataplane.links import owned_by
 from plexus.errors import PlexusError
 from plexus.model import keys
 from plexus.state.cache import Cache
@@ -51,8 +53,10 @@ LinkState = Callable[[int], Awaitable[tuple[bool, int | None] | None]]
 
 class KernelWatcher:
     def __init__(self, cache: Cache, links: LinkReconciler,
-                 full_pass: Callable[[], Awaitable[object]], link_state: LinkState) -> None:
+                 full_pass: Callable[[], Awaitable[object]], link_state: LinkState,
+                 owner: str) -> None:
         self._cache = cache
+        self._owner = owner
         self._links = links
         self._full_pass = full_pass
         self._link_state = link_state
@@ -69,7 +73,7 @@ class KernelWatcher:
         await events.start()
         # Address events name only an interface index: learn which of plexus's links has which
         # (after subscribing, so a link made meanwhile is in the snapshot or in the events).
-        for link in (await owned_links_snapshot(None)).values():
+        for link in (await owned_links_snapshot(None, owner=self._owner)).values():
             if link.alias is not None:
                 self._aliases[link.index] = link.alias
         self._task = asyncio.create_task(self._run(events), name="kernel-events")
@@ -104,7 +108,8 @@ class KernelWatcher:
 
     def _link(self, event: LinkEvent) -> None:
         link = event.link
-        if link.alias is None:
+        if link.alias is None or not owned_by(link.owner, self._owner):
+            self._aliases.pop(link.index, None)  # not (or no longer) this agent's link
             return
         if event.change is LinkChange.DELETED:
             self._aliases.pop(link.index, None)

@@ -233,7 +233,7 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     )
     holder.append(agent)
     if kernel_events is not None and link_state is not None:
-        agent.kernel = KernelWatcher(cache, links, agent.fullpass.run, link_state)
+        agent.kernel = KernelWatcher(cache, links, agent.fullpass.run, link_state, host.owner)
         agent.kernel_events = kernel_events
     if config.docker_plugin_socket is not None:
         driver = DockerNetworkDriver(networks, endpoints, agent.pools, config.docker_api,

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from plexus.dataplane import netns as nsmod
+from plexus.dataplane.links import owned_by
 from plexus.dataplane.rtnl import (
     RTM_DELADDR,
     RTM_DELLINK,
@@ -369,6 +370,8 @@ async def links_snapshot(netns: str | None = None) -> list[LinkInfo]:
         raise DataplaneError(f"link snapshot of {where}: {exc}") from exc
 
 
-async def owned_links_snapshot(netns: str | None = None) -> dict[str, LinkInfo]:
-    """The links plexus made in the namespace (those with a "plexus:" alias): name → link."""
-    return {link.ifname: link for link in await links_snapshot(netns) if link.alias is not None}
+async def owned_links_snapshot(netns: str | None = None, *, owner: str) -> dict[str, LinkInfo]:
+    """The links agent ``owner`` made in the namespace (its tag or a legacy alias, see
+    ``links.split``): name → link. Other agents' links are not in it."""
+    return {link.ifname: link for link in await links_snapshot(netns)
+            if link.alias is not None and owned_by(link.owner, owner)}

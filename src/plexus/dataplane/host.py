@@ -36,10 +36,13 @@ LINK_WORKERS = 2  # threads programming endpoints: the kernel serializes them (R
 
 
 class LinkTable(Protocol):
-    """The links plexus made in the host's namespace, as the full pass sees them."""
+    """The links this agent made in the host's namespace, as the full pass sees them."""
+
+    owner: str  # this agent's mark on its links (``links.tag``)
 
     async def owned_links(self) -> dict[str, str]:
-        """name -> alias (without the "plexus:" prefix) of every link plexus made."""
+        """name -> alias as the kernel holds it (``links.tag``) of every link this agent made,
+        or an agent before owners (a legacy alias); never another agent's."""
         ...
 
     async def delete_link(self, name: str, wait: bool = True, why: str = "") -> None: ...
@@ -64,7 +67,8 @@ def kernel_errors(fn: F) -> F:
 
 
 class HostNetlink:
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
         self._ipr: AsyncIPRoute | None = None
         self._dump_lock = asyncio.Lock()
         self._deleting: dict[str, asyncio.Task[None]] = {}
@@ -143,8 +147,9 @@ class HostNetlink:
     async def owned_links(self) -> dict[str, str]:
         # A dump of its own, parsed on a worker thread: thousands of links never stall the
         # event loop (dataplane/events.py has the measurements).
-        snapshot = await events.owned_links_snapshot(None)
-        return {name: link.alias for name, link in snapshot.items() if link.alias is not None}
+        snapshot = await events.owned_links_snapshot(None, owner=self.owner)
+        return {name: links.tag(link.owner, link.alias) for name, link in snapshot.items()
+                if link.alias is not None}
 
     @kernel_errors
     async def local_prefixes(self) -> list[tuple[IPNetwork, str]]:

@@ -19,6 +19,62 @@ from plexus.model.types import IPInterface
 IFA_F_NODAD = 0x02
 # Alias written on every link plexus creates: how a restarted agent tells its own links apart.
 ALIAS_PREFIX = "plexus:"
+_KINDS = frozenset(("net", "ep"))
+
+
+# --- ownership: which agent made a link ----------------------------------------------------
+#
+# A link's alias (IFLA_IFALIAS, at most 255 bytes) is ``plexus:OWNER:KIND:NAME``: OWNER is the
+# agent's token (``NODE@STOREID8``, agent/identity.py), KIND:NAME says which object wants it
+# (``net:NETWORK``, ``ep:CONTAINER/IFNAME``). Agents before owners wrote ``plexus:KIND:NAME``
+# ("legacy"): such links count as any agent's and are re-tagged by the one that wants them.
+# Network names, container ids and interface names hold no ":" (model/parse.py), so KIND:NAME
+# has exactly one, and the owner is whatever lies before it: a node name may hold anything.
+
+
+def tag(owner: str | None, alias: str) -> str:
+    """The IFLA_IFALIAS that marks a link as ``owner``'s ``alias`` (``net:NAME`` /
+    ``ep:CID/IF``); None: the legacy form, without an owner. The inverse of ``split``."""
+    return f"{ALIAS_PREFIX}{owner}:{alias}" if owner else ALIAS_PREFIX + alias
+
+
+def split(raw: str | None) -> tuple[str | None, str] | None:
+    """(owner, alias) of a link's IFLA_IFALIAS (owner None: a legacy alias); None if it is
+    not one plexus writes."""
+    # Slices of ``raw`` rather than a regular expression: the kernel events' hot path (rtnl.py).
+    if not raw or not raw.startswith(ALIAS_PREFIX):
+        return None
+    colon = raw.rfind(":")  # before NAME
+    cut = raw.rfind(":", 0, colon)  # before KIND
+    if raw[cut + 1 : colon] not in _KINDS or colon == len(raw) - 1:
+        return None
+    if cut == len(ALIAS_PREFIX) - 1:
+        return None, raw[cut + 1 :]
+    return (raw[len(ALIAS_PREFIX) : cut], raw[cut + 1 :]) if cut > len(ALIAS_PREFIX) else None
+
+
+def untag(raw: str | None) -> str | None:
+    """The alias (``net:NAME`` / ``ep:CID/IF``) of a plexus link, whoever owns it."""
+    found = split(raw)
+    return None if found is None else found[1]
+
+
+def owned_by(found: str | None, owner: str) -> bool:
+    """Whether a link tagged ``found`` (None: legacy) is ``owner``'s to change or delete."""
+    return found is None or found == owner
+
+
+def is_owned(raw: str | None, owner: str) -> bool:
+    """Whether a link whose IFLA_IFALIAS is ``raw`` is a plexus link of ``owner`` (or legacy)."""
+    found = split(raw)
+    return found is not None and owned_by(found[0], owner)
+
+
+def check_owner(name: str, found: str | None, owner: str) -> None:
+    """Refuse to take over link ``name`` when its alias names another agent (``found``)."""
+    if not owned_by(found, owner):
+        raise DataplaneError(f"link {name} belongs to another plexus agent ({found}), not to "
+                             f"this one ({owner}): refusing to take it over")
 
 
 async def link_index(ipr: AsyncIPRoute, name: str) -> int | None:
@@ -30,10 +86,14 @@ async def get_link(ipr: AsyncIPRoute, index: int) -> Any:
     return (await ipr.link("get", index=index))[0]
 
 
-async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, alias: str) -> int:
-    """The bridge ``name`` exists, is up, has ``mtu`` and carries ``alias``; returns its index."""
+async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, owner: str, alias: str) -> int:
+    """The bridge ``name`` exists, is up, has ``mtu`` and carries ``alias`` tagged ``owner``;
+    returns its index. DataplaneError if a bridge of that name is another agent's."""
     index = await link_index(ipr, name)
-    if index is None:
+    if index is not None:
+        found = split((await get_link(ipr, index)).get("ifalias"))
+        check_owner(name, found[0] if found else None, owner)
+    else:
         try:
             await ipr.link("add", ifname=name, kind="bridge")
         except NetlinkError as exc:
@@ -42,7 +102,7 @@ async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, alias: str) -> i
         index = await link_index(ipr, name)
         if index is None:
             raise DataplaneError(f"bridge {name} vanished right after it was created")
-    await ipr.link("set", index=index, mtu=mtu, IFLA_IFALIAS=ALIAS_PREFIX + alias, state="up")
+    await ipr.link("set", index=index, mtu=mtu, IFLA_IFALIAS=tag(owner, alias), state="up")
     return index
 
 
@@ -65,13 +125,14 @@ async def ensure_addresses(ipr: AsyncIPRoute, index: int, addrs: Iterable[IPInte
                 raise DataplaneError(f"cannot add address {iface}: {exc}") from exc
 
 
-async def owned_links(ipr: AsyncIPRoute) -> dict[str, str]:
-    """Links in this namespace that plexus made: name → alias (without the prefix)."""
+async def owned_links(ipr: AsyncIPRoute, owner: str) -> dict[str, str]:
+    """Links in this namespace that ``owner`` made (or a legacy agent): name → alias, as the
+    kernel holds it. (On the event loop: the agent uses ``events.owned_links_snapshot``.)"""
     owned: dict[str, str] = {}
     async for link in await ipr.link("dump"):
-        alias = link.get("ifalias") or ""
-        if alias.startswith(ALIAS_PREFIX):
-            owned[link.get("ifname")] = alias[len(ALIAS_PREFIX) :]
+        raw = link.get("ifalias")
+        if is_owned(raw, owner):
+            owned[link.get("ifname")] = raw
     return owned
 
 

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from plexus.dataplane.links import ALIAS_PREFIX
+from plexus.dataplane import links
 from plexus.errors import DataplaneError, InvalidArgument
 from plexus.model.types import IPAddress, IPInterface
 
@@ -87,10 +87,11 @@ class OperState(enum.IntEnum):
 class LinkInfo:
     index: int
     ifname: str
-    alias: str | None  # plexus's alias without "plexus:" ("net:NAME", "ep:CTR/IF"), else None
+    alias: str | None  # plexus's alias, untagged ("net:NAME", "ep:CTR/IF"); None: not plexus's
     master: int | None
     admin_up: bool  # IFF_UP: what `ip link set up` sets
     oper_state: OperState
+    owner: str | None = None  # the agent that made it (links.split); None: legacy or not plexus's
 
     @property
     def oper_up(self) -> bool:
@@ -130,10 +131,6 @@ def _text(value: memoryview | None) -> str | None:
     return bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _owner(alias: str | None) -> str | None:
-    return alias[len(ALIAS_PREFIX) :] if alias and alias.startswith(ALIAS_PREFIX) else None
-
-
 def parse_link(payload: memoryview) -> tuple[LinkInfo, bool] | None:
     """(link, marked new) from an RTM_NEWLINK/DELLINK payload; None for bridge-port messages."""
     if len(payload) < _IFINFOMSG.size:
@@ -145,13 +142,15 @@ def parse_link(payload: memoryview) -> tuple[LinkInfo, bool] | None:
     master = a.get(IFLA_MASTER)
     oper = a.get(IFLA_OPERSTATE)
     state = oper[0] if oper is not None and len(oper) else 0
+    owner, alias = links.split(_text(a.get(IFLA_IFALIAS))) or (None, None)
     info = LinkInfo(
         index=index,
         ifname=_text(a.get(IFLA_IFNAME)) or "",
-        alias=_owner(_text(a.get(IFLA_IFALIAS))),
+        alias=alias,
         master=(_U32.unpack_from(master)[0] or None) if master and len(master) >= 4 else None,
         admin_up=bool(flags & IFF_UP),
         oper_state=OperState(state) if state <= OperState.UP else OperState.UNKNOWN,
+        owner=owner,
     )
     return info, change == IFI_CHANGE_NEW
 

@@ -2,6 +2,8 @@
 front door's keys are here too:
 
     /plexus/meta/layout                           version of this layout (see agent.migrate)
+    /plexus/meta/store-id                         random id of this datastore, made once: agents
+                                                  tag their kernel links NODE@ID8 (agent.identity)
     /plexus/networks/NAME                         Network
     /plexus/subnets/CIDR                          the network holding the subnet, or "pool:ID"
                                                   while an IPAM pool holds it before its network
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 ROOT = "/plexus/"
 LAYOUT = ROOT + "meta/layout"
+STORE_ID = ROOT + "meta/store-id"
 NETWORKS = ROOT + "networks/"
 SUBNETS = ROOT + "subnets/"
 POOLS = ROOT + "pools/"

@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from plexus.dataplane import links
 from plexus.dataplane.drivers import NetworkDriver
-from plexus.dataplane.drivers.bridge import network_alias, owner_alias
+from plexus.dataplane.drivers.bridge import endpoint_alias, network_alias
 from plexus.errors import DataplaneError, InvalidArgument
 from plexus.model.drivers import DRIVERS, DriverTraits
 from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network
@@ -16,17 +17,21 @@ from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network
 
 @dataclass
 class FakeKernel:
-    """What the fake drivers "programmed", shared by all of them."""
+    """What the fake drivers "programmed", shared by all of them. ``links`` may hold other
+    agents' links too (another ``owner`` in their alias): like the real host, the fake lists
+    only this agent's (and legacy) ones."""
 
-    links: dict[str, str] = field(default_factory=dict)  # host link name -> alias
+    links: dict[str, str] = field(default_factory=dict)  # host link name -> alias (tagged)
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # store key -> programmed
     calls: list[tuple[str, str]] = field(default_factory=list)  # (verb, object)
     fail_endpoint: str = ""  # an endpoint's container_id whose programming fails
+    owner: str = "node1@00000000"  # this agent's tag (links.tag)
 
     # -- LinkTable -----------------------------------------------------------------------------
 
     async def owned_links(self) -> dict[str, str]:
-        return dict(self.links)
+        return {name: alias for name, alias in self.links.items()
+                if links.is_owned(alias, self.owner)}
 
     async def delete_link(self, name: str, wait: bool = True, why: str = "") -> None:
         self.calls.append(("delete_link", name))
@@ -42,10 +47,12 @@ class FakeDriver:
         self.kernel = kernel
 
     def network_links(self, net: Network) -> Mapping[str, str]:
-        return {net.bridge: network_alias(net)} if self.traits.links else {}
+        alias = links.tag(self.kernel.owner, network_alias(net))
+        return {net.bridge: alias} if self.traits.links else {}
 
     def endpoint_links(self, ep: Endpoint) -> Mapping[str, str]:
-        return {ep.host_ifname: owner_alias(ep)} if self.traits.links else {}
+        alias = links.tag(self.kernel.owner, endpoint_alias(ep))
+        return {ep.host_ifname: alias} if self.traits.links else {}
 
     async def ensure_network(self, net: Network) -> None:
         self.kernel.calls.append(("ensure_network", net.name))

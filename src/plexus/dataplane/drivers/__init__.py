@@ -4,8 +4,8 @@ A driver programs the links, addresses and routes of one kind of network and of 
 on it; the firewall and DNS are other reconcilers' business. Every verb is idempotent: ``ensure``
 creates or confirms, ``delete`` tolerates "not found". A driver also says, purely, which links
 it makes in the host's namespace for a network or an endpoint (``network_links``,
-``endpoint_links``: name -> alias), so the periodic pass can tell a missing link from an orphan
-without asking each driver to look.
+``endpoint_links``: name -> the alias it writes, ``links.tag``), so the periodic pass can tell a
+missing link from an orphan without asking each driver to look.
 
 The kinds and their traits are in ``plexus.model.drivers``; ``build_drivers`` makes one
 implementation per kind, the only place that chooses them.
@@ -48,13 +48,13 @@ class NetworkDriver(Protocol):
     def endpoint_links(self, ep: Endpoint) -> Mapping[str, str]: ...
 
 
-def build_drivers(host: HostNetlink) -> dict[str, NetworkDriver]:
-    """One driver per kind of network the model knows."""
+def build_drivers(host: HostNetlink, owner: str) -> dict[str, NetworkDriver]:
+    """One driver per kind of network the model knows; ``owner`` tags the links they make."""
     from plexus.dataplane.drivers.bridge import BridgeDriver
     from plexus.dataplane.drivers.simple import HostDriver, IpamDriver, NoneDriver
 
     made: dict[str, NetworkDriver] = {
-        "bridge": BridgeDriver(host),
+        "bridge": BridgeDriver(host, owner),
         "host": HostDriver(),
         "none": NoneDriver(),
         "ipam": IpamDriver(),

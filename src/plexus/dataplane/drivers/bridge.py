@@ -3,8 +3,10 @@
 The container end of a veth is born inside the container's namespace (see
 ``rawnl.create_veth``); for a runtime that moves the end itself (Docker, ``peer_in_host``) the
 pair is made in the host's namespace and the end is left there as ``ep.peer_ifname`` until the
-runtime takes it. Every link carries an alias (``plexus:net:NAME`` / ``plexus:ep:CID/IF``) by
-which a restarted agent knows its own links.
+runtime takes it. Every link carries an alias (``plexus:OWNER:net:NAME`` /
+``plexus:OWNER:ep:CID/IF``, ``links.tag``) by which a restarted agent knows its own links, and
+by which it leaves alone those of another agent (another state directory or datastore): a link
+of the name it wants that is another agent's is refused, never adopted.
 
 An endpoint's links are programmed on a worker thread with hand-built requests (``rawnl``,
 ``rtnl``) in five round trips: ~11 requests, each of which pyroute2 spent ~0.7 ms of Python on,
@@ -31,7 +33,7 @@ log = logging.getLogger("plexus.dataplane")
 LOOPBACK_INDEX = 1  # lo is ifindex 1 in every network namespace
 
 
-def owner_alias(ep: Endpoint) -> str:
+def endpoint_alias(ep: Endpoint) -> str:
     return f"ep:{ep.container_id}/{ep.ifname}"
 
 
@@ -51,23 +53,25 @@ def quiet_port(name: str) -> None:
 class BridgeDriver:
     traits = DRIVERS["bridge"]
 
-    def __init__(self, host: HostNetlink) -> None:
+    def __init__(self, host: HostNetlink, owner: str) -> None:
         self._host = host
+        self._owner = owner
         # bridge name -> ifindex, as ensure_network made or found it: an endpoint's master
         # without a lookup. A stale index (the bridge deleted and made again behind our back)
         # fails the request that uses it, which then looks again (_join_bridge).
         self._bridges: dict[str, int] = {}
 
     def network_links(self, net: Network) -> Mapping[str, str]:
-        return {net.bridge: network_alias(net)}
+        return {net.bridge: links.tag(self._owner, network_alias(net))}
 
     def endpoint_links(self, ep: Endpoint) -> Mapping[str, str]:
-        return {ep.host_ifname: owner_alias(ep)}
+        return {ep.host_ifname: links.tag(self._owner, endpoint_alias(ep))}
 
     @kernel_errors
     async def ensure_network(self, net: Network) -> None:
         ipr = await self._host.ipr()
-        index = await links.ensure_bridge(ipr, net.bridge, net.mtu, network_alias(net))
+        index = await links.ensure_bridge(ipr, net.bridge, net.mtu, self._owner,
+                                          network_alias(net))
         self._bridges[net.bridge] = index
         gateways = [
             ipaddress.ip_interface(f"{s.gateway}/{s.cidr.prefixlen}")
@@ -103,7 +107,7 @@ class BridgeDriver:
         with Channel.open(ep.netns) as ctr:  # NotFound: the namespace is gone
             self._make_veth(host, ctr, net, ep)
             quiet_port(ep.host_ifname)
-            bridge = self._join_bridge(host, net, ep.host_ifname, bridge, owner_alias(ep))
+            bridge = self._join_bridge(host, net, ep, bridge)
             index = rawnl.link_index(ctr, ep.ifname)
             if index is None:
                 raise DataplaneError(f"{ep.ifname} missing in {ep.netns} after creation")
@@ -115,14 +119,13 @@ class BridgeDriver:
             ])
         return bridge
 
-    @staticmethod
-    def _make_veth(host: Channel, ctr: Channel, net: Network, ep: Endpoint) -> None:
+    def _make_veth(self, host: Channel, ctr: Channel, net: Network, ep: Endpoint) -> None:
         name = ep.host_ifname
         try:
             # The common case, a new endpoint: create first, look only if that fails.
             rawnl.create_veth(host, name, net.mtu, ep.ifname, ep.mac, ep.netns)
         except AlreadyExists:
-            have_host = rawnl.link_index(host, name) is not None
+            have_host = self._host_end(host, name)
             have_ctr = rawnl.link_index(ctr, ep.ifname) is not None
             if have_ctr and not have_host:
                 raise  # the container already has an interface of that name
@@ -136,7 +139,7 @@ class BridgeDriver:
         here; after, only the host end, which is all plexus can still repair."""
         if bridge is None:
             bridge = self._lookup_bridge(host, net)
-        have_host = rawnl.link_index(host, ep.host_ifname) is not None
+        have_host = self._host_end(host, ep.host_ifname)
         if not ep.netns:
             if not (have_host and rawnl.link_index(host, ep.peer_ifname) is not None):
                 rawnl.delete_link(host, ep.host_ifname)  # a stale pair of an earlier life
@@ -147,18 +150,26 @@ class BridgeDriver:
             log.warning("veth %s of joined endpoint %s is gone; the runtime must join again",
                         ep.host_ifname, ep.key)
             return bridge
-        return self._join_bridge(host, net, ep.host_ifname, bridge, owner_alias(ep))
+        return self._join_bridge(host, net, ep, bridge)
 
-    def _join_bridge(self, host: Channel, net: Network, name: str, bridge: int,
-                     alias: str) -> int:
-        """Port ``name`` of the bridge (up, with its alias), in hairpin mode; returns the
-        bridge's index, looked up again if ``bridge`` was stale.
+    def _host_end(self, host: Channel, name: str) -> bool:
+        """Whether the host end ``name`` of a veth exists; DataplaneError if it is another
+        agent's (it would otherwise be deleted or enslaved here)."""
+        link = rawnl.get_link(host, name)
+        if link is None:
+            return False
+        links.check_owner(name, link.owner, self._owner)
+        return True
+
+    def _join_bridge(self, host: Channel, net: Network, ep: Endpoint, bridge: int) -> int:
+        """The endpoint's host end becomes a port of the bridge (up, with its alias), in
+        hairpin mode; returns the bridge's index, looked up again if ``bridge`` was stale.
 
         Hairpin mode lets the bridge send a frame back out of the port it came in on. A
         container connecting to its own published port needs it: its SYN enters through its
         port, is DNATed back to itself, and must leave through the same port (Docker does the
         same when its userland proxy is off)."""
-        alias = links.ALIAS_PREFIX + alias
+        name, alias = ep.host_ifname, links.tag(self._owner, endpoint_alias(ep))
         error = rawnl.join_bridge(host, name, bridge, alias)
         if error:
             fresh = self._lookup_bridge(host, net)
