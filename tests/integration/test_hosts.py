@@ -1,6 +1,6 @@
 """`plexus host`: an agent lists its own host (alive, its underlay address from the default
-route, its endpoints), refuses an --advertise-address the host lacks, and shows itself down
-(alive again) after a restart."""
+route, its endpoints), refuses an --advertise-address the host lacks, and is the same agent,
+alive again, after a restart."""
 
 from __future__ import annotations
 
