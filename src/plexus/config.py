@@ -22,6 +22,8 @@ class AgentConfig:
     socket: Path
     node: str
     store_url: str = ""
+    advertise_address: str = ""  # where other hosts reach this one ("": none found)
+    agent_id: str = ""  # the state directory's id (services.hosts.agent_id)
     pool4: IPNetwork = DEFAULT_POOL4
     pool4_prefix: int = 24
     pool6: IPNetwork = DEFAULT_POOL6

@@ -65,7 +65,8 @@ async def agent(tmp_path: Path, store: MemoryStore, kernel: FakeKernel,
 
 
 NETNS = "/proc/self/ns/net"
-BUILTIN = [keys.network("host"), keys.network("none")]  # every agent has them, as Docker does
+# Every agent has them (as Docker does), and its host's record and liveness key.
+BUILTIN = [keys.host_lease("n1"), keys.host("n1"), keys.network("host"), keys.network("none")]
 
 
 def attach(container: str, network: str = "n", **kw: object) -> AttachSpec:

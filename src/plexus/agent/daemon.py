@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -23,6 +24,9 @@ from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import HostNetlink
 from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
+from plexus.errors import InvalidArgument
+from plexus.model import parse
+from plexus.services import hosts
 from plexus.store import open_store
 
 log = logging.getLogger("plexus.agent")
@@ -30,6 +34,18 @@ log = logging.getLogger("plexus.agent")
 
 async def _docker_exceptions() -> None:
     await docker_user.ensure_accept_rules()
+
+
+async def _advertise_address(config: AgentConfig, host: HostNetlink) -> str:
+    """``--advertise-address`` if this host has it, else the default route's interface's."""
+    if config.advertise_address:
+        ip = parse.address("advertise-address", config.advertise_address)
+        if not await host.has_address(ip):
+            raise InvalidArgument("advertise-address", config.advertise_address,
+                                  "not an address of this host")
+        return str(ip)
+    found = await host.default_route_address()
+    return "" if found is None else str(found)
 
 
 async def run_agent(config: AgentConfig) -> None:
@@ -44,6 +60,8 @@ async def run_agent(config: AgentConfig) -> None:
     await migrate(store)
     owner = await identity.agent_owner(store, config.node)
     host = HostNetlink(owner)
+    config = replace(config, agent_id=hosts.agent_id(config.state_dir),
+                     advertise_address=await _advertise_address(config, host))
     agent = wiring.build(
         config, store, build_drivers(host, owner), NftFirewall(open_nft()), host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,

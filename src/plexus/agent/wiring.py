@@ -43,9 +43,11 @@ from plexus.dataplane.nft.firewall import Firewall
 from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.model import keys
+from plexus.model.types import Host
 from plexus.runtime.containers import ContainerRuntime
 from plexus.services.context import Context, HostView
 from plexus.services.endpoints import EndpointService
+from plexus.services.hosts import Registration
 from plexus.services.networks import NetworkService
 from plexus.services.pools import PoolService
 from plexus.state.cache import Cache
@@ -57,7 +59,8 @@ from plexus.store.informer import Change, Informer
 log = logging.getLogger("plexus.agent")
 
 Hook = Callable[[], Awaitable[None]]
-WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS)
+WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS, keys.HOSTS,
+           keys.HOST_LEASES)
 
 
 def _objects(change: Change) -> list[str]:
@@ -89,11 +92,13 @@ class Agent:
     collector: Collector
     fullpass: FullPass
     host: LinkTable
+    registration: Registration
     monitor: LoopMonitor = field(default_factory=LoopMonitor)
     docker: DockerPlugin | None = None
     kernel: KernelWatcher | None = None
     kernel_events: KernelEvents | None = None
     _periodic: asyncio.Task[None] | None = None
+    _keepalive: asyncio.Task[None] | None = None
 
     @property
     def reconcilers(self) -> list[Reconciler]:
@@ -135,6 +140,9 @@ class Agent:
 
     async def start(self) -> None:
         """Everything up to "ready" (the API may already be answering "starting")."""
+        # First: a node name another live agent holds is refused before anything is touched.
+        await self.registration.register()
+        self._keepalive = asyncio.create_task(self.registration.run(), name="host-lease")
         self.monitor.start()
         await self.informer.start()
         adopted = await self.fullpass.adopt()
@@ -169,10 +177,11 @@ class Agent:
             await asyncio.sleep(self.config.reconcile_interval)
 
     async def close(self) -> None:
-        if self._periodic is not None:
-            self._periodic.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._periodic
+        for task in (self._periodic, self._keepalive):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.kernel is not None:
             await self.kernel.close()
         await self.collector.close()
@@ -182,6 +191,7 @@ class Agent:
         if self.dns is not None:
             await self.dns.close()
         await self.host.close()
+        await self.registration.close()
         await self.monitor.close()  # the store is the caller's: it opened it
 
 
@@ -230,6 +240,8 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
         collector=collector,
         fullpass=FullPass(cache, drivers, host, links, fw, dns_reconciler, collector),
         host=host,
+        registration=Registration(store, Host(config.node, config.advertise_address,
+                                              config.agent_id or config.node)),
     )
     holder.append(agent)
     if kernel_events is not None and link_state is not None:

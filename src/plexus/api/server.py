@@ -26,6 +26,7 @@ from plexus.errors import Conflict, InvalidArgument, NotFound, PlexusError
 from plexus.model import parse
 from plexus.model.types import Container, Endpoint
 from plexus.runtime.containers import ContainerRuntime, RunSpec
+from plexus.services import hosts
 from plexus.services.endpoints import AttachSpec, EndpointService
 from plexus.services.networks import NetworkService, NetworkSpec
 
@@ -127,6 +128,8 @@ class Api:
         r.add_post("/v1/endpoints/detach", self.endpoint_detach)
         r.add_post("/v1/cni", self.cni_call)
         r.add_post("/v1/reconcile", self.reconcile)
+        r.add_get("/v1/hosts", self.host_list)
+        r.add_delete("/v1/hosts/{name}", self.host_remove)
         r.add_get("/v1/dns/stats", self.dns_stats)
         r.add_get("/v1/dns/lookup", self.dns_lookup)
         return app
@@ -152,6 +155,16 @@ class Api:
     async def reconcile(self, request: web.Request) -> web.Response:
         self._require_ready()
         return web.json_response(await self.admin.reconcile())
+
+    async def host_list(self, request: web.Request) -> web.Response:
+        return web.json_response([v.to_dict() for v in hosts.views(self.ctx.cache)])
+
+    async def host_remove(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        name = request.match_info["name"]
+        eps = [ep for ep in self.ctx.cache.endpoints.values() if ep.node == name]
+        released = await hosts.remove_host(self.ctx.store, name, self.ctx.node, eps)
+        return web.json_response({"released": released})
 
     async def network_list(self, request: web.Request) -> web.Response:
         cache = self.ctx.cache

@@ -12,7 +12,7 @@ import click
 
 from plexus import __version__
 from plexus.api.client import DEFAULT_SOCKET
-from plexus.cli import containers
+from plexus.cli import containers, hosts
 from plexus.cli.common import (
     EXIT_FAILED,
     Group,
@@ -46,7 +46,7 @@ def cli(ctx: click.Context, socket: str) -> None:
     ctx.obj["socket"] = socket
 
 
-for _command in containers.COMMANDS:
+for _command in [*containers.COMMANDS, *hosts.COMMANDS]:
     cli.add_command(_command)
 
 
@@ -62,6 +62,9 @@ for _command in containers.COMMANDS:
 )
 @click.option("--node", default=socketlib.gethostname(), show_default=True,
               help="this host's name among the datastore's hosts")
+@click.option("--advertise-address", default="",
+              help="the address other hosts reach this one at "
+              "(default: the address of the interface holding the default route)")
 @click.option(
     "--store",
     "store_url",
@@ -117,6 +120,7 @@ def agent(
     state_dir: str,
     api_socket: str | None,
     node: str,
+    advertise_address: str,
     store_url: str,
     pool: str,
     pool6: str,
@@ -146,6 +150,7 @@ def agent(
             socket=Path(api_socket if api_socket is not None else ctx.obj["socket"]),
             node=node,
             store_url=store_url,
+            advertise_address=advertise_address,
             pool4=p4,
             pool4_prefix=l4,
             pool6=p6,

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
@@ -164,6 +165,27 @@ class HostNetlink:
         async with self._dump_lock:
             found = [a.get("address") async for a in await (await self.ipr()).addr("dump")]
         return str(ip) in found
+
+    @kernel_errors
+    async def default_route_address(self) -> IPAddress | None:
+        """The address of the interface that holds the default route (IPv4 first, then IPv6):
+        where other hosts reach this one, unless told otherwise (``--advertise-address``)."""
+        async with self._dump_lock:
+            ipr = await self.ipr()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                routes = [r async for r in await ipr.route("dump", family=family)]
+                default = next((r for r in routes if r.get("dst_len") == 0
+                                and r.get("table") == 254 and r.get("oif")), None)
+                if default is None:
+                    continue
+                if default.get("prefsrc"):
+                    return ipaddress.ip_address(default.get("prefsrc"))
+                addrs = [a async for a in await ipr.addr("dump", family=family)]
+                for a in addrs:
+                    ip = ipaddress.ip_address(a.get("address"))
+                    if a.get("index") == default.get("oif") and not ip.is_link_local:
+                        return ip
+        return None
 
     def check_netns(self, path: str) -> None:
         """Raise InvalidArgument unless ``path`` is a network namespace (``HostView``)."""

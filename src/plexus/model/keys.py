@@ -20,6 +20,9 @@ front door's keys are here too:
     /plexus/ports/NODE/PROTO/PORT                 {host address or "*": endpoint store key}
     /plexus/containers/NODE/NAME                  Container (started by `plexus run`)
     /plexus/docker/networks/ID                    the plexus network serving a Docker network
+    /plexus/hosts/NODE                            Host: its underlay address, agent id, last seen
+    /plexus/host-leases/NODE                      the agent id of NODE's live agent, under its
+                                                  lease: gone when the agent stops or dies
 
 CIDRs are written with '_' for '/' so that a key's segments stay split on '/'. Addresses are keyed
 by subnet, not by network: subnets are unique across the datastore, and a pool hands out
@@ -48,6 +51,8 @@ ENDPOINTS = ROOT + "endpoints/"
 PORTS = ROOT + "ports/"
 CONTAINERS = ROOT + "containers/"
 DOCKER_NETWORKS = ROOT + "docker/networks/"
+HOSTS = ROOT + "hosts/"
+HOST_LEASES = ROOT + "host-leases/"
 
 LAYOUT_VERSION = "2"
 POOL_CLAIM_PREFIX = "pool:"
@@ -132,3 +137,11 @@ def containers(node: str) -> str:
 
 def docker_network(network_id: str) -> str:
     return DOCKER_NETWORKS + network_id
+
+
+def host(node: str) -> str:
+    return HOSTS + node
+
+
+def host_lease(node: str) -> str:
+    return HOST_LEASES + node

@@ -269,3 +269,24 @@ class Container:
         for k in ("networks", "command", "aliases"):
             d[k] = tuple(d[k])
         return Container(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A host of the datastore: what its agent says of itself at start-up (``keys.host``).
+    Whether it is alive is another key, held by the agent's lease (``keys.host_lease``)."""
+
+    name: str
+    address: str  # the underlay address other hosts reach it at ("" if it has none)
+    agent_id: str  # the state directory's id: a restart is the same agent, a copy is not
+    version: str = ""
+    started: float = 0.0  # wall-clock time of the last start
+    seen: float = 0.0  # wall-clock time its agent last said it was alive
+
+    def to_json(self) -> str:
+        return _dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> Host:
+        d = json.loads(text)
+        return Host(**{k: d[k] for k in Host.__dataclass_fields__ if k in d})

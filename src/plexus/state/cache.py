@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from plexus.model import keys
-from plexus.model.types import Container, Endpoint, Network
+from plexus.model.types import Container, Endpoint, Host, Network
 from plexus.store.informer import Change
 
 log = logging.getLogger("plexus.cache")
@@ -39,6 +39,8 @@ class Cache:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # store key -> all nodes'
     containers: dict[str, Container] = field(default_factory=dict)  # name -> this node's
     docker_networks: dict[str, DockerNetwork] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)  # every node's record
+    alive: set[str] = field(default_factory=set)  # nodes whose agent holds its lease
     _by_network: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     _by_container: dict[tuple[str, str], dict[str, Endpoint]] = field(
         default_factory=lambda: defaultdict(dict))
@@ -104,6 +106,14 @@ class Cache:
             self._set_container(key[len(keys.containers(self.node)):], value)
         elif key.startswith(keys.DOCKER_NETWORKS):
             self._set_docker_network(key[len(keys.DOCKER_NETWORKS):], value)
+        elif key.startswith(keys.HOSTS):
+            self._set_host(key[len(keys.HOSTS):], value)
+        elif key.startswith(keys.HOST_LEASES):
+            node = key[len(keys.HOST_LEASES):]
+            if value is None:
+                self.alive.discard(node)
+            else:
+                self.alive.add(node)
 
     def _set_endpoint(self, key: str, ep: Endpoint | None) -> None:
         old = self.endpoints.pop(key, None)
@@ -132,6 +142,12 @@ class Cache:
             self.containers[name] = c
             self._containers_by_id[c.id] = name
 
+    def _set_host(self, node: str, value: str | None) -> None:
+        if value is None:
+            self.hosts.pop(node, None)
+        else:
+            self.hosts[node] = Host.from_json(value)
+
     def _set_docker_network(self, network_id: str, value: str | None) -> None:
         if value is None:
             self.docker_networks.pop(network_id, None)
@@ -143,5 +159,6 @@ class Cache:
 
 def watched(changes: Iterable[Change]) -> list[Change]:
     """The changes the cache (and so the reconcilers) care about: not IPAM or port claims."""
-    wanted = (keys.ENDPOINTS, keys.NETWORKS, keys.CONTAINERS, keys.DOCKER_NETWORKS)
+    wanted = (keys.ENDPOINTS, keys.NETWORKS, keys.CONTAINERS, keys.DOCKER_NETWORKS,
+              keys.HOSTS, keys.HOST_LEASES)
     return [c for c in changes if c.key.startswith(wanted)]

@@ -1,0 +1,172 @@
+"""The hosts of a datastore: who they are, whether their agent is alive, and removing a dead one.
+
+An agent registers at start-up in one transaction: its ``Host`` record (underlay address, agent
+id, start time) and its liveness key under a lease (``keys.host_lease``). The lease is kept
+alive every ``ttl / 3`` seconds; it goes when the agent stops (revoked) or dies (it expires), and
+other hosts see the host as down. Nothing is released then: a dead agent's containers keep
+working (the kernel state stays) and other hosts keep routing to them. Their addresses go only
+when someone removes the host (``plexus host rm``), which is refused while it is alive.
+
+Node names are unique among live agents: the liveness key holds the agent id (a random id kept
+in the agent's state directory), so the same agent restarting within the lease's TTL takes its
+own key over, and a second agent with the same ``--node`` is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from plexus import __version__
+from plexus.errors import Conflict, InvalidArgument, NotFound, PlexusError
+from plexus.ipam.plans import Plan, plan_release_many
+from plexus.model import keys
+from plexus.model.types import Endpoint, Host
+from plexus.state.cache import Cache
+from plexus.store.base import Compare, Datastore, Delete, Get, Put
+
+log = logging.getLogger("plexus.hosts")
+
+LEASE_TTL = 10.0  # seconds a dead agent still counts as alive
+SEEN_EVERY = 60.0  # seconds between updates of Host.seen (a write to a shared store)
+AGENT_ID_FILE = "agent-id"
+
+
+def agent_id(state_dir: Path) -> str:
+    """The state directory's id, made once: the same directory is the same agent."""
+    path = state_dir / AGENT_ID_FILE
+    with contextlib.suppress(FileNotFoundError):
+        found = path.read_text().strip()
+        if found:
+            return found
+    made = secrets.token_hex(8)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(made + "\n")
+    tmp.replace(path)
+    return made
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    host: Host
+    alive: bool
+    endpoints: int
+
+    def to_dict(self) -> dict[str, object]:
+        h = self.host
+        return {"name": h.name, "address": h.address, "alive": self.alive,
+                "endpoints": self.endpoints, "version": h.version, "started": h.started,
+                "seen": h.seen, "agent_id": h.agent_id}
+
+
+class Registration:
+    """This agent's record and lease: ``register`` once, then ``run`` keeps it alive."""
+
+    def __init__(self, store: Datastore, host: Host, ttl: float = LEASE_TTL) -> None:
+        self._store = store
+        self.host = host
+        self.ttl = ttl
+        self.lease = 0
+
+    async def register(self) -> None:
+        """Refuses (Conflict, naming the other agent) if a live agent of another state directory
+        holds this node's name."""
+        name = self.host.name
+        held = await self._store.get(keys.host_lease(name))
+        if held is not None and held.value != self.host.agent_id:
+            other = await self._store.get(keys.host(name))
+            where = Host.from_json(other.value).address if other else "unknown address"
+            raise Conflict(f"node name {name!r} is in use by a live agent ({where}): "
+                           "give this one another --node")
+        now = time.time()
+        self.host = replace(self.host, started=now, seen=now, version=__version__)
+        self.lease = await self._store.grant_lease(self.ttl)
+        # Compared, so that two agents starting at once with one name cannot both win.
+        guard = (Compare.absent(keys.host_lease(name)) if held is None
+                 else Compare.unchanged(held, keys.host_lease(name)))
+        result = await self._store.txn(
+            [guard],
+            [Put(keys.host(name), self.host.to_json()),
+             Put(keys.host_lease(name), self.host.agent_id, lease=self.lease)],
+            [])
+        if not result.succeeded:
+            await self._store.revoke_lease(self.lease)
+            raise Conflict(f"node name {name!r} was claimed by another agent just now")
+
+    async def run(self) -> None:
+        """Keep the lease alive until cancelled; re-register if it was lost (the store was
+        unreachable for longer than the TTL)."""
+        last_seen = time.monotonic()
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self._store.refresh_lease(self.lease)
+                if time.monotonic() - last_seen >= SEEN_EVERY:
+                    self.host = replace(self.host, seen=time.time())
+                    await self._store.put(keys.host(self.host.name), self.host.to_json())
+                    last_seen = time.monotonic()
+            except NotFound:
+                log.warning("the lease of node %s expired: registering again", self.host.name)
+                await self._reregister()
+            except PlexusError as exc:
+                log.warning("keeping node %s alive failed: %s", self.host.name, exc.message)
+
+    async def _reregister(self) -> None:
+        try:
+            await self.register()
+        except PlexusError as exc:
+            log.error("node %s: %s", self.host.name, exc.message)
+
+    async def close(self) -> None:
+        """A clean stop: the host is listed as down at once, not after the TTL."""
+        if self.lease:
+            with contextlib.suppress(PlexusError):
+                await self._store.revoke_lease(self.lease)
+            self.lease = 0
+
+
+async def removal_plan(store: Datastore, name: str, endpoints: list[Endpoint]) -> Plan:
+    """One transaction that forgets a dead host: its record, its endpoints and their addresses,
+    its published ports and its containers. Guarded on the host being down."""
+    if not name or "/" in name:
+        raise InvalidArgument("host", name, "a host name")
+    plan = await plan_release_many(
+        store, [(a, ep.store_key) for ep in endpoints for a in ep.addresses])
+    plan.compares.append(Compare.absent(keys.host_lease(name)))
+    plan.ops += [Delete(keys.endpoint(ep.node, ep.container_id, ep.ifname)) for ep in endpoints]
+    plan.ops += [Delete(keys.ports(name), prefix=True),
+                 Delete(keys.containers(name), prefix=True),
+                 Delete(keys.host(name))]
+    return plan
+
+
+async def remove_host(store: Datastore, name: str, self_node: str,
+                      endpoints: list[Endpoint]) -> int:
+    """``plexus host rm``: how many endpoints were released. Refused while the host is alive
+    or for the agent's own node."""
+    if name == self_node:
+        raise Conflict(f"host {name!r} is this agent's own node")
+    if await store.get(keys.host(name)) is None:
+        raise NotFound(f"host {name!r} not found")
+    if await store.get(keys.host_lease(name)) is not None:
+        raise Conflict(f"host {name!r} is alive (its agent holds a lease): stop it first")
+    plan = await removal_plan(store, name, endpoints)
+    result = await store.txn(plan.compares, plan.ops, [Get(keys.host_lease(name))])
+    if not result.succeeded:
+        raise Conflict(f"host {name!r} changed while it was being removed (came back?): "
+                       "try again")
+    return len(endpoints)
+
+
+def views(cache: Cache) -> list[HostView]:
+    """Every host the datastore knows, with liveness and endpoint counts, by name."""
+    counts: dict[str, int] = {}
+    for ep in cache.endpoints.values():
+        counts[ep.node] = counts.get(ep.node, 0) + 1
+    return [HostView(h, h.name in cache.alive, counts.get(h.name, 0))
+            for h in sorted(cache.hosts.values(), key=lambda h: h.name)]
