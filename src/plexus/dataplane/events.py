@@ -299,8 +299,9 @@ class KernelEvents:
                 self.close()
                 return
             for kind, _, _, payload in messages(view[:size]):
-                event = decode(kind, payload, self._names)
-                if event is not None:
+                event = decode(kind, payload, self._names)  # names learnt even when dropped
+                # Before the Resync that is due, events would only be replaced by it.
+                if event is not None and not self._overrun:
                     self.backlog.push(event)
         if self._overrun and self._loop is not None:
             # Out of budget with the Resync still due: an empty socket never wakes the reader
