@@ -273,9 +273,28 @@ async def test_open_store_picks_the_backend_from_the_url(
     await store.close()
 
 
-def test_open_store_refuses_unknown_schemes() -> None:
-    with pytest.raises(InvalidArgument):
-        open_store("etcd://localhost:2379")
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("redis://h", {}, "invalid --store 'redis://h': supported: etcd://"),
+        ("sqlite://", {}, "invalid --store 'sqlite://': names no file"),
+        ("etcd://", {}, "invalid --store 'etcd://': expected etcd://HOST:PORT"),
+        ("etcd://h:99999", {}, "invalid --store 'etcd://h:99999': endpoint 'h:99999' is not"),
+        ("etcd://a:1,:2", {}, "invalid --store 'etcd://a:1,:2': endpoint ':2' is not HOST:PORT"),
+        ("etcd://h:1", {"cacert": "/ca"}, "invalid --etcd-cacert '/ca': needs an etcds://"),
+        ("{tmp}/db", {"key": "/k"}, "invalid --etcd-key '/k': needs an etcds://"),
+        ("etcds://h", {"cert": "/c"}, "invalid --etcd-key None: is needed with --etcd-cert"),
+        ("etcds://h", {"cacert": "/no/ca.pem"},
+         "invalid --etcd-cacert '/no/ca.pem': No such file or directory"),
+    ],
+)
+def test_open_store_names_the_option_and_value_it_refuses(
+    tmp_path: Path, url: str, options: dict[str, str], message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        open_store(url.format(tmp=tmp_path), **options)
+    assert str(refused.value).startswith(message)
+    assert "\n" not in str(refused.value)
 
 
 # -- memory and SQLite agree on random histories -------------------------------------------
