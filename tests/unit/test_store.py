@@ -28,6 +28,7 @@ from plexus.store.base import (
     Op,
     Put,
 )
+from plexus.store.etcd import EtcdStore
 from plexus.store.sqlite import prefix_end
 from tests.unit.store_contract import StoreContract, next_events, summary
 
@@ -263,10 +264,15 @@ def test_prefix_end_is_above_every_key_with_the_prefix(prefix: str, rest: str) -
 
 @pytest.mark.parametrize(
     ("url", "kind"),
-    [("memory://", MemoryStore), ("sqlite://{tmp}/a.db", SqliteStore), ("{tmp}/b.db", SqliteStore)],
+    [
+        ("memory://", MemoryStore),
+        ("sqlite://{tmp}/a.db", SqliteStore),
+        ("{tmp}/b.db", SqliteStore),
+        ("etcd://127.0.0.1:2379,127.0.0.2", EtcdStore),  # nothing is contacted yet
+    ],
 )
 async def test_open_store_picks_the_backend_from_the_url(
-    tmp_path: Path, url: str, kind: type[Store]
+    tmp_path: Path, url: str, kind: type[Store | EtcdStore]
 ) -> None:
     store = open_store(url.format(tmp=tmp_path))
     assert isinstance(store, kind)
