@@ -222,8 +222,9 @@ async def test_an_etcd_that_is_down_fails_a_write_at_once() -> None:
     store = open_store(f"etcd://{address}")
     with pytest.raises(StoreUnavailable) as refused:
         await asyncio.wait_for(store.put("a", "1"), 30)
-    assert str(refused.value) == f"etcd did not answer: {address}: " \
-                                 "Failed to connect to remote host: Connection refused"
+    message = str(refused.value)  # the reason is gRPC's words for ECONNREFUSED
+    assert message.startswith(f"etcd did not answer: {address}: ")
+    assert "refused" in message.lower() and "\n" not in message
     await store.close()
 
 
