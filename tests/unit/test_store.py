@@ -287,6 +287,7 @@ async def test_open_store_picks_the_backend_from_the_url(
         ("etcd://", {}, "invalid --store 'etcd://': expected etcd://HOST:PORT"),
         ("etcd://h:99999", {}, "invalid --store 'etcd://h:99999': endpoint 'h:99999' is not"),
         ("etcd://a:1,:2", {}, "invalid --store 'etcd://a:1,:2': endpoint ':2' is not HOST:PORT"),
+        ("etcd://fd00::1", {}, "invalid --store 'etcd://fd00::1': write the IPv6 address"),
         ("etcd://h:1", {"cacert": "/ca"}, "invalid --etcd-cacert '/ca': needs an etcds://"),
         ("{tmp}/db", {"key": "/k"}, "invalid --etcd-key '/k': needs an etcds://"),
         ("etcds://h", {"cert": "/c"}, "invalid --etcd-key None: is needed with --etcd-cert"),

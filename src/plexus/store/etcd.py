@@ -52,8 +52,13 @@ class TlsFiles:
     cert: str | None = None
     key: str | None = None
 
+    def named(self) -> list[tuple[str, str | None]]:
+        """(option, path) of each file."""
+        return [("--etcd-cacert", self.cacert), ("--etcd-cert", self.cert),
+                ("--etcd-key", self.key)]  # fmt: skip
+
     def given(self) -> bool:
-        return any((self.cacert, self.cert, self.key))
+        return any(path for _, path in self.named())
 
     def load(self) -> Credentials:
         if bool(self.cert) != bool(self.key):
@@ -94,6 +99,8 @@ def _endpoint(url: str, part: str) -> str:
                 raise InvalidArgument("--store", url, f"cannot read endpoint {part!r}")
             port = tail[1:]
         host = f"[{host}]"
+    elif part.count(":") > 1:
+        raise InvalidArgument("--store", url, f"write the IPv6 address {part!r} as [ADDRESS]:PORT")
     elif ":" in part:
         host, _, port = part.rpartition(":")
     if not host.strip("[]") or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -105,13 +112,9 @@ def open_etcd(url: str, tls: TlsFiles = TlsFiles(), **options: float) -> EtcdSto
     """The EtcdStore for a ``--store`` URL; TLS files only go with ``etcds://``."""
     addresses, secure = parse_endpoints(url)
     if tls.given() and not secure:
-        field, value = next((f, v) for f, v in _tls_fields(tls) if v)
+        field, value = next((f, v) for f, v in tls.named() if v)
         raise InvalidArgument(field, value, "needs an etcds:// --store (TLS)")
     return EtcdStore(addresses, credentials=tls.load() if secure else None, **options)
-
-
-def _tls_fields(tls: TlsFiles) -> list[tuple[str, str | None]]:
-    return [("--etcd-cacert", tls.cacert), ("--etcd-cert", tls.cert), ("--etcd-key", tls.key)]
 
 
 class EtcdStore:
