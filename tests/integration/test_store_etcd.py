@@ -22,7 +22,6 @@ from plexus.store import open_store
 from plexus.store.base import Event, EventType
 from plexus.store.etcd import EtcdStore
 from plexus.store.informer import Change, Informer
-from plexus.store.lease import LeaseKeeper
 from tests.harness.etcd import EtcdCluster, free_port, make_certs
 from tests.harness.tcpproxy import TcpProxy
 from tests.unit import test_ipam
@@ -177,14 +176,17 @@ async def test_an_expired_lease_deletes_its_keys_in_one_revision(store: EtcdStor
         await store.refresh_lease(lease)
 
 
-async def test_a_kept_lease_outlives_its_ttl_and_expires_once_let_go(store: EtcdStore) -> None:
-    keeper = await LeaseKeeper.grant(store, ttl=2)
-    await store.put("host/a", "alive", lease=keeper.lease)
+async def test_a_refreshed_lease_outlives_its_ttl_and_expires_once_let_go(
+    store: EtcdStore,
+) -> None:
+    lease = await store.grant_lease(2)
+    await store.put("host/a", "alive", lease=lease)
     events = store.watch("host/", await store.revision() + 1)
-    await asyncio.sleep(5)  # two and a half TTLs
-    assert await store.get("host/a") is not None and keeper.refreshes >= 3
-    await keeper.stop()
-    [gone] = await collect(events, 1, timeout=15.0)
+    for _ in range(10):  # five seconds: two and a half TTLs
+        await asyncio.sleep(0.5)
+        await store.refresh_lease(lease)
+    assert await store.get("host/a") is not None
+    [gone] = await collect(events, 1, timeout=15.0)  # not refreshed any more
     assert (gone.type, gone.kv.key) == (EventType.DELETE, "host/a")
 
 
