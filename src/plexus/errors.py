@@ -13,6 +13,7 @@ nothing deeper catches them to translate.
     ├── NotReady               the agent cannot serve yet (CNI 11/50)     (HTTP 503)
     ├── Unsupported            the kernel lacks a feature                 (HTTP 501)
     ├── StoreError             the datastore failed
+    │   ├── StoreUnavailable   the datastore did not answer (etcd down)   (HTTP 503, CNI 11)
     │   ├── TxnConflict        a compare-and-swap lost a race; retry
     │   └── RevisionCompacted  a watch asked for history the store no longer has
     └── DataplaneError         the kernel refused a change (netlink, nftables)
@@ -80,6 +81,14 @@ class StoreError(PlexusError):
     kind = "store"
 
 
+class StoreUnavailable(StoreError):
+    """No datastore endpoint answered in time. A write that raises it may or may not have
+    been applied (the request may have reached etcd before the connection broke)."""
+
+    http_status = 503
+    kind = "store-unavailable"
+
+
 class TxnConflict(StoreError):
     kind = "txn-conflict"
 
@@ -104,6 +113,7 @@ ERROR_KINDS: dict[str, type[PlexusError]] = {
         NotReady,
         Unsupported,
         StoreError,
+        StoreUnavailable,
         TxnConflict,
         RevisionCompacted,
         DataplaneError,

@@ -1,4 +1,5 @@
-"""The Datastore contract, run against every embedded backend (memory and SQLite)."""
+"""The embedded backends (memory and SQLite): the Datastore contract, and what they do beyond it
+(lease expiry on a clock the tests move, a bounded history, SQLite's file)."""
 
 from __future__ import annotations
 
@@ -21,16 +22,15 @@ from plexus.errors import InvalidArgument, NotFound, PlexusError, RevisionCompac
 from plexus.store import MemoryStore, SqliteStore, open_store
 from plexus.store.base import (
     Compare,
-    Datastore,
     Delete,
     Event,
-    EventType,
     Get,
-    KeyValue,
     Op,
     Put,
 )
+from plexus.store.etcd import EtcdStore
 from plexus.store.sqlite import prefix_end
+from tests.unit.store_contract import StoreContract, next_events, summary
 
 Store = MemoryStore | SqliteStore
 MakeStore = Callable[..., Store]
@@ -79,201 +79,11 @@ def store(make_store: MakeStore) -> Store:
     return make_store()
 
 
-async def next_events(events: AsyncIterator[Event], n: int) -> list[Event]:
-    return [await asyncio.wait_for(anext(events), 1.0) for _ in range(n)]
-
-
-def summary(events: list[Event]) -> list[tuple[str, str, int]]:
-    return [(e.type.value, e.kv.key, e.kv.mod_revision) for e in events]
-
-
-# -- revisions and keys --------------------------------------------------------------------
-
-
-async def test_backends_satisfy_the_datastore_protocol(store: Store) -> None:
-    assert isinstance(store, Datastore)
-
-
-async def test_every_write_makes_exactly_one_revision(store: Store) -> None:
-    assert await store.revision() == 0
-    assert await store.put("a", "1") == 1
-    result = await store.txn([], [Put("b", "1"), Put("c", "1"), Delete("a")])
-    assert result.revision == 2
-    assert await store.delete("b") == 1
-    assert await store.revision() == 3
-
-
-async def test_a_txn_that_changes_nothing_makes_no_revision(store: Store) -> None:
-    await store.put("a", "1")
-    assert (await store.txn([], [Get("a"), Delete("absent")])).revision == 1
-    assert await store.delete("absent") == 0
-    assert await store.revision() == 1
-
-
-async def test_create_and_mod_revision_and_version_follow_etcd(store: Store) -> None:
-    await store.put("k", "v1")
-    assert await store.get("k") == KeyValue("k", "v1", 1, 1, 1)
-    await store.put("other", "x")
-    await store.put("k", "v2")
-    assert await store.get("k") == KeyValue("k", "v2", 1, 3, 2)
-    await store.delete("k")
-    assert await store.get("k") is None
-    await store.put("k", "v3")
-    assert await store.get("k") == KeyValue("k", "v3", 5, 5, 1)
-
-
-async def test_only_one_of_many_concurrent_claims_wins(store: Store) -> None:
-    async def claim(who: int) -> bool:
-        result = await store.txn([Compare.absent("lock")], [Put("lock", str(who))])
-        return result.succeeded
-
-    wins = await asyncio.gather(*(claim(i) for i in range(50)))
-    assert wins.count(True) == 1
-    winner = await store.get("lock")
-    assert winner is not None and winner.value == str(wins.index(True))
-    assert await store.revision() == 1
-
-
-async def test_failed_compare_runs_the_failure_branch(store: Store) -> None:
-    await store.put("k", "old")
-    result = await store.txn(
-        [Compare("k", "value", "==", "new")],
-        [Put("k", "newer")],
-        [Put("lost", "yes"), Get("k")],
-    )
-    assert not result.succeeded
-    assert result.revision == 2
-    assert [[kv.value for kv in r] for r in result.responses] == [[], ["old"]]
-    assert await store.get("lost") is not None
-
-
-async def test_get_in_a_txn_returns_values_and_sees_earlier_writes(store: Store) -> None:
-    await store.put("a/1", "x")
-    result = await store.txn([], [Get("a/1"), Put("a/2", "y"), Get("a/", prefix=True), Get("z")])
-    keys = [[kv.key for kv in r] for r in result.responses]
-    assert keys == [["a/1"], [], ["a/1", "a/2"], []]
-
-
-async def test_unchanged_guards_against_a_concurrent_write(store: Store) -> None:
-    await store.put("k", "1")
-    seen = await store.get("k")
-    await store.put("k", "2")
-    lost = await store.txn([Compare.unchanged(seen, "k")], [Put("k", "3")])
-    assert not lost.succeeded
-    won = await store.txn([Compare.unchanged(await store.get("k"), "k")], [Put("k", "3")])
-    assert won.succeeded
-
-
-@pytest.mark.parametrize(
-    ("compare", "holds"),
-    [
-        (Compare("k", "version", "==", 2), True),
-        (Compare("k", "version", ">", 1), True),
-        (Compare("k", "create", "==", 1), True),
-        (Compare("k", "mod", "<", 2), False),
-        (Compare("k", "mod", "!=", 1), True),
-        (Compare("k", "value", "==", "v2"), True),
-        (Compare("k", "value", "<", "v3"), True),
-        (Compare("missing", "version", "==", 0), True),
-        (Compare("missing", "mod", "<", 1), True),
-        # etcd: a missing key has no value, so every value compare fails.
-        (Compare("missing", "value", "!=", "x"), False),
-        (Compare("missing", "value", "==", ""), False),
-    ],
-)
-async def test_compare_targets(store: Store, compare: Compare, holds: bool) -> None:
-    await store.put("k", "v1")
-    await store.put("k", "v2")
-    assert (await store.txn([compare], [])).succeeded is holds
-
-
-@pytest.mark.parametrize(
-    ("compares", "ops"),
-    [
-        ([], [Put("", "x")]),
-        ([], [Put("a", "1"), Put("a", "2")]),
-        ([], [Put("a/1", "1"), Delete("a/", prefix=True)]),
-        ([Compare("a", "version", "==", "1")], []),
-        ([Compare("a", "value", "==", 1)], []),
-    ],
-)
-async def test_malformed_txns_are_refused_and_write_nothing(
-    store: Store, compares: list[Compare], ops: list[Op]
-) -> None:
-    with pytest.raises(InvalidArgument):
-        await store.txn(compares, ops)
-    assert await store.revision() == 0
-
-
-async def test_list_is_sorted_by_key_and_reports_its_revision(store: Store) -> None:
-    for key in ["net/b", "net/a", "netx", "ep/1", "net/a/1"]:
-        await store.put(key, key)
-    kvs, revision = await store.list("net/")
-    assert [kv.key for kv in kvs] == ["net/a", "net/a/1", "net/b"]
-    assert revision == 5
-    everything, _ = await store.list("")
-    assert len(everything) == 5
-
-
-async def test_non_ascii_keys_sort_and_list_alike(store: Store) -> None:
-    for key in ["p/é", "p/z", "p/😀", "p\U0010ffff", "p/\ud7ff"]:
-        await store.put(key, "v")
-    kvs, _ = await store.list("p/")
-    assert [kv.key for kv in kvs] == sorted(["p/é", "p/z", "p/😀", "p/\ud7ff"])
-
-
-async def test_delete_prefix_removes_every_key_under_it_in_one_revision(store: Store) -> None:
-    for key in ["a/1", "a/2", "a/3", "ab"]:
-        await store.put(key, "v")
-    assert await store.delete("a/", prefix=True) == 3
-    assert await store.revision() == 5
-    kvs, _ = await store.list("")
-    assert [kv.key for kv in kvs] == ["ab"]
+class TestContract(StoreContract):
+    """The contract of every backend (tests/unit/store_contract.py), on memory and SQLite."""
 
 
 # -- watches -------------------------------------------------------------------------------
-
-
-async def test_watch_replays_history_then_streams_live_events(store: Store) -> None:
-    for key in ["a", "b", "c"]:
-        await store.put(key, "v")
-    events = store.watch("", 2)
-    assert summary(await next_events(events, 2)) == [("put", "b", 2), ("put", "c", 3)]
-    waiting = asyncio.ensure_future(anext(events))
-    await asyncio.sleep(0)
-    await store.txn([], [Put("d", "v"), Delete("a")])
-    live = [await asyncio.wait_for(waiting, 1.0), *await next_events(events, 1)]
-    assert summary(live) == [("put", "d", 4), ("delete", "a", 4)]
-
-
-async def test_watch_sees_only_its_prefix(store: Store) -> None:
-    events = store.watch("net/", 1)
-    await store.put("ep/1", "x")
-    await store.put("net/1", "x")
-    await store.put("network", "x")
-    await store.put("net/2", "x")
-    assert [e.kv.key for e in await next_events(events, 2)] == ["net/1", "net/2"]
-
-
-async def test_watch_from_a_future_revision_waits_for_it(store: Store) -> None:
-    await store.put("k", "1")
-    first = asyncio.ensure_future(anext(store.watch("", 4)))
-    await asyncio.sleep(0)  # the watch is live before revisions 2 and 3 are written
-    for value in "234":
-        await store.put("k", value)
-    assert summary([await asyncio.wait_for(first, 1.0)]) == [("put", "k", 4)]
-
-
-async def test_events_carry_the_previous_value(store: Store) -> None:
-    await store.put("k", "1")
-    await store.put("k", "2")
-    await store.delete("k")
-    first, second, gone = await next_events(store.watch("k", 1), 3)
-    assert first.prev is None
-    assert second.prev == first.kv
-    assert gone.type is EventType.DELETE
-    assert gone.kv == KeyValue("k", "", 0, 3, 0)
-    assert gone.prev == second.kv
 
 
 async def test_watch_from_a_compacted_revision_raises(make_store: MakeStore) -> None:
@@ -310,19 +120,6 @@ async def test_a_watcher_behind_the_history_window_gets_compacted(
         await store.put(f"k{i}", "v")
     with pytest.raises(RevisionCompacted):
         await next_events(events, 10)
-
-
-async def test_close_ends_watches(store: Store) -> None:
-    async def drain() -> list[Event]:
-        return [event async for event in store.watch("", 1)]
-
-    watcher = asyncio.ensure_future(drain())
-    await store.put("k", "v")
-    await asyncio.sleep(0)
-    await store.close()
-    assert len(await asyncio.wait_for(watcher, 1.0)) == 1
-    with pytest.raises(StoreError):
-        await store.get("k")
 
 
 # -- leases --------------------------------------------------------------------------------
@@ -373,28 +170,6 @@ async def test_refreshing_an_expired_lease_raises_not_found(store: Store, clock:
         await store.put("k", "again", lease=lease)
 
 
-async def test_a_put_on_an_unknown_lease_writes_nothing(store: Store) -> None:
-    await store.put("a", "1")
-    with pytest.raises(NotFound):
-        await store.txn([], [Put("a", "2"), Put("b", "1", lease=42)])
-    assert await store.get("a") == KeyValue("a", "1", 1, 1, 1)
-    assert await store.revision() == 1
-
-
-async def test_revoke_deletes_the_lease_keys_and_tolerates_unknown_leases(store: Store) -> None:
-    lease = await store.grant_lease(60)
-    await store.put("k", "v", lease=lease)
-    await store.put("k2", "v")
-    await store.put("k2", "v", lease=lease)  # a later put moves a key onto the lease
-    await store.revoke_lease(lease)
-    assert (await store.list(""))[0] == []
-    assert await store.revision() == 4
-    await store.revoke_lease(lease)
-    await store.revoke_lease(12345)
-    with pytest.raises(NotFound):
-        await store.refresh_lease(lease)
-
-
 async def test_a_put_without_lease_detaches_the_key(store: Store, clock: FakeClock) -> None:
     lease = await store.grant_lease(5)
     await store.put("k", "v", lease=lease)
@@ -403,11 +178,6 @@ async def test_a_put_without_lease_detaches_the_key(store: Store, clock: FakeClo
     assert await store.expire_leases() == 1
     kept = await store.get("k")
     assert kept is not None and kept.lease == 0
-
-
-async def test_grant_lease_needs_a_positive_ttl(store: Store) -> None:
-    with pytest.raises(InvalidArgument):
-        await store.grant_lease(0)
 
 
 # -- SQLite specifics ----------------------------------------------------------------------
@@ -494,19 +264,44 @@ def test_prefix_end_is_above_every_key_with_the_prefix(prefix: str, rest: str) -
 
 @pytest.mark.parametrize(
     ("url", "kind"),
-    [("memory://", MemoryStore), ("sqlite://{tmp}/a.db", SqliteStore), ("{tmp}/b.db", SqliteStore)],
+    [
+        ("memory://", MemoryStore),
+        ("sqlite://{tmp}/a.db", SqliteStore),
+        ("{tmp}/b.db", SqliteStore),
+        ("etcd://127.0.0.1:2379,127.0.0.2", EtcdStore),  # nothing is contacted yet
+    ],
 )
 async def test_open_store_picks_the_backend_from_the_url(
-    tmp_path: Path, url: str, kind: type[Store]
+    tmp_path: Path, url: str, kind: type[Store | EtcdStore]
 ) -> None:
     store = open_store(url.format(tmp=tmp_path))
     assert isinstance(store, kind)
     await store.close()
 
 
-def test_open_store_refuses_unknown_schemes() -> None:
-    with pytest.raises(InvalidArgument):
-        open_store("etcd://localhost:2379")
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("redis://h", {}, "invalid --store 'redis://h': supported: etcd://"),
+        ("sqlite://", {}, "invalid --store 'sqlite://': names no file"),
+        ("etcd://", {}, "invalid --store 'etcd://': expected etcd://HOST:PORT"),
+        ("etcd://h:99999", {}, "invalid --store 'etcd://h:99999': endpoint 'h:99999' is not"),
+        ("etcd://a:1,:2", {}, "invalid --store 'etcd://a:1,:2': endpoint ':2' is not HOST:PORT"),
+        ("etcd://fd00::1", {}, "invalid --store 'etcd://fd00::1': write the IPv6 address"),
+        ("etcd://h:1", {"cacert": "/ca"}, "invalid --etcd-cacert '/ca': needs an etcds://"),
+        ("{tmp}/db", {"key": "/k"}, "invalid --etcd-key '/k': needs an etcds://"),
+        ("etcds://h", {"cert": "/c"}, "invalid --etcd-key None: is needed with --etcd-cert"),
+        ("etcds://h", {"cacert": "/no/ca.pem"},
+         "invalid --etcd-cacert '/no/ca.pem': No such file or directory"),
+    ],
+)
+def test_open_store_names_the_option_and_value_it_refuses(
+    tmp_path: Path, url: str, options: dict[str, str], message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        open_store(url.format(tmp=tmp_path), **options)
+    assert str(refused.value).startswith(message)
+    assert "\n" not in str(refused.value)
 
 
 # -- memory and SQLite agree on random histories -------------------------------------------
