@@ -12,15 +12,16 @@ number of addresses in use.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 from plexus.errors import Conflict, Exhausted, InvalidArgument
-from plexus.ipam import allocator, blocks
+from plexus.ipam import allocator, blocks, hostblocks
 from plexus.model import keys
-from plexus.model.types import IPAddress, IPInterface, Network, Subnet
+from plexus.model.types import IPAddress, IPInterface, IPNetwork, Network, Subnet
 from plexus.store.base import Compare, Datastore, Delete, KeyValue, Op, Put
 
 Who = Callable[[str], str]
@@ -183,3 +184,34 @@ async def plan_release_many(store: Datastore,
         plan.compares.append(Compare.unchanged(block_kv, block_key))
         plan.ops.append(Put(block_key, blocks.encode(bits)) if bits else Delete(block_key))
     return plan
+
+
+async def claim_in_host_blocks(store: Datastore, subnet: Subnet, owner: str, node: str,
+                               held: Sequence[IPNetwork], taken: Collection[IPNetwork],
+                               prefix: int) -> Plan:
+    """The next free address of the blocks ``node`` holds in ``subnet`` (a spanning network's);
+    if they are full, of a block nobody holds, claimed for ``node`` in the same plan. ``taken``
+    is every host's blocks as the caller last saw them: a block claimed since is found by its
+    key and skipped, so a stale view costs a read, not a failed transaction."""
+    for block in held:
+        with contextlib.suppress(Exhausted):
+            return await claim_next(store, replace(subnet, ip_range=block), owner)
+    skip = set(taken) | set(held)
+    for _ in range(hostblocks.MAX_BLOCK_SCAN):
+        free = hostblocks.free_block(subnet.cidr, prefix, skip)
+        if free is None:
+            break
+        block = free
+        key = keys.host_block(subnet.cidr, block)
+        if await store.get(key) is not None:
+            skip.add(block)
+            continue
+        try:
+            plan = await claim_next(store, replace(subnet, ip_range=block), owner)
+        except Exhausted:  # a block with no usable address (the gateway's /30, say)
+            skip.add(block)
+            continue
+        plan.compares.append(Compare.absent(key))
+        plan.ops.append(Put(key, node))
+        return plan
+    raise Exhausted(f"no free /{prefix} block left in {subnet.cidr} for host {node}")
