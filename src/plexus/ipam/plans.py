@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from collections import defaultdict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from plexus.errors import Conflict, Exhausted, InvalidArgument
@@ -104,8 +104,14 @@ async def claim_next(store: Datastore, subnet: Subnet, owner: str,
     raise Exhausted(f"no free address left in {subnet.pool} (subnet {subnet.cidr})")
 
 
+NextFree = Callable[[Subnet, str], Awaitable[Plan]]
+"""Plans the next free address of a subnet for an owner (``claim_next`` unless a network's
+addresses come from per-host blocks)."""
+
+
 async def plan_allocation(store: Datastore, net: Network, owner: str,
-                          static: Sequence[IPAddress] = (), who: Who = str) -> Plan:
+                          static: Sequence[IPAddress] = (), who: Who = str,
+                          next_free: NextFree | None = None) -> Plan:
     """One address per IP family the network has: the static one asked for, else the next."""
     plan = Plan()
     stray = [a for a in static if not net.subnets_of(a.version)]
@@ -120,15 +126,17 @@ async def plan_allocation(store: Datastore, net: Network, owner: str,
         if wanted:
             plan.extend(await claim_static(store, net, wanted[0], owner, who))
         elif subnets:
-            plan.extend(await _claim_first_free(store, net, subnets, owner))
+            plan.extend(await _claim_first_free(store, net, subnets, owner, next_free))
     return plan
 
 
 async def _claim_first_free(store: Datastore, net: Network, subnets: list[Subnet],
-                            owner: str) -> Plan:
+                            owner: str, next_free: NextFree | None) -> Plan:
     last: Exhausted | None = None
     for subnet in subnets:
         try:
+            if next_free is not None:
+                return await next_free(subnet, owner)
             return await claim_next(store, subnet, owner)
         except Exhausted as exc:
             last = exc
