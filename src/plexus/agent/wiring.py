@@ -60,7 +60,7 @@ log = logging.getLogger("plexus.agent")
 
 Hook = Callable[[], Awaitable[None]]
 WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS, keys.HOSTS,
-           keys.HOST_LEASES)
+           keys.HOST_LEASES, keys.HOST_BLOCKS)
 
 
 def _objects(change: Change) -> list[str]:

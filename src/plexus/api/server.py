@@ -196,6 +196,8 @@ class Api:
             labels=_labels(b),
             options=_labels(b, "options"),
             dns_upstreams=_strings(b, "dns_upstreams"),
+            vni=_get(b, "vni", int, 0),
+            block_size=_get(b, "block_size", int, 0),
         )
         net = await self.networks.create(spec)
         return web.json_response(views.network(net), status=201)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from plexus.model.drivers import traits
 from plexus.model.types import Container, Endpoint, Network
 
 
@@ -16,7 +17,8 @@ def network(net: Network, endpoints: int = 0) -> dict[str, Any]:
         "ipv6": net.ipv6,
         "internal": net.internal,
         "mtu": net.mtu,
-        "bridge": net.bridge if net.driver == "bridge" else None,
+        "bridge": net.bridge if traits(net.driver).links else None,
+        **({"vni": net.vni, "block_size": net.block_size} if net.vni else {}),
         "labels": net.labels,
         "options": net.options,
         "created": net.created,

@@ -211,7 +211,8 @@ def network() -> None:
 @network.command("create")
 @click.argument("name")
 @click.option("--driver", default="bridge", show_default=True,
-              help="bridge, host, none or ipam (addresses only, for another CNI plugin)")
+              help="bridge, overlay (across hosts), host, none or ipam (addresses only, for "
+              "another CNI plugin)")
 @click.option("--subnet", multiple=True,
               help="CIDR, one per family (default: one picked from the agent's --pool)")
 @click.option("--gateway", multiple=True, help="the gateway of a subnet (default: its first)")
@@ -223,6 +224,10 @@ def network() -> None:
 @click.option("--label", multiple=True, help="KEY=VALUE (repeatable)")
 @click.option("-o", "--opt", multiple=True, help="driver option KEY=VALUE (dns=false: no DNS)")
 @click.option("--dns-upstream", multiple=True, help="this network's resolvers, IP[:PORT]")
+@click.option("--vni", type=int, default=0,
+              help="overlay: the VXLAN id (default: the next free one from 4096)")
+@click.option("--block-size", type=int, default=0,
+              help="overlay: the prefix length of the address blocks hosts take (default 26)")
 @json_opt
 @click.pass_context
 def network_create(
@@ -238,6 +243,8 @@ def network_create(
     label: tuple[str, ...],
     opt: tuple[str, ...],
     dns_upstream: tuple[str, ...],
+    vni: int,
+    block_size: int,
     as_json: bool,
 ) -> None:
     """Create a network."""
@@ -253,6 +260,8 @@ def network_create(
         "labels": kv(label, "label"),
         "options": kv(opt, "opt"),
         "dns_upstreams": list(dns_upstream),
+        **({"vni": vni} if vni else {}),
+        **({"block_size": block_size} if block_size else {}),
     })
     if as_json:
         emit(net)

@@ -12,15 +12,16 @@ number of addresses in use.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 from plexus.errors import Conflict, Exhausted, InvalidArgument
-from plexus.ipam import allocator, blocks
+from plexus.ipam import allocator, blocks, hostblocks
 from plexus.model import keys
-from plexus.model.types import IPAddress, IPInterface, Network, Subnet
+from plexus.model.types import IPAddress, IPInterface, IPNetwork, Network, Subnet
 from plexus.store.base import Compare, Datastore, Delete, KeyValue, Op, Put
 
 Who = Callable[[str], str]
@@ -103,8 +104,14 @@ async def claim_next(store: Datastore, subnet: Subnet, owner: str,
     raise Exhausted(f"no free address left in {subnet.pool} (subnet {subnet.cidr})")
 
 
+NextFree = Callable[[Subnet, str], Awaitable[Plan]]
+"""Plans the next free address of a subnet for an owner (``claim_next`` unless a network's
+addresses come from per-host blocks)."""
+
+
 async def plan_allocation(store: Datastore, net: Network, owner: str,
-                          static: Sequence[IPAddress] = (), who: Who = str) -> Plan:
+                          static: Sequence[IPAddress] = (), who: Who = str,
+                          next_free: NextFree | None = None) -> Plan:
     """One address per IP family the network has: the static one asked for, else the next."""
     plan = Plan()
     stray = [a for a in static if not net.subnets_of(a.version)]
@@ -119,15 +126,17 @@ async def plan_allocation(store: Datastore, net: Network, owner: str,
         if wanted:
             plan.extend(await claim_static(store, net, wanted[0], owner, who))
         elif subnets:
-            plan.extend(await _claim_first_free(store, net, subnets, owner))
+            plan.extend(await _claim_first_free(store, net, subnets, owner, next_free))
     return plan
 
 
 async def _claim_first_free(store: Datastore, net: Network, subnets: list[Subnet],
-                            owner: str) -> Plan:
+                            owner: str, next_free: NextFree | None) -> Plan:
     last: Exhausted | None = None
     for subnet in subnets:
         try:
+            if next_free is not None:
+                return await next_free(subnet, owner)
             return await claim_next(store, subnet, owner)
         except Exhausted as exc:
             last = exc
@@ -183,3 +192,34 @@ async def plan_release_many(store: Datastore,
         plan.compares.append(Compare.unchanged(block_kv, block_key))
         plan.ops.append(Put(block_key, blocks.encode(bits)) if bits else Delete(block_key))
     return plan
+
+
+async def claim_in_host_blocks(store: Datastore, subnet: Subnet, owner: str, node: str,
+                               held: Sequence[IPNetwork], taken: Collection[IPNetwork],
+                               prefix: int) -> Plan:
+    """The next free address of the blocks ``node`` holds in ``subnet`` (a spanning network's);
+    if they are full, of a block nobody holds, claimed for ``node`` in the same plan. ``taken``
+    is every host's blocks as the caller last saw them: a block claimed since is found by its
+    key and skipped, so a stale view costs a read, not a failed transaction."""
+    for block in held:
+        with contextlib.suppress(Exhausted):
+            return await claim_next(store, replace(subnet, ip_range=block), owner)
+    skip = set(taken) | set(held)
+    for _ in range(hostblocks.MAX_BLOCK_SCAN):
+        free = hostblocks.free_block(subnet.cidr, prefix, skip)
+        if free is None:
+            break
+        block = free
+        key = keys.host_block(subnet.cidr, block)
+        if await store.get(key) is not None:
+            skip.add(block)
+            continue
+        try:
+            plan = await claim_next(store, replace(subnet, ip_range=block), owner)
+        except Exhausted:  # a block with no usable address (the gateway's /30, say)
+            skip.add(block)
+            continue
+        plan.compares.append(Compare.absent(key))
+        plan.ops.append(Put(key, node))
+        return plan
+    raise Exhausted(f"no free /{prefix} block left in {subnet.cidr} for host {node}")

@@ -26,6 +26,7 @@ class DriverTraits:
     dns: bool  # the embedded DNS server listens on its gateways
     routes: bool  # endpoints get default routes via the subnets' gateways
     foreign_links: bool = False  # serves only another plugin's endpoints (CNI IPAM mode)
+    spans_hosts: bool = False  # one network across the cluster's hosts: per-host blocks, a VNI
     description: str = ""
 
 
@@ -36,6 +37,11 @@ DRIVERS: dict[str, DriverTraits] = {
             "bridge", allocates=True, subnets=True, needs_netns=True, links=True,
             publishes=True, filtered=True, dns=True, routes=True,
             description="a Linux bridge per network, a veth per container, NAT to the outside",
+        ),
+        DriverTraits(
+            "overlay", allocates=True, subnets=True, needs_netns=True, links=True,
+            publishes=True, filtered=True, dns=True, routes=True, spans_hosts=True,
+            description="one network across hosts: a bridge per host, VXLAN between them",
         ),
         DriverTraits(
             "host", allocates=False, subnets=False, needs_netns=False, links=False,

@@ -16,6 +16,9 @@ front door's keys are here too:
     /plexus/ipam-blocks/CIDR/START                bitmap of the addresses in use in the block of
                                                   BLOCK_SIZE addresses starting at START
     /plexus/ipam-cursor/CIDR                      last address handed out (a hint)
+    /plexus/host-blocks/CIDR/BLOCK                the node holding a block of a spanning
+                                                  network's subnet (ipam.hostblocks)
+    /plexus/vnis/VNI                              the overlay network using a VXLAN id
     /plexus/endpoints/NODE/CONTAINER/IFNAME       Endpoint
     /plexus/ports/NODE/PROTO/PORT                 {host address or "*": endpoint store key}
     /plexus/containers/NODE/NAME                  Container (started by `plexus run`)
@@ -47,6 +50,8 @@ POOLS_REFUSED = ROOT + "pools-refused/"
 IPAM = ROOT + "ipam/"
 IPAM_BLOCKS = ROOT + "ipam-blocks/"
 IPAM_CURSOR = ROOT + "ipam-cursor/"
+HOST_BLOCKS = ROOT + "host-blocks/"
+VNIS = ROOT + "vnis/"
 ENDPOINTS = ROOT + "endpoints/"
 PORTS = ROOT + "ports/"
 CONTAINERS = ROOT + "containers/"
@@ -145,3 +150,15 @@ def host(node: str) -> str:
 
 def host_lease(node: str) -> str:
     return HOST_LEASES + node
+
+
+def host_block(cidr: object, block: object) -> str:
+    return f"{HOST_BLOCKS}{cidr_segment(cidr)}/{cidr_segment(block)}"
+
+
+def host_blocks(cidr: object) -> str:
+    return f"{HOST_BLOCKS}{cidr_segment(cidr)}/"
+
+
+def vni(number: int) -> str:
+    return f"{VNIS}{number}"

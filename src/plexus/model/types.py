@@ -84,6 +84,8 @@ class Network:
     labels: dict[str, str] = field(default_factory=dict)
     options: dict[str, str] = field(default_factory=dict)
     created: float = 0.0
+    vni: int = 0  # the VXLAN id of a network that spans hosts (0: none)
+    block_size: int = 0  # its per-host blocks' IPv4 prefix length (ipam.hostblocks)
 
     @property
     def bridge(self) -> str:

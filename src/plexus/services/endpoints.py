@@ -19,10 +19,26 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from plexus.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, PlexusError
-from plexus.ipam.plans import Plan, plan_allocation, plan_assigned, plan_release_many
+from plexus.ipam import hostblocks
+from plexus.ipam.plans import (
+    NextFree,
+    Plan,
+    claim_in_host_blocks,
+    plan_allocation,
+    plan_assigned,
+    plan_release_many,
+)
 from plexus.model import keys, parse
 from plexus.model.drivers import traits
-from plexus.model.types import Endpoint, IPAddress, IPInterface, Network, Owner, PortMapping
+from plexus.model.types import (
+    Endpoint,
+    IPAddress,
+    IPInterface,
+    Network,
+    Owner,
+    PortMapping,
+    Subnet,
+)
 from plexus.services import ports
 from plexus.services.context import Context, endpoint_object
 from plexus.store.base import Compare, Delete, Put, TxnResult
@@ -159,7 +175,8 @@ class EndpointService:
             plan = await plan_assigned(self.ctx.store, p.net, owner, p.spec.addresses,
                                        p.spec.pool_claims)
         elif traits(p.net.driver).allocates:
-            plan = await plan_allocation(self.ctx.store, p.net, owner, p.spec.ips, self._who)
+            plan = await plan_allocation(self.ctx.store, p.net, owner, p.spec.ips, self._who,
+                                         self._next_free(p.net, p.spec.ips))
         else:
             plan = Plan()
         ep = replace(p.ep, addresses=tuple(plan.addresses))
@@ -169,6 +186,24 @@ class EndpointService:
         plan.compares.append(Compare.absent(owner))
         plan.ops.append(Put(owner, ep.to_json()))
         return ep, plan
+
+    def _next_free(self, net: Network, static: Sequence[IPAddress]) -> NextFree | None:
+        """A network that spans hosts hands out addresses from this host's blocks."""
+        if not traits(net.driver).spans_hosts:
+            return None
+        if static:
+            raise InvalidArgument("ip", str(static[0]),
+                                  "a fixed address on a network that spans hosts is not "
+                                  "supported yet")
+        cache, node = self.ctx.cache, self.ctx.node
+
+        async def claim(subnet: Subnet, owner: str) -> Plan:
+            prefix = hostblocks.block_prefix(net.block_size, subnet.version)
+            return await claim_in_host_blocks(
+                self.ctx.store, subnet, owner, node, cache.blocks_of(subnet.cidr, node),
+                cache.blocks.get(subnet.cidr, {}).keys(), prefix)
+
+        return claim
 
     async def _commit(self, planned: list[_Planned]) -> tuple[TxnResult, list[Endpoint]]:
         """Claim addresses and ports and write the endpoints in one transaction, planning again

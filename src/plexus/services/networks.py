@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from plexus.dns import OPTION_UPSTREAMS, format_upstreams, parse_upstreams
 from plexus.errors import AlreadyExists, Conflict, InUse, InvalidArgument, NotFound, PlexusError
-from plexus.ipam import allocator
+from plexus.ipam import allocator, hostblocks
 from plexus.model import keys, parse
 from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, IPNetwork, Network, Subnet
@@ -22,6 +22,9 @@ Detach = Callable[[Sequence[Endpoint]], Awaitable[None]]
 BUILTIN_LABEL = "plexus.builtin"
 # Networks every agent has, as Docker has them: the host's own namespace, and loopback only.
 BUILTINS = (("host", "host"), ("none", "none"))
+FIRST_VNI = 4096  # automatic VXLAN ids start here (as Docker's overlay driver's do)
+MAX_VNI = (1 << 24) - 1
+OVERLAY_PREFIX4 = 20  # an automatic overlay subnet: 64 blocks of /26
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class NetworkSpec:
     # the new network instead of being a conflict.
     adopt_claim: str = ""
     dns_upstreams: Sequence[str] = ()  # IP[:PORT] resolvers for this network's names
+    vni: int = 0  # a spanning network's VXLAN id (0: the next free one)
+    block_size: int = 0  # its per-host blocks' IPv4 prefix length (0: the default, /26)
 
 
 def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
@@ -95,6 +100,7 @@ class NetworkService:
     async def create(self, spec: NetworkSpec) -> Network:
         net = await self._build(spec)
         claims = [keys.subnet(s.cidr) for s in net.subnets]
+        claims += [keys.vni(net.vni)] if net.vni else []
         guards = [await self._claim_guard(c, spec.adopt_claim) for c in claims]
         result = await self.ctx.commit(
             [Compare.absent(keys.network(net.name)), *guards],
@@ -103,6 +109,9 @@ class NetworkService:
         if not result.succeeded:
             if await self.ctx.store.get(keys.network(net.name)) is not None:
                 raise AlreadyExists(f"network {net.name!r} already exists")
+            held = await self.ctx.store.get(keys.vni(net.vni)) if net.vni else None
+            if held is not None:
+                raise Conflict(f"vni {net.vni} is in use by network {held.value!r}")
             raise Conflict(f"a subnet of {net.name!r} was claimed meanwhile; try again")
         try:
             await self.ctx.settle(result.revision, [network_object(net.name)])
@@ -128,9 +137,10 @@ class NetworkService:
         if kind.subnets:
             subnets = _explicit_subnets(spec)
             await self._check_overlaps(subnets, spec.adopt_claim)
-            subnets += await self._auto_subnets(spec, subnets)
+            subnets += await self._auto_subnets(spec, subnets, kind.spans_hosts)
         elif spec.subnets:
             raise InvalidArgument("subnet", spec.subnets[0], f"driver {kind.name} takes no subnets")
+        vni, block_size = self._spanning(spec, kind.spans_hosts, subnets)
         return Network(
             name=spec.name,
             id=secrets.token_hex(16),
@@ -142,7 +152,30 @@ class NetworkService:
             labels=dict(spec.labels),
             options=_options(spec),
             created=time.time(),
+            vni=vni,
+            block_size=block_size,
         )
+
+    def _spanning(self, spec: NetworkSpec, spans: bool,
+                  subnets: list[Subnet]) -> tuple[int, int]:
+        """(VNI, block size) of a network that spans hosts; (0, 0) for any other."""
+        if not spans:
+            for name, value in (("vni", spec.vni), ("block-size", spec.block_size)):
+                if value:
+                    raise InvalidArgument(name, str(value), "only for --driver overlay")
+            return 0, 0
+        if spec.ip_ranges:  # hosts take whole blocks of the subnet
+            raise InvalidArgument("ip-range", spec.ip_ranges[0], "not for --driver overlay")
+        block_size = spec.block_size or hostblocks.DEFAULT_BLOCK_SIZE
+        hostblocks.check_block_size(block_size, [s.cidr for s in subnets])
+        used = {n.vni: n.name for n in self.ctx.cache.networks.values() if n.vni}
+        if not spec.vni:
+            return next(v for v in range(FIRST_VNI, MAX_VNI + 1) if v not in used), block_size
+        if not 1 <= spec.vni <= MAX_VNI:
+            raise InvalidArgument("vni", str(spec.vni), f"a VXLAN id, 1 to {MAX_VNI}")
+        if spec.vni in used:
+            raise Conflict(f"vni {spec.vni} is in use by network {used[spec.vni]!r}")
+        return spec.vni, block_size
 
     async def taken_prefixes(self, adopt: str = "") -> list[tuple[IPNetwork, str]]:
         """What a new subnet must not overlap, with where each comes from: networks, subnets
@@ -167,11 +200,15 @@ class NetworkService:
                 if s.cidr.version == cidr.version and s.cidr.overlaps(cidr):
                     raise Conflict(f"subnet {s.cidr} overlaps {cidr} ({where})")
 
-    async def _auto_subnets(self, spec: NetworkSpec, have: list[Subnet]) -> list[Subnet]:
+    async def _auto_subnets(self, spec: NetworkSpec, have: list[Subnet],
+                            spans: bool = False) -> list[Subnet]:
         cfg = self.ctx.config
         # Subnets given are the network's subnets, as with Docker: an automatic IPv4 one only
-        # when none was given (an IPv6-only --subnet makes an IPv6-only network).
-        wanted = [] if have else [(cfg.pool4, cfg.pool4_prefix)]
+        # when none was given (an IPv6-only --subnet makes an IPv6-only network). A network
+        # that spans hosts gets room for blocks of many hosts.
+        prefix4 = min(cfg.pool4_prefix, max(OVERLAY_PREFIX4, cfg.pool4.prefixlen)) if spans \
+            else cfg.pool4_prefix
+        wanted = [] if have else [(cfg.pool4, prefix4)]
         if spec.ipv6 and not any(s.version == 6 for s in have):
             wanted.append((cfg.pool6, cfg.pool6_prefix))
         avoid = [cidr for cidr, _ in await self.taken_prefixes()]
@@ -210,12 +247,15 @@ class NetworkService:
     async def _forget(self, net: Network) -> None:
         """Remove every trace of ``net`` from the store, then wait until the kernel follows."""
         ops: list[Op] = [Delete(keys.network(net.name))]
+        if net.vni:
+            ops.append(Delete(keys.vni(net.vni)))
         for s in net.subnets:
             ops += [
                 Delete(keys.subnet(s.cidr)),
                 Delete(keys.ipam_prefix(s.cidr), prefix=True),
                 Delete(keys.ipam_blocks(s.cidr), prefix=True),
                 Delete(keys.ipam_cursor(s.cidr)),
+                Delete(keys.host_blocks(s.cidr), prefix=True),
             ]
         result = await self.ctx.commit([], ops)
         await self.ctx.settle(result.revision)

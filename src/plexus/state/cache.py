@@ -10,6 +10,7 @@ makes per change O(1) or O(size of the answer).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections import defaultdict
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from plexus.model import keys
-from plexus.model.types import Container, Endpoint, Host, Network
+from plexus.model.types import Container, Endpoint, Host, IPNetwork, Network
 from plexus.store.informer import Change
 
 log = logging.getLogger("plexus.cache")
@@ -41,6 +42,11 @@ class Cache:
     docker_networks: dict[str, DockerNetwork] = field(default_factory=dict)
     hosts: dict[str, Host] = field(default_factory=dict)  # every node's record
     alive: set[str] = field(default_factory=set)  # nodes whose agent holds its lease
+    # Blocks of spanning networks' subnets: subnet -> block -> node, and (subnet, node) -> blocks.
+    blocks: dict[IPNetwork, dict[IPNetwork, str]] = field(
+        default_factory=lambda: defaultdict(dict))
+    _blocks_of: dict[tuple[IPNetwork, str], set[IPNetwork]] = field(
+        default_factory=lambda: defaultdict(set))
     _by_network: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     _by_container: dict[tuple[str, str], dict[str, Endpoint]] = field(
         default_factory=lambda: defaultdict(dict))
@@ -66,6 +72,10 @@ class Cache:
         """The interfaces of one container (on this node unless ``node`` says otherwise)."""
         found = self._by_container.get((node or self.node, container_id), {})
         return [found[i] for i in sorted(found)]
+
+    def blocks_of(self, subnet: IPNetwork, node: str) -> list[IPNetwork]:
+        """The blocks of ``subnet`` that ``node`` holds, in address order."""
+        return sorted(self._blocks_of.get((subnet, node), ()))
 
     def local_endpoints(self) -> list[Endpoint]:
         return [self.endpoints[k] for k in self._local]
@@ -106,6 +116,10 @@ class Cache:
             self._set_container(key[len(keys.containers(self.node)):], value)
         elif key.startswith(keys.DOCKER_NETWORKS):
             self._set_docker_network(key[len(keys.DOCKER_NETWORKS):], value)
+        elif key.startswith(keys.HOST_BLOCKS):
+            subnet, _, block = key[len(keys.HOST_BLOCKS):].partition("/")
+            self._set_block(ipaddress.ip_network(keys.segment_cidr(subnet)),
+                            ipaddress.ip_network(keys.segment_cidr(block)), value)
         elif key.startswith(keys.HOSTS):
             self._set_host(key[len(keys.HOSTS):], value)
         elif key.startswith(keys.HOST_LEASES):
@@ -142,6 +156,18 @@ class Cache:
             self.containers[name] = c
             self._containers_by_id[c.id] = name
 
+    def _set_block(self, subnet: IPNetwork, block: IPNetwork, node: str | None) -> None:
+        old = self.blocks[subnet].pop(block, None)
+        if old is not None:
+            self._blocks_of[(subnet, old)].discard(block)
+            if not self._blocks_of[(subnet, old)]:
+                del self._blocks_of[(subnet, old)]
+        if node is not None:
+            self.blocks[subnet][block] = node
+            self._blocks_of[(subnet, node)].add(block)
+        elif not self.blocks[subnet]:
+            del self.blocks[subnet]
+
     def _set_host(self, node: str, value: str | None) -> None:
         if value is None:
             self.hosts.pop(node, None)
@@ -160,5 +186,5 @@ class Cache:
 def watched(changes: Iterable[Change]) -> list[Change]:
     """The changes the cache (and so the reconcilers) care about: not IPAM or port claims."""
     wanted = (keys.ENDPOINTS, keys.NETWORKS, keys.CONTAINERS, keys.DOCKER_NETWORKS,
-              keys.HOSTS, keys.HOST_LEASES)
+              keys.HOSTS, keys.HOST_LEASES, keys.HOST_BLOCKS)
     return [c for c in changes if c.key.startswith(wanted)]

@@ -51,10 +51,12 @@ class NetworkDriver(Protocol):
 def build_drivers(host: HostNetlink, owner: str) -> dict[str, NetworkDriver]:
     """One driver per kind of network the model knows; ``owner`` tags the links they make."""
     from plexus.dataplane.drivers.bridge import BridgeDriver
+    from plexus.dataplane.drivers.overlay import OverlayDriver
     from plexus.dataplane.drivers.simple import HostDriver, IpamDriver, NoneDriver
 
     made: dict[str, NetworkDriver] = {
         "bridge": BridgeDriver(host, owner),
+        "overlay": OverlayDriver(host, owner),
         "host": HostDriver(),
         "none": NoneDriver(),
         "ipam": IpamDriver(),
