@@ -22,6 +22,7 @@ class AgentConfig:
     socket: Path
     node: str
     store_url: str = ""
+    etcd_tls: tuple[str | None, str | None, str | None] = (None, None, None)  # CA, cert, key
     advertise_address: str = ""  # where other hosts reach this one ("": none found)
     agent_id: str = ""  # the state directory's id (services.hosts.agent_id)
     pool4: IPNetwork = DEFAULT_POOL4

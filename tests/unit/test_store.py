@@ -290,7 +290,7 @@ async def test_open_store_picks_the_backend_from_the_url(
         ("etcd://fd00::1", {}, "invalid --store 'etcd://fd00::1': write the IPv6 address"),
         ("etcd://h:1", {"cacert": "/ca"}, "invalid --etcd-cacert '/ca': needs an etcds://"),
         ("{tmp}/db", {"key": "/k"}, "invalid --etcd-key '/k': needs an etcds://"),
-        ("etcds://h", {"cert": "/c"}, "invalid --etcd-key None: is needed with --etcd-cert"),
+        ("etcds://h", {"cert": "/c"}, "invalid --etcd-cert '/c': needs --etcd-key too"),
         ("etcds://h", {"cacert": "/no/ca.pem"},
          "invalid --etcd-cacert '/no/ca.pem': No such file or directory"),
     ],

@@ -56,7 +56,9 @@ async def run_agent(config: AgentConfig) -> None:
         exclusive.claim_socket(path)
     loop = asyncio.get_running_loop()
     loop.add_reader(netns_lock.fileno(), exclusive.answer, netns_lock)
-    store = open_store(config.store_url or str(config.state_dir / "plexus.db"))
+    cacert, cert, key = config.etcd_tls
+    store = open_store(config.store_url or str(config.state_dir / "plexus.db"),
+                       cacert=cacert, cert=cert, key=key)
     await migrate(store)
     owner = await identity.agent_owner(store, config.node)
     host = HostNetlink(owner)

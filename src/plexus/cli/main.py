@@ -69,8 +69,12 @@ for _command in [*containers.COMMANDS, *hosts.COMMANDS]:
     "--store",
     "store_url",
     default="",
-    help="datastore URL (default: SQLite in the state directory)",
+    help="datastore: etcd://IP:2379[,IP:2379...] (etcds:// with TLS) for a cluster, or a "
+    "SQLite path (default: SQLite in the state directory)",
 )
+@click.option("--etcd-cacert", default=None, help="etcds://: the CA that signed etcd's cert")
+@click.option("--etcd-cert", default=None, help="etcds://: this agent's client certificate")
+@click.option("--etcd-key", default=None, help="etcds://: the client certificate's key")
 @click.option(
     "--pool",
     default="10.89.0.0/16:24",
@@ -122,6 +126,9 @@ def agent(
     node: str,
     advertise_address: str,
     store_url: str,
+    etcd_cacert: str | None,
+    etcd_cert: str | None,
+    etcd_key: str | None,
     pool: str,
     pool6: str,
     reconcile_interval: float,
@@ -150,6 +157,7 @@ def agent(
             socket=Path(api_socket if api_socket is not None else ctx.obj["socket"]),
             node=node,
             store_url=store_url,
+            etcd_tls=(etcd_cacert, etcd_cert, etcd_key),
             advertise_address=advertise_address,
             pool4=p4,
             pool4_prefix=l4,

@@ -26,6 +26,7 @@ from plexus.errors import (
     NotFound,
     NotReady,
     PlexusError,
+    StoreUnavailable,
 )
 from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, Network, Owner
@@ -42,7 +43,7 @@ Check = Callable[[Endpoint], Awaitable[list[str]]]
 def to_cni_error(exc: PlexusError) -> CniError:
     if isinstance(exc, CniError):
         return exc
-    if isinstance(exc, NotReady):
+    if isinstance(exc, NotReady | StoreUnavailable):  # 11: "try again later"
         return CniError(11, exc.message)
     if isinstance(exc, InvalidArgument):
         return CniError(4 if exc.field in ENV_FIELDS else 7, exc.message)

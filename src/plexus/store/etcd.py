@@ -65,7 +65,8 @@ class TlsFiles:
             given, missing = ("--etcd-cert", "--etcd-key")
             if self.key:
                 given, missing = missing, given
-            raise InvalidArgument(missing, None, f"is needed with {given}")
+            path = self.key or self.cert
+            raise InvalidArgument(given, path, f"needs {missing} too")
         return Credentials(
             ca=_read("--etcd-cacert", self.cacert),
             cert=_read("--etcd-cert", self.cert),
