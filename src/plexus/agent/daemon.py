@@ -97,7 +97,8 @@ async def run_agent(config: AgentConfig) -> None:
         loop.remove_reader(netns_lock.fileno())
         netns_lock.close()
         lock.close()
-        log.info("agent stopped")
+        if agent.ctx.ready:  # a refused start says why in one line, and nothing else
+            log.info("agent stopped")
 
 
 def main(config: AgentConfig, verbose: bool = False) -> None:
