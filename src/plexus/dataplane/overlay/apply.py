@@ -1,0 +1,380 @@
+"""The thin half: read one overlay network's kernel state, apply a delta.
+
+Blocking, over one netlink socket bound to the host's namespace (``OverlaySocket``), for a
+worker thread: ``OverlayApplier`` runs it on a thread of its own for the event loop. Namespaces
+are parameters: the socket is opened in the namespace at the path it is given (``netns.py``
+tells why no long-lived thread ever enters one).
+
+- ``sync(want)``: read (seven requests whatever the number of hosts: the link, its tx checksum,
+  addresses, FDB, neighbours, IPv4 and IPv6 routes; each dump filtered to the device by the
+  kernel), ``diff``, then apply the delta in one datagram. A resync, a restart, a flushed table
+  all take this path; when nothing differs it sends no change at all.
+- ``update(before, after)``: the delta between two desired states, applied without reading
+  (the device's index is remembered from the last sync): adding or removing a remote host is
+  one datagram of three requests (FDB entry, neighbour, route per block). If any request fails
+  it falls back to ``sync``.
+
+Nothing outside the device is touched: FDB entries and neighbours are read and changed only on
+plexus's own VXLAN device, routes only with plexus's protocol (``wire.RTPROT_PLEXUS``) through
+it, and a link of the device's name that another agent (or no plexus agent) made is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import functools
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from plexus.dataplane import links, netns, rtnl
+from plexus.dataplane.overlay import ethtool, wire
+from plexus.dataplane.overlay.model import (
+    FdbEntry,
+    NeighEntry,
+    OverlayKernelState,
+    VxlanDevice,
+)
+from plexus.dataplane.overlay.render import DeviceStep, OverlayDelta, diff
+from plexus.errors import DataplaneError
+from plexus.model.types import IPAddress
+
+T = TypeVar("T")
+TIMEOUT = 30.0
+NETLINK_GET_STRICT_CHK = 12  # linux/netlink.h: dumps honour the request's filters (4.20+)
+_RECV_SIZE = 1 << 16
+_MAX_DATAGRAMS = 1 << 16  # a dump longer than this is a kernel gone wrong
+_DUMP_TRIES = 3  # NLM_F_DUMP_INTR: the table changed during the dump, read it again
+_BATCH = 128  # requests per datagram (a datagram is processed whole under RTNL)
+_GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
+Build = Callable[[int], bytes]
+Messages = list[tuple[int, memoryview]]
+
+
+class OverlaySocket:
+    """One NETLINK_ROUTE socket in one namespace, blocking, for one thread at a time.
+    ``sent`` counts the requests sent (reads and changes), ``changes`` the changes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(TIMEOUT)
+        for option in (rtnl.NETLINK_CAP_ACK, rtnl.NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
+            with contextlib.suppress(OSError):  # an older kernel answers plainly, unfiltered
+                sock.setsockopt(rtnl.SOL_NETLINK, option, 1)
+        self._sock = sock
+        self._seq = 0
+        self._buf = bytearray(_RECV_SIZE)
+        self.sent = 0
+        self.changes = 0
+
+    @classmethod
+    def open(cls, netns_path: str | None) -> OverlaySocket:
+        return cls(netns.netlink_socket(netns_path))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._seq
+
+    def _datagrams(self) -> Iterator[memoryview]:
+        for _ in range(_MAX_DATAGRAMS):
+            size = self._sock.recv_into(self._buf)  # TimeoutError (an OSError) after TIMEOUT
+            yield memoryview(bytes(memoryview(self._buf)[:size]))
+        raise DataplaneError("netlink: no end to the kernel's answer")
+
+    def dump(self, build: Build) -> Messages:
+        """(type, payload) of every message of the dump that ``build(seq)`` asks for."""
+        for _ in range(_DUMP_TRIES):
+            seq = self._next_seq()
+            self._sock.send(build(seq))
+            self.sent += 1
+            found, interrupted = self._read_dump(seq)
+            if not interrupted:
+                return found
+        raise DataplaneError(f"netlink dump interrupted {_DUMP_TRIES} times in a row")
+
+    def _read_dump(self, seq: int) -> tuple[Messages, bool]:
+        found: Messages = []
+        interrupted = False
+        for data in self._datagrams():
+            for kind, flags, got, payload in rtnl.messages(data):
+                if got != seq:
+                    continue  # a late answer to an abandoned request
+                interrupted |= bool(flags & rtnl.NLM_F_DUMP_INTR)
+                if kind not in (rtnl.NLMSG_DONE, rtnl.NLMSG_ERROR):
+                    found.append((kind, payload))
+                    continue
+                code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                if code > 0:
+                    raise DataplaneError(f"netlink dump failed: {os.strerror(code)}")
+                return found, interrupted
+        raise AssertionError("unreachable")  # _datagrams raises first
+
+    def ask(self, build: Build) -> rtnl.Reply:
+        """One request that is answered by one message (a get)."""
+        return self.batch([build], count=False)[0]
+
+    def batch(self, builds: Sequence[Build], count: bool = True) -> list[rtnl.Reply]:
+        """Requests in datagrams of at most ``_BATCH``, answers in order: only the last of a
+        datagram is acknowledged, the others answer only if they fail (as rawnl.Channel)."""
+        answers: list[rtnl.Reply] = []
+        for start in range(0, len(builds), _BATCH):
+            answers += self._batch(builds[start : start + _BATCH])
+        if count:
+            self.changes += len(builds)
+        return answers
+
+    def _batch(self, builds: Sequence[Build]) -> list[rtnl.Reply]:
+        seqs = [self._next_seq() for _ in builds]
+        *first, last = [build(seq) for build, seq in zip(builds, seqs, strict=True)]
+        self._sock.send(b"".join(rtnl.without_ack(m) for m in first) + last)
+        self.sent += len(builds)
+        answers: dict[int, rtnl.Reply] = {}
+        for data in self._datagrams():
+            answers.update(rtnl.replies(data))
+            if seqs[-1] in answers:
+                done = rtnl.Reply(0, rtnl.NLMSG_ERROR, memoryview(b""))
+                return [answers.get(seq, done) for seq in seqs]
+        raise AssertionError("unreachable")
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    link: wire.LinkRead | None  # whatever link bears the device's name (None: no such link)
+    state: OverlayKernelState
+
+
+def read_link(sock: OverlaySocket, name: str = "", index: int = 0) -> wire.LinkRead | None:
+    answer = sock.ask(lambda seq: wire.getlink_request(seq, name, index))
+    if answer.error == errno.ENODEV:
+        return None
+    if answer.error or answer.kind != wire.RTM_NEWLINK:
+        raise DataplaneError(f"cannot look up link {name or index}: {answer.why}")
+    return wire.parse_link(answer.payload)
+
+
+def read_state(sock: OverlaySocket, name: str) -> Observed:
+    """The device ``name`` and every object plexus keeps on it, as the kernel holds them."""
+    link = read_link(sock, name)
+    device = None if link is None else link.device(ethtool.tx_checksum(sock.fileno(), name))
+    if link is None or device is None:
+        return Observed(link, OverlayKernelState())
+    index = link.index
+    fdb = wire.parse_neighbours(iter(sock.dump(
+        lambda seq: wire.neigh_dump_request(seq, wire.AF_BRIDGE, index))), index, wire.AF_BRIDGE)
+    neigh = wire.parse_neighbours(iter(sock.dump(
+        lambda seq: wire.neigh_dump_request(seq, socket.AF_UNSPEC, index))), index, 0)
+    routes = [route for family in (socket.AF_INET, socket.AF_INET6)
+              for route in wire.parse_routes(iter(sock.dump(
+                  functools.partial(wire.route_dump_request, family=family, index=index))), index)]
+    return Observed(link, OverlayKernelState(
+        device=device,
+        addresses=wire.parse_addresses(iter(sock.dump(
+            lambda seq: wire.addr_dump_request(seq, index))), index),
+        fdb=frozenset(FdbEntry(mac, dst) for dst, mac in fdb),
+        neigh=frozenset(NeighEntry(ip, mac) for ip, mac in neigh),
+        routes=frozenset(routes),
+    ))
+
+
+def underlay_mtu(sock: OverlaySocket, ip: IPAddress) -> int:
+    """The MTU of the link that holds underlay address ``ip`` in this namespace."""
+    held = wire.address_links(iter(sock.dump(lambda seq: wire.addr_dump_request(seq, 0))))
+    index = held.get(ip)
+    link = None if index is None else read_link(sock, index=index)
+    if link is None:
+        raise DataplaneError(f"no link holds the underlay address {ip} in this namespace")
+    return link.mtu
+
+
+def check_owner(link: wire.LinkRead | None, want: VxlanDevice | None) -> None:
+    """Refuse a link of the device's name that is another agent's, or not plexus's at all."""
+    if link is None or want is None or not want.alias:
+        return  # nothing there, or a caller that does not tag its links
+    mine, found = links.split(want.alias), links.split(link.alias)
+    if found is None:
+        raise DataplaneError(f"link {link.name} exists and is not plexus's: refusing to take "
+                             f"it over for network {mine[1] if mine else want.name}")
+    if mine is not None:
+        links.check_owner(link.name, found[0], mine[0] or "")
+
+
+# --- applying -------------------------------------------------------------------------------
+
+
+def sync(sock: OverlaySocket, want: OverlayKernelState, name: str = "") -> tuple[OverlayDelta, int]:
+    """Make the kernel hold ``want`` (``name``: the device to delete when ``want`` has none);
+    returns what was changed and the device's index (0 if none)."""
+    name = want.device.name if want.device is not None else name
+    seen = read_state(sock, name)
+    check_owner(seen.link, want.device)
+    delta = diff(seen.state, want)
+    return delta, apply_delta(sock, delta, seen.link)
+
+
+def apply_delta(sock: OverlaySocket, delta: OverlayDelta, link: wire.LinkRead | None) -> int:
+    """Apply ``delta`` to the device (``link``: as read; None if there is none); returns the
+    device's index. All entries' failures are collected and raised together, after the rest."""
+    index = 0 if link is None else link.index
+    dev = delta.device
+    if dev is None:  # DELETE, or KEEP of no device
+        if link is not None:
+            _delete_link(sock, index, link.name)
+        return 0
+    if delta.step in (DeviceStep.CREATE, DeviceStep.RECREATE):
+        if link is not None:
+            _delete_link(sock, index, link.name)
+        index = _create(sock, dev)
+    elif delta.step is DeviceStep.UPDATE:
+        _check(sock.batch([lambda seq: wire.setlink_request(seq, dev)]), [f"cannot set {dev.name}"])
+    if delta.tx_checksum is not None:
+        ethtool.set_tx_checksum(sock.fileno(), dev.name, delta.tx_checksum)
+    builds, whats, fine = entry_requests(index, delta)
+    if builds:
+        _check(sock.batch(builds), whats, fine)
+    return index
+
+
+def entry_requests(index: int, delta: OverlayDelta) -> tuple[
+        list[Build], list[str], list[tuple[int, ...]]]:
+    """The delta's entry requests: removals first (routes before the neighbours they use),
+    then additions (neighbours before the routes that use them)."""
+    steps: list[tuple[Build, str, tuple[int, ...]]] = []
+    for route in delta.routes.remove:
+        steps.append((functools.partial(wire.delroute_request, index=index, route=route),
+                      f"cannot delete route {route.dst}", _GONE))
+    for n in delta.neigh.remove:
+        steps.append((functools.partial(wire.neigh_request, index=index, entry=n, delete=True),
+                      f"cannot delete neighbour {n.ip}", _GONE))
+    for f in delta.fdb.remove:
+        steps.append((functools.partial(wire.fdb_request, index=index, entry=f, delete=True),
+                      f"cannot delete fdb entry {f.mac}", _GONE))
+    for a in delta.addresses.remove:
+        steps.append((functools.partial(wire.deladdr_request, index=index, address=a),
+                      f"cannot delete address {a}", _GONE))
+    for a in delta.addresses.add:
+        steps.append((functools.partial(rtnl.addaddr_request, index=index, address=a),
+                      f"cannot add address {a}", (errno.EEXIST,)))
+    for f in (*delta.fdb.add, *delta.fdb.change):
+        steps.append((functools.partial(wire.fdb_request, index=index, entry=f),
+                      f"cannot add fdb entry {f.mac} dst {f.dst}", ()))
+    for n in (*delta.neigh.add, *delta.neigh.change):
+        steps.append((functools.partial(wire.neigh_request, index=index, entry=n),
+                      f"cannot add neighbour {n.ip} lladdr {n.mac}", ()))
+    for route in delta.routes.add:
+        steps.append((functools.partial(wire.route_request, index=index, route=route),
+                      f"cannot add route {route.dst} via {route.via} (one that is not plexus's "
+                      "is in the way?)", ()))
+    for route in delta.routes.change:
+        steps.append((functools.partial(wire.route_request, index=index, route=route,
+                                        replace=True),
+                      f"cannot change route {route.dst} to via {route.via}", ()))
+    return [s[0] for s in steps], [s[1] for s in steps], [s[2] for s in steps]
+
+
+def _check(answers: Sequence[rtnl.Reply], whats: Sequence[str],
+           fine: Sequence[tuple[int, ...]] = ()) -> None:
+    failed = [f"{what}: {answer.why}"
+              for i, (answer, what) in enumerate(zip(answers, whats, strict=True))
+              if answer.error and answer.error not in (fine[i] if fine else ())]
+    if failed:
+        more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+        raise DataplaneError("; ".join(failed[:5]) + more)
+
+
+def _create(sock: OverlaySocket, dev: VxlanDevice) -> int:
+    """The device, down, address generation off, then up; returns its index."""
+    made, *rest = sock.batch([
+        lambda seq: wire.create_vxlan_request(seq, dev),
+        lambda seq: wire.addrgen_none_request(seq, dev.name),
+        lambda seq: wire.setlink_request(seq, dev),
+    ])
+    if made.error == errno.EOPNOTSUPP:
+        raise DataplaneError(f"cannot create VXLAN device {dev.name}: this kernel has no VXLAN "
+                             f"support ({made.why}); load the vxlan module (modprobe vxlan)")
+    _check([made, *rest], [f"cannot create VXLAN device {dev.name}",
+                           f"cannot turn IPv6 address generation off on {dev.name}",
+                           f"cannot set {dev.name} up"])
+    link = read_link(sock, dev.name)
+    if link is None:
+        raise DataplaneError(f"VXLAN device {dev.name} vanished right after it was created")
+    return link.index
+
+
+def _delete_link(sock: OverlaySocket, index: int, name: str) -> None:
+    answer = sock.batch([lambda seq: wire.dellink_request(seq, index)])[0]
+    if answer.error and answer.error not in _GONE:
+        raise DataplaneError(f"cannot delete link {name}: {answer.why}")
+
+
+# --- for the event loop ---------------------------------------------------------------------
+
+
+class OverlayApplier:
+    """The overlay networks of one namespace: every call runs on one thread of its own, with
+    one socket opened (once) in the namespace at ``netns_path`` (None: the agent's own)."""
+
+    def __init__(self, netns_path: str | None) -> None:
+        self._path = netns_path
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "plexus-overlay")
+        self._sock: OverlaySocket | None = None
+        self._index: dict[str, int] = {}  # device name -> ifindex, as the last sync left it
+
+    async def _run(self, fn: Callable[[OverlaySocket], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
+
+    def _call(self, fn: Callable[[OverlaySocket], T]) -> T:
+        if self._sock is None:
+            self._sock = OverlaySocket.open(self._path)
+        return fn(self._sock)
+
+    async def sync(self, want: OverlayKernelState, name: str = "") -> OverlayDelta:
+        """Read, compare, apply: see ``sync``. ``name``: the device, if ``want`` has none."""
+        delta, index = await self._run(lambda sock: sync(sock, want, name))
+        key = want.device.name if want.device is not None else name
+        if index:
+            self._index[key] = index
+        else:
+            self._index.pop(key, None)
+        return delta
+
+    async def update(self, before: OverlayKernelState, after: OverlayKernelState) -> OverlayDelta:
+        """Apply the difference between two desired states without reading the kernel; a
+        ``sync`` instead if the device is not known or a request fails."""
+        dev = after.device
+        index = self._index.get(dev.name) if dev is not None and before.device == dev else None
+        if dev is None or index is None:
+            return await self.sync(after)
+        delta = diff(before, after)
+        link = wire.LinkRead(index, dev.name, "vxlan", dev.mtu, dev.mac, dev.alias, dev.up)
+        try:
+            await self._run(lambda sock: apply_delta(sock, delta, link))
+        except DataplaneError:
+            return await self.sync(after)
+        return delta
+
+    async def underlay_mtu(self, ip: IPAddress) -> int:
+        return await self._run(lambda sock: underlay_mtu(sock, ip))
+
+    def counters(self) -> tuple[int, int]:
+        """(requests sent, changes sent) so far."""
+        return (0, 0) if self._sock is None else (self._sock.sent, self._sock.changes)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
