@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from plexus.dataplane.links import tag
 from plexus.dataplane.overlay.apply import OverlayApplier
 from plexus.dataplane.overlay.model import (
     HostVtep,
@@ -24,6 +25,7 @@ from plexus.dataplane.overlay.model import (
     vtep_mac,
 )
 from plexus.dataplane.overlay.render import OverlayDelta, desired
+from plexus.errors import DataplaneError
 from plexus.model.types import IPAddress, IPNetwork
 from tests.harness.overlay import Lab, Monitor, member
 from tests.harness.probes import ANSWERED, tcp_probe, wait_tcp
@@ -376,8 +378,30 @@ async def test_an_ipv6_underlay_carries_the_overlay(cluster: Cluster) -> None:
 async def test_a_removed_network_takes_its_device_and_routes_along(cluster: Cluster) -> None:
     await three_hosts(cluster, v6=False)
     h1 = cluster.nodes[1].ns
-    await cluster.appliers[1].sync(OverlayKernelState(), name=cluster.dev)
+    assert await cluster.appliers[1].remove(cluster.dev)
+    assert not await cluster.appliers[1].remove(cluster.dev)  # gone already: no error
     assert ipj(h1, "ip", "-j", "link", "show", "type", "vxlan") == []
     assert ipj(h1, "ip", "-j", "route", "show", "proto", "112") == []
     assert tcp_probe(cluster.nodes[1].containers[0], addr(cluster.nodes[2].containers[0], 4),
                      80, timeout=1).outcome is not ANSWERED
+
+
+async def test_a_link_of_the_devices_name_that_is_not_this_agents_is_refused(
+        cluster: Cluster) -> None:
+    cluster.add_host(1, [block4(4)])
+    cluster.add_host(2, [block4(8)])
+    h1, dev = cluster.nodes[1].ns, cluster.dev
+    nsexec(h1, "ip", "link", "add", dev, "type", "bridge")  # someone else's, by chance
+    cluster.spec = replace(WEB, alias=tag("node1@aaaa", "net:web"))
+    with pytest.raises(DataplaneError, match="not plexus's"):
+        await cluster.sync(1)
+    with pytest.raises(DataplaneError, match="not plexus's VXLAN device"):
+        await cluster.appliers[1].remove(dev)
+    assert ipj(h1, "ip", "-j", "-d", "link", "show", dev)[0]["linkinfo"]["info_kind"] == "bridge"
+    nsexec(h1, "ip", "link", "del", dev)
+    await cluster.sync(1)
+    assert ipj(h1, "ip", "-j", "link", "show", dev)[0]["ifalias"] == "plexus:node1@aaaa:net:web"
+    cluster.spec = replace(WEB, alias=tag("other@bbbb", "net:web"))  # another agent
+    with pytest.raises(DataplaneError, match="belongs to another plexus agent"):
+        await cluster.sync(1)
+    assert routes(h1, dev) == {("10.100.2.0/26", "10.100.2.0")}  # left as it was

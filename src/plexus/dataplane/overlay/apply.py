@@ -200,29 +200,50 @@ def underlay_mtu(sock: OverlaySocket, ip: IPAddress) -> int:
     return link.mtu
 
 
-def check_owner(link: wire.LinkRead | None, want: VxlanDevice | None) -> None:
-    """Refuse a link of the device's name that is another agent's, or not plexus's at all."""
-    if link is None or want is None or not want.alias:
-        return  # nothing there, or a caller that does not tag its links
-    mine, found = links.split(want.alias), links.split(link.alias)
-    if found is None:
-        raise DataplaneError(f"link {link.name} exists and is not plexus's: refusing to take "
-                             f"it over for network {mine[1] if mine else want.name}")
-    if mine is not None:
-        links.check_owner(link.name, found[0], mine[0] or "")
+def check_owner(link: wire.LinkRead | None, name: str, alias: str) -> None:
+    """Refuse a link of the device's ``name`` that plexus may not change: one tagged for
+    another agent (``alias``: the tag this caller writes, ``links.tag``), or one that is not
+    plexus's at all (no plexus tag, or, for a caller that tags nothing, not a VXLAN device)."""
+    if link is None:
+        return
+    found = links.split(link.alias)
+    if alias:
+        mine = links.split(alias)
+        if found is None:
+            raise DataplaneError(f"link {name} exists and is not plexus's: refusing to take it "
+                                 "over")
+        if mine is not None:
+            links.check_owner(name, found[0], mine[0] or "")
+    elif link.kind != "vxlan":
+        raise DataplaneError(f"link {name} exists and is a {link.kind or 'plain'} link, not "
+                             "plexus's VXLAN device: refusing to take it over")
 
 
 # --- applying -------------------------------------------------------------------------------
 
 
-def sync(sock: OverlaySocket, want: OverlayKernelState, name: str = "") -> tuple[OverlayDelta, int]:
-    """Make the kernel hold ``want`` (``name``: the device to delete when ``want`` has none);
-    returns what was changed and the device's index (0 if none)."""
-    name = want.device.name if want.device is not None else name
-    seen = read_state(sock, name)
-    check_owner(seen.link, want.device)
+def sync(sock: OverlaySocket, want: OverlayKernelState) -> tuple[OverlayDelta, int]:
+    """Make the kernel hold ``want`` (which has a device: ``remove`` deletes one); returns
+    what was changed and the device's index."""
+    if want.device is None:
+        raise ValueError("sync() makes a device; remove() deletes one")
+    seen = read_state(sock, want.device.name)
+    check_owner(seen.link, want.device.name, want.device.alias)
     delta = diff(seen.state, want)
     return delta, apply_delta(sock, delta, seen.link)
+
+
+def remove(sock: OverlaySocket, name: str, alias: str = "") -> bool:
+    """Delete the device ``name`` (its FDB entries, neighbours and routes go with it); False
+    if there was none. ``alias``: the caller's tag, as for ``check_owner``."""
+    link = read_link(sock, name)
+    if link is None:
+        return False
+    check_owner(link, name, alias)
+    if link.kind != "vxlan":
+        raise DataplaneError(f"link {name} is a {link.kind or 'plain'} link, not a VXLAN device")
+    _delete_link(sock, link.index, name)
+    return True
 
 
 def apply_delta(sock: OverlaySocket, delta: OverlayDelta, link: wire.LinkRead | None) -> int:
@@ -341,15 +362,17 @@ class OverlayApplier:
             self._sock = OverlaySocket.open(self._path)
         return fn(self._sock)
 
-    async def sync(self, want: OverlayKernelState, name: str = "") -> OverlayDelta:
-        """Read, compare, apply: see ``sync``. ``name``: the device, if ``want`` has none."""
-        delta, index = await self._run(lambda sock: sync(sock, want, name))
-        key = want.device.name if want.device is not None else name
-        if index:
-            self._index[key] = index
-        else:
-            self._index.pop(key, None)
+    async def sync(self, want: OverlayKernelState) -> OverlayDelta:
+        """Read, compare, apply: see ``sync``."""
+        delta, index = await self._run(lambda sock: sync(sock, want))
+        if want.device is not None:
+            self._index[want.device.name] = index
         return delta
+
+    async def remove(self, name: str, alias: str = "") -> bool:
+        """Delete a network's device: see ``remove``."""
+        self._index.pop(name, None)
+        return await self._run(lambda sock: remove(sock, name, alias))
 
     async def update(self, before: OverlayKernelState, after: OverlayKernelState) -> OverlayDelta:
         """Apply the difference between two desired states without reading the kernel; a
