@@ -14,8 +14,13 @@ Two simulated hosts (namespaces) on one underlay segment (tests/harness/overlay.
   hosts themselves (no bridge, no veth, no routing between them), kernel defaults;
 - underlay: iperf3 between the hosts' underlay addresses.
 
-Rounds rotate the order of the sides; best and median of each are compared. Only figures are
-printed; nothing is asserted.
+Rounds rotate the order of the sides; best and median of each are compared.
+
+Then the control plane's cost at scale: one host programmed with ``--hosts`` remote hosts of two
+blocks each (their underlay addresses lead nowhere: only the kernel's tables matter here), timed
+for the first sync, a sync that changes nothing, and a remote host added and removed with
+``render.host_delta`` and ``update``; with the requests each sent. Only figures are printed;
+nothing is asserted.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
 from _common import header, print_table, require_sandbox
 
+from plexus.dataplane.overlay import render
 from plexus.dataplane.overlay.apply import OverlayApplier
 from plexus.dataplane.overlay.model import HostVtep, OverlaySpec, RemoteHost
-from plexus.dataplane.overlay.render import desired
+from plexus.dataplane.overlay.render import OverlayDelta, desired
 from tests.harness.overlay import Lab, member
 from tests.harness.world import nsexec, ping_rtt_ms
 
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=3, help="iperf3 -t (plus 1 s omitted)")
     ap.add_argument("--rounds", type=int, default=3, help="runs per side, rotating")
+    ap.add_argument("--hosts", type=int, default=1000, help="remote hosts for the scale part")
     args = ap.parse_args(argv)
     if not require_sandbox("overlay.py"):
         return 2
@@ -136,7 +144,66 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lab.close()
     report(gbits, rtt)
+    scale(max(2, min(args.hosts, 16000)))
     return 0
+
+
+def remotes(count: int) -> list[RemoteHost]:
+    """``count`` remote hosts with two /26 blocks each, carved from 10.128.0.0/9."""
+    base, under = int(ipaddress.ip_address("10.128.0.0")), int(ipaddress.ip_address("198.18.0.1"))
+    return [RemoteHost(f"far{i}", ipaddress.ip_address(under + i), tuple(
+        ipaddress.ip_network(f"{ipaddress.ip_address(base + 128 * i + 64 * j)}/26")
+        for j in (0, 1))) for i in range(count)]
+
+
+async def timed_syncs(applier: OverlayApplier, count: int) -> list[list[object]]:
+    local = HostVtep("node1", ipaddress.ip_address("192.0.2.1"), 1500, (BLOCKS[1],))
+    everyone = remotes(count + 1)
+    extra = everyone[-1]
+
+    async def full() -> OverlayDelta:
+        return await applier.sync(desired(SPEC, local, everyone[:count]))
+
+    async def one(old: RemoteHost | None, new: RemoteHost | None) -> OverlayDelta:
+        dev = render.device(SPEC, local)
+        delta = render.host_delta(SPEC.vni, dev, old, new)
+        if not await applier.update(delta):
+            raise RuntimeError("update refused")
+        return delta
+
+    steps = [("first sync (render + sync)", full), ("sync, nothing to change", full),
+             ("update: one host more", lambda: one(None, extra)),
+             ("update: one host less", lambda: one(extra, None)),
+             ("sync after both", full)]
+    rows: list[list[object]] = []
+    for label, step in steps:
+        sent = applier.counters()
+        start = time.perf_counter()
+        delta = await step()
+        ms = (time.perf_counter() - start) * 1000
+        now = applier.counters()
+        rows.append([label, f"{ms:.1f}", len(delta), now[0] - sent[0], now[1] - sent[1]])
+    return rows
+
+
+def scale(count: int) -> None:
+    lab = Lab(prefix="bs")
+    try:
+        host = lab.host(1)
+        applier = OverlayApplier(f"/run/netns/{host}")
+        try:
+            rows = asyncio.run(timed_syncs(applier, count))
+        finally:
+            applier.close()
+        kernel = [len(nsexec(host, *argv).stdout.splitlines()) for argv in (
+            ("bridge", "fdb", "show", "dev", "pxvx-be0c0a1a2b"),
+            ("ip", "neigh", "show", "dev", "pxvx-be0c0a1a2b"),
+            ("ip", "route", "show", "proto", "112"))]
+    finally:
+        lab.close()
+    print_table(["step", "ms", "changes", "requests sent", "of them changes"], rows,
+                f"one host, {count} remote hosts of 2 blocks each (kernel: {kernel[0]} fdb, "
+                f"{kernel[1]} neigh, {kernel[2]} routes)")
 
 
 def report(gbits: dict[str, list[float]], rtt: dict[str, float | None]) -> None:

@@ -24,7 +24,7 @@ from plexus.dataplane.overlay.model import (
     device_name,
     vtep_mac,
 )
-from plexus.dataplane.overlay.render import OverlayDelta, desired
+from plexus.dataplane.overlay.render import OverlayDelta, desired, host_delta
 from plexus.errors import DataplaneError
 from plexus.model.types import IPAddress, IPNetwork
 from tests.harness.overlay import Lab, Monitor, member
@@ -253,7 +253,10 @@ async def test_removing_a_remote_host_removes_exactly_its_entries(cluster: Clust
     assert reaches(c1, addr(c3, 4))
     fdb_before, neigh_before, routes_before = fdb(h1, dev), neighbours(h1, dev), routes(h1, dev)
     sent, changes = cluster.appliers[1].counters()
-    delta = await cluster.appliers[1].update(cluster.want(1), cluster.want(1, remotes=[2]))
+    device = cluster.want(1).device
+    assert device is not None
+    delta = host_delta(4242, device, cluster.nodes[3].remote(), None)
+    assert await cluster.appliers[1].update(delta)
     mac3 = vtep_mac("node3", 4242)
     assert fdb_before - fdb(h1, dev) == {(mac3, "192.0.2.3")} and fdb(h1, dev) < fdb_before
     assert neigh_before - neighbours(h1, dev) == {("10.100.3.0", mac3), ("fd00:100::300", mac3)}
@@ -277,7 +280,10 @@ async def test_adding_a_remote_host_is_one_datagram_of_its_entries(cluster: Clus
     c1, c3 = cluster.nodes[1].containers[0], cluster.nodes[3].containers[0]
     assert not ping(c1, addr(c3, 4))
     sent, _ = cluster.appliers[1].counters()
-    delta = await cluster.appliers[1].update(cluster.want(1, remotes=[2]), cluster.want(1))
+    device = cluster.want(1).device
+    assert device is not None
+    delta = host_delta(4242, device, None, cluster.nodes[3].remote())
+    assert await cluster.appliers[1].update(delta)
     assert len(delta) == 4  # an FDB entry, a neighbour, a route for each of its two blocks
     assert cluster.appliers[1].counters()[0] == sent + 4
     assert reaches(c1, addr(c3, 4))

@@ -23,7 +23,14 @@ from plexus.dataplane.overlay.model import (
     vtep_addresses,
     vtep_mac,
 )
-from plexus.dataplane.overlay.render import DeviceStep, desired, diff, remote_objects
+from plexus.dataplane.overlay.render import (
+    DeviceStep,
+    desired,
+    device,
+    diff,
+    host_delta,
+    remote_objects,
+)
 from plexus.errors import InvalidArgument
 
 ip = ipaddress.ip_address
@@ -268,3 +275,13 @@ def test_a_host_leaving_touches_only_its_own_objects(nodes: list[int], data: st.
     added = diff(after, before)
     assert (set(added.fdb.add), set(added.neigh.add), set(added.routes.add)) == (fdb, neigh, routes)
     assert len(added) == len(removed)
+
+
+def test_one_hosts_delta_equals_the_diff_of_whole_states() -> None:
+    others = [host(n, 4 * n, 4 * n + 1) for n in range(2, 12)]
+    dev = device(SPEC, LOCAL)
+    new, moved = host(12, 60, 61, v6=True), RemoteHost("node5", ip("192.0.2.99"), (block(20),))
+    assert host_delta(4242, dev, None, new) == diff(render(*others), render(*others, new))
+    assert host_delta(4242, dev, new, None) == diff(render(*others, new), render(*others))
+    changed = [moved if r.node == "node5" else r for r in others]
+    assert host_delta(4242, dev, others[3], moved) == diff(render(*others), render(*changed))

@@ -9,10 +9,10 @@ tells why no long-lived thread ever enters one).
   addresses, FDB, neighbours, IPv4 and IPv6 routes; each dump filtered to the device by the
   kernel), ``diff``, then apply the delta in one datagram. A resync, a restart, a flushed table
   all take this path; when nothing differs it sends no change at all.
-- ``update(before, after)``: the delta between two desired states, applied without reading
-  (the device's index is remembered from the last sync): adding or removing a remote host is
-  one datagram of three requests (FDB entry, neighbour, route per block). If any request fails
-  it falls back to ``sync``.
+- ``update(delta)``: a delta computed without reading the kernel (``render.host_delta``: one
+  remote host's objects, whatever the number of hosts), applied to the device the last sync
+  left: adding or removing a remote host is one datagram of its FDB entry, neighbours and
+  routes. If it cannot (a request failed), the caller syncs.
 
 Nothing outside the device is touched: FDB entries and neighbours are read and changed only on
 plexus's own VXLAN device, routes only with plexus's protocol (``wire.RTPROT_PLEXUS``) through
@@ -374,20 +374,22 @@ class OverlayApplier:
         self._index.pop(name, None)
         return await self._run(lambda sock: remove(sock, name, alias))
 
-    async def update(self, before: OverlayKernelState, after: OverlayKernelState) -> OverlayDelta:
-        """Apply the difference between two desired states without reading the kernel; a
-        ``sync`` instead if the device is not known or a request fails."""
-        dev = after.device
-        index = self._index.get(dev.name) if dev is not None and before.device == dev else None
-        if dev is None or index is None:
-            return await self.sync(after)
-        delta = diff(before, after)
+    async def update(self, delta: OverlayDelta) -> bool:
+        """Apply a delta computed without reading the kernel (``render.host_delta``, or
+        ``diff`` of two desired states) to the device the last ``sync`` left: one datagram.
+        False if it could not (no sync made the device yet, or a request failed): the caller
+        then syncs, which reads the kernel and repairs whatever the delta assumed wrongly."""
+        dev = delta.device
+        index = None if dev is None else self._index.get(dev.name)
+        if dev is None or index is None or delta.step is not DeviceStep.KEEP:
+            return False
         link = wire.LinkRead(index, dev.name, "vxlan", dev.mtu, dev.mac, dev.alias, dev.up)
         try:
             await self._run(lambda sock: apply_delta(sock, delta, link))
         except DataplaneError:
-            return await self.sync(after)
-        return delta
+            self._index.pop(dev.name, None)
+            return False
+        return True
 
     async def underlay_mtu(self, ip: IPAddress) -> int:
         return await self._run(lambda sock: underlay_mtu(sock, ip))

@@ -230,6 +230,25 @@ def _tx_checksum(have: VxlanDevice | None, want: VxlanDevice | None) -> bool | N
     return None if now == want.tx_checksum else want.tx_checksum
 
 
+def host_delta(vni: int, device: VxlanDevice, old: RemoteHost | None,
+               new: RemoteHost | None) -> OverlayDelta:
+    """What one remote host's arrival (``old`` None), departure (``new`` None) or change of
+    blocks or underlay address does to a device: its own objects only, computed in O(its
+    blocks) whatever the number of hosts (``desired`` and ``diff`` are O(hosts)). It checks
+    nothing against the other hosts: the periodic ``desired``/``sync`` does."""
+    empty: tuple[frozenset[FdbEntry], frozenset[NeighEntry], frozenset[OverlayRoute]] = (
+        frozenset(), frozenset(), frozenset())
+    f0, n0, r0 = empty if old is None else remote_objects(vni, old)
+    f1, n1, r1 = empty if new is None else remote_objects(vni, new)
+    return OverlayDelta(
+        device=device,
+        step=DeviceStep.KEEP,
+        fdb=changes(f0, f1, lambda f: f.mac),
+        neigh=changes(n0, n1, lambda n: n.ip),
+        routes=changes(r0, r1, lambda r: r.dst),
+    )
+
+
 def changes(have: Iterable[T], want: Iterable[T], key: Callable[[T], Hashable]) -> Changes[T]:
     """Keyed set difference, in a stable order (``str`` of the objects)."""
     old = {key(x): x for x in have}
