@@ -235,13 +235,21 @@ async def test_kernel_state_is_one_device_and_per_host_entries(cluster: Cluster)
 async def test_reapplying_the_same_state_changes_nothing(cluster: Cluster) -> None:
     await three_hosts(cluster)
     monitor = Monitor(cluster.nodes[1].ns)
+    dev = cluster.dev
+
+    def events() -> list[str]:
+        # Only the device's: the new links of the lab still finish IPv6 duplicate address
+        # detection around now, which the monitor shows too. Everything the applier changes
+        # (the link, its addresses, FDB entries, neighbours, routes) names the device.
+        return [line for line in monitor.mark() if dev in line]
+
     try:
         _, before = cluster.appliers[1].counters()
         delta = await cluster.sync(1)
         assert delta.empty and cluster.appliers[1].counters()[1] == before
-        assert monitor.mark() == []  # the kernel announced no change at all
+        assert events() == []  # the kernel announced no change at all
         await cluster.sync(1, remotes=[2])  # the control: a real change is seen
-        assert len(monitor.mark()) >= 4
+        assert len(events()) >= 4
     finally:
         monitor.close()
 
