@@ -13,7 +13,8 @@ import pytest
 
 from plexus.dataplane import rtnl
 from plexus.dataplane.overlay import wire
-from plexus.dataplane.overlay.apply import OverlaySocket, _create
+from plexus.dataplane.overlay.apply import _create
+from plexus.dataplane.overlay.channel import OverlaySocket
 from plexus.dataplane.overlay.model import FdbEntry, NeighEntry, OverlayRoute, VxlanDevice
 from plexus.errors import DataplaneError
 

@@ -28,5 +28,6 @@ are computed from the datastore's host list alone (flannel stores its MAC in the
 derived one there is nothing to keep in step).
 
 Modules: ``model`` (types and derivations), ``render`` (pure: desired state, diff), ``wire``
-(netlink messages), ``ethtool`` (tx checksum offload), ``apply`` (reads and applies).
+(netlink messages), ``channel`` (a blocking netlink socket: dumps and batches), ``ethtool``
+(tx checksum offload), ``apply`` (reads and applies).
 """
