@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns docker.io dnsperf gcc libc6-dev containerd etcd-server etcd-client
+DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 ethtool containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns docker.io dnsperf gcc libc6-dev containerd etcd-server etcd-client
 SANDBOX := tests/sandbox
 PYTEST_ARGS ?=
 # The demo and the benchmarks use the test harnesses (tests/harness), which live with the tests.
@@ -80,6 +80,7 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/attach.py
 	$(SANDBOX) $(PY) bench/attach_phases.py
 	$(SANDBOX) $(PY) bench/throughput.py
+	$(SANDBOX) $(PY) bench/overlay.py
 	$(SANDBOX) $(PY) bench/memory.py
 	$(SANDBOX) $(PY) bench/cni.py
 	$(SANDBOX) $(PY) bench/podman.py
