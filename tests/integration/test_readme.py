@@ -50,7 +50,8 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
 RUN = ("", "Service discovery")  # "": the section's own blocks, before any subsection
-SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd"}
+SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
+           "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
 READ_ONLY = {
     ("network", "ls"), ("network", "inspect"), ("ps",), ("inspect",), ("status",),

@@ -203,7 +203,8 @@ async def claim_in_host_blocks(store: Datastore, subnet: Subnet, owner: str, nod
     key and skipped, so a stale view costs a read, not a failed transaction."""
     for block in held:
         with contextlib.suppress(Exhausted):
-            return await claim_next(store, replace(subnet, ip_range=block), owner)
+            return await claim_next(store, replace(subnet, ip_range=block), owner,
+                                    _vtep(block))
     skip = set(taken) | set(held)
     for _ in range(hostblocks.MAX_BLOCK_SCAN):
         free = hostblocks.free_block(subnet.cidr, prefix, skip)
@@ -215,7 +216,7 @@ async def claim_in_host_blocks(store: Datastore, subnet: Subnet, owner: str, nod
             skip.add(block)
             continue
         try:
-            plan = await claim_next(store, replace(subnet, ip_range=block), owner)
+            plan = await claim_next(store, replace(subnet, ip_range=block), owner, _vtep(block))
         except Exhausted:  # a block with no usable address (the gateway's /30, say)
             skip.add(block)
             continue
@@ -223,3 +224,8 @@ async def claim_in_host_blocks(store: Datastore, subnet: Subnet, owner: str, nod
         plan.ops.append(Put(key, node))
         return plan
     raise Exhausted(f"no free /{prefix} block left in {subnet.cidr} for host {node}")
+
+
+def _vtep(block: IPNetwork) -> frozenset[IPAddress]:
+    """A block's first address is its holder's VXLAN endpoint address (dataplane/overlay)."""
+    return frozenset({block.network_address})
