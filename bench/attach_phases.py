@@ -185,6 +185,26 @@ async def burst(agent: Agent, n: int, parallel: int) -> list[list[object]]:
              f"{1000 * StepMeter.longest:.1f}", ""]]
 
 
+async def prefill(agent: Agent, n: int, parallel: int) -> None:
+    """``n`` endpoints attached before anything is measured, on networks of their own (at most
+    1,000 ports a bridge): what grows with the agent's size, apart from the measured bridge's."""
+    nets = (n + 999) // 1000
+    for k in range(nets):
+        await agent.networks.create(NetworkSpec(name=f"f{k}", subnets=[f"10.{200 + k}.0.0/22"]))
+    netns_batch("add", [f"f{i}" for i in range(n)])
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await agent.endpoints.attach(AttachSpec(
+                container_id=f"f{i}", network=f"f{i // 1000}", netns=f"/run/netns/f{i}"))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    print(f"  prefilled {n} endpoints on {nets} networks in {time.perf_counter() - t0:.1f}s",
+          flush=True)
+
+
 async def main(args: argparse.Namespace) -> None:
     steps = Steps()
     steps.wrap_all()
@@ -201,6 +221,8 @@ async def main(args: argparse.Namespace) -> None:
         await agent.networks.create(NetworkSpec(name="n", subnets=[SUBNET]))
         netns_batch("add", [f"{p}{i}" for p in "ck" for i in range(args.count)]
                     + [f"b{i}" for i in range(args.burst)])
+        if args.prefill:
+            await prefill(agent, args.prefill, args.parallel)
         rows = await sequential(agent, args.count, steps)
         rows += await burst(agent, args.burst, args.parallel)
     finally:
@@ -216,6 +238,8 @@ if __name__ == "__main__":
     ap.add_argument("--count", type=int, default=100, help="attaches, detaches and CNI ADDs")
     ap.add_argument("--burst", type=int, default=200, help="attaches in the parallel burst")
     ap.add_argument("--parallel", type=int, default=8, help="attaches in flight in the burst")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="endpoints attached on other networks before measuring")
     parsed = ap.parse_args()
     if require_sandbox("attach_phases.py"):
         header("where an attach's time goes (in-process agent, steps timed by wrapping)", [
