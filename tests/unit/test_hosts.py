@@ -3,6 +3,8 @@ removing a dead host with everything it held, on the in-memory store and the fak
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,3 +133,24 @@ async def test_host_rm_releases_a_dead_hosts_endpoints_and_addresses(
 
 def eps_of(agent: Agent, node: str) -> list[Endpoint]:
     return [e for e in agent.cache.endpoints.values() if e.node == node]
+
+
+async def test_a_lost_lease_is_registered_again() -> None:
+    store = MemoryStore()
+    reg = Registration(store, Host("h1", "192.0.2.1", "id-1"), ttl=0.3)
+    await reg.register()
+    first = reg.lease
+    task = asyncio.create_task(reg.run())
+    try:
+        await store.revoke_lease(first)  # as if it expired while the store was away
+        assert await store.get(keys.host_lease("h1")) is None
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            alive = await store.get(keys.host_lease("h1"))
+            if alive is not None:
+                break
+        assert alive is not None and alive.value == "id-1" and alive.lease == reg.lease != first
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -29,6 +29,7 @@ from plexus.model import keys
 from plexus.model.types import Endpoint, Host
 from plexus.state.cache import Cache
 from plexus.store.base import Compare, Datastore, Delete, Get, Put
+from plexus.store.lease import LeaseKeeper
 
 log = logging.getLogger("plexus.hosts")
 
@@ -99,28 +100,39 @@ class Registration:
             raise Conflict(f"node name {name!r} was claimed by another agent just now")
 
     async def run(self) -> None:
-        """Keep the lease alive until cancelled; re-register if it was lost (the store was
-        unreachable for longer than the TTL)."""
-        last_seen = time.monotonic()
+        """Keep the lease alive until cancelled (``store.lease.LeaseKeeper``) and ``seen``
+        fresh; register again if the lease was lost (the store was unreachable for longer than
+        the TTL, or someone revoked it)."""
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            keeper = LeaseKeeper(self._store, self.lease, self.ttl)
+            keeper.start()
             try:
-                await self._store.refresh_lease(self.lease)
-                if time.monotonic() - last_seen >= SEEN_EVERY:
-                    self.host = replace(self.host, seen=time.time())
-                    await self._store.put(keys.host(self.host.name), self.host.to_json())
-                    last_seen = time.monotonic()
-            except NotFound:
-                log.warning("the lease of node %s expired: registering again", self.host.name)
-                await self._reregister()
-            except PlexusError as exc:
-                log.warning("keeping node %s alive failed: %s", self.host.name, exc.message)
+                await self._seen_until(keeper.lost)
+            finally:
+                await keeper.stop()
+            log.warning("the lease of node %s is gone: registering again", self.host.name)
+            while not await self._reregister():
+                await asyncio.sleep(self.ttl / 3)
 
-    async def _reregister(self) -> None:
+    async def _seen_until(self, lost: asyncio.Event) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), SEEN_EVERY)
+                return
+            self.host = replace(self.host, seen=time.time())
+            try:
+                await self._store.put(keys.host(self.host.name), self.host.to_json())
+            except PlexusError as exc:
+                log.warning("node %s: recording it was seen failed: %s", self.host.name,
+                            exc.message)
+
+    async def _reregister(self) -> bool:
         try:
             await self.register()
         except PlexusError as exc:
             log.error("node %s: %s", self.host.name, exc.message)
+            return False
+        return True
 
     async def close(self) -> None:
         """A clean stop: the host is listed as down at once, not after the TTL."""
