@@ -85,6 +85,14 @@ def test_overlay_addresses_come_from_each_hosts_own_blocks(
         blocks[agent.host] = {ipaddress.ip_network(f"{f.ip}/28", strict=False) for f in found}
     assert len(blocks["host1"]) == len(blocks["host2"]) == 1
     assert not blocks["host1"] & blocks["host2"]
+    # what the agents say of it: every host's blocks, from either host
+    table = host_table(b)
+    for host in ("host1", "host2"):
+        assert {ipaddress.ip_network(x) for x in table[host]["blocks"]} == blocks[host]
+        assert table[host]["blocks_used"] == 1
+    inspect = json.loads(a.cli("network", "inspect", "ov").stdout)
+    assert {ipaddress.ip_network(k): v for k, v in inspect["blocks"].items()} == {
+        next(iter(blocks["host1"])): "host1", next(iter(blocks["host2"])): "host2"}
 
 
 def kernel_address(agent: Agent, name: str) -> ipaddress.IPv4Interface:
@@ -100,7 +108,8 @@ def test_a_dead_host_is_down_and_host_rm_releases_what_it_held(
     hosts: tuple[EtcdCluster, list[Agent]],
 ) -> None:
     etcd, (a, b) = hosts
-    a.cli("network", "create", "web", "--subnet", "10.79.0.0/24")
+    a.cli("network", "create", "web", "--driver", "overlay", "--subnet", "10.79.0.0/24",
+          "--block-size", "28")
     assert wait_for(lambda: "web" in {n["name"] for n in b.json("network", "ls")})
     b.run_echo("gone", "web")
     held = b.address("gone", "web")
@@ -109,9 +118,11 @@ def test_a_dead_host_is_down_and_host_rm_releases_what_it_held(
     b.kill()  # kill -9: its lease runs out
     assert wait_for(lambda: not host_table(a)["host2"]["alive"], timeout=30)
     assert host_table(a)["host2"]["endpoints"] == 1
+    assert len(host_table(a)["host2"]["blocks"]) == 1
     done = a.cli("host", "rm", "host2")
     assert done.stdout.strip() == "host2 (released 1 endpoints)"
     assert "host2" not in host_table(a)
     # its address's claim is gone from etcd: the address can be handed out again
     assert etcd.etcdctl("get", keys.ipam_addr("10.79.0.0/24", held)).strip() == ""
     assert etcd.etcdctl("get", "--prefix", keys.endpoints("host2")).strip() == ""
+    assert etcd.etcdctl("get", "--prefix", keys.HOST_BLOCKS).strip() == ""

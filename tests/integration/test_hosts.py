@@ -25,8 +25,8 @@ def test_an_agent_lists_its_host_with_the_default_routes_address(agent: Agent) -
     agent.run_echo("a", "web")
     assert hosts(agent)[0]["endpoints"] == 1
     table = agent.cli("host", "ls").stdout.splitlines()
-    assert table[0].split() == ["NAME", "STATE", "ADDRESS", "ENDPOINTS", "SINCE"]
-    assert table[1].split()[:4] == ["host1", "alive", "203.0.113.1", "1"]
+    assert table[0].split() == ["NAME", "STATE", "ADDRESS", "ENDPOINTS", "BLOCKS", "SINCE"]
+    assert table[1].split()[:5] == ["host1", "alive", "203.0.113.1", "1", "0/0"]
 
 
 def test_an_agent_refuses_an_advertise_address_the_host_lacks(

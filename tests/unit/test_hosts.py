@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from plexus.services import hosts
 from plexus.services.endpoints import AttachSpec
 from plexus.services.hosts import Registration
 from plexus.services.networks import NetworkSpec
+from plexus.store.base import Compare, Op, TxnResult
 from plexus.store.memory import MemoryStore
 from plexus.testing import FakeFirewall, FakeKernel
 from tests.unit.test_services import NETNS, make_agent
@@ -154,3 +157,31 @@ async def test_a_lost_lease_is_registered_again() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_host_rm_of_many_endpoints_fits_etcds_transaction_limit() -> None:
+    """etcd refuses more than 128 operations in one transaction: 100 endpoints go in chunks."""
+    store = CountingStore()
+    await store.put(keys.host("h2"), Host("h2", "192.0.2.2", "id-2").to_json())
+    eps = []
+    for i in range(100):
+        ip = ipaddress.ip_interface(f"10.9.{i // 200}.{i % 200 + 2}/16")
+        ep = Endpoint(container_id=f"c{i}", ifname="eth0", network="n", node="h2", netns="",
+                      addresses=(ip,))
+        await store.put(keys.endpoint("h2", f"c{i}", "eth0"), ep.to_json())
+        await store.put(keys.ipam_addr(ip.network, ip.ip), ep.store_key)
+        eps.append(ep)
+    assert await hosts.remove_host(store, "h2", "n1", eps) == 100
+    assert max(store.sizes) <= 128
+    assert (await store.list(keys.ROOT))[0] == []
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def txn(self, compares: Sequence[Compare], success: Sequence[Op],
+                  failure: Sequence[Op] = ()) -> TxnResult:
+        self.sizes.append(len(compares) + len(success) + len(failure))
+        return await super().txn(compares, success, failure)

@@ -23,7 +23,7 @@ from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
 from plexus.errors import Conflict, InvalidArgument, NotFound, PlexusError
-from plexus.model import parse
+from plexus.model import keys, parse
 from plexus.model.types import Container, Endpoint
 from plexus.runtime.containers import ContainerRuntime, RunSpec
 from plexus.services import hosts
@@ -162,8 +162,10 @@ class Api:
     async def host_remove(self, request: web.Request) -> web.Response:
         self._require_ready()
         name = request.match_info["name"]
-        eps = [ep for ep in self.ctx.cache.endpoints.values() if ep.node == name]
-        released = await hosts.remove_host(self.ctx.store, name, self.ctx.node, eps)
+        cache = self.ctx.cache
+        eps = [ep for ep in cache.endpoints.values() if ep.node == name]
+        blocks = [keys.host_block(s, b) for s, b in hosts.held_blocks(cache, name)]
+        released = await hosts.remove_host(self.ctx.store, name, self.ctx.node, eps, blocks)
         return web.json_response({"released": released})
 
     async def network_list(self, request: web.Request) -> web.Response:
@@ -179,6 +181,9 @@ class Api:
         eps = self.ctx.cache.endpoints_on(net.name)
         view = views.network(net, len(eps))
         view["containers"] = [views.endpoint(e) for e in eps]
+        if net.vni:  # a network that spans hosts: which host holds which blocks
+            view["blocks"] = {str(b): node for s in net.subnets
+                              for b, node in sorted(self.ctx.cache.blocks.get(s.cidr, {}).items())}
         return web.json_response(view)
 
     async def network_create(self, request: web.Request) -> web.Response:

@@ -28,15 +28,16 @@ def _ago(when: float) -> str:
 @json_opt
 @click.pass_context
 def host_ls(ctx: click.Context, as_json: bool) -> None:
-    """Hosts, liveness, underlay address and endpoints."""
+    """Hosts, liveness, underlay address, endpoints, address blocks in use / held."""
     hosts = call(ctx, "GET", url("hosts"))
     if as_json:
         emit(hosts)
         return
     table([[h["name"], "alive" if h["alive"] else "down", h["address"] or "-",
-            str(h["endpoints"]), _ago(h["seen"] if not h["alive"] else h["started"])]
+            str(h["endpoints"]), f"{h['blocks_used']}/{len(h['blocks'])}",
+            _ago(h["seen"] if not h["alive"] else h["started"])]
            for h in hosts],
-          ["NAME", "STATE", "ADDRESS", "ENDPOINTS", "SINCE"])
+          ["NAME", "STATE", "ADDRESS", "ENDPOINTS", "BLOCKS", "SINCE"])
 
 
 @host.command("rm")

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,9 +27,9 @@ from plexus import __version__
 from plexus.errors import Conflict, InvalidArgument, NotFound, PlexusError
 from plexus.ipam.plans import Plan, plan_release_many
 from plexus.model import keys
-from plexus.model.types import Endpoint, Host
+from plexus.model.types import Endpoint, Host, IPNetwork
 from plexus.state.cache import Cache
-from plexus.store.base import Compare, Datastore, Delete, Get, Put
+from plexus.store.base import Compare, Datastore, Delete, Op, Put
 from plexus.store.lease import LeaseKeeper
 
 log = logging.getLogger("plexus.hosts")
@@ -57,12 +58,15 @@ class HostView:
     host: Host
     alive: bool
     endpoints: int
+    blocks: tuple[IPNetwork, ...] = ()
+    blocks_used: int = 0
 
     def to_dict(self) -> dict[str, object]:
         h = self.host
         return {"name": h.name, "address": h.address, "alive": self.alive,
                 "endpoints": self.endpoints, "version": h.version, "started": h.started,
-                "seen": h.seen, "agent_id": h.agent_id}
+                "seen": h.seen, "agent_id": h.agent_id,
+                "blocks": [str(b) for b in self.blocks], "blocks_used": self.blocks_used}
 
 
 class Registration:
@@ -142,43 +146,72 @@ class Registration:
             self.lease = 0
 
 
-async def removal_plan(store: Datastore, name: str, endpoints: list[Endpoint]) -> Plan:
-    """One transaction that forgets a dead host: its record, its endpoints and their addresses,
-    its published ports and its containers. Guarded on the host being down."""
-    if not name or "/" in name:
-        raise InvalidArgument("host", name, "a host name")
+# etcd refuses a transaction of more than 128 operations (its --max-txn-ops): a dead host's
+# endpoints go in chunks, each with its addresses (about 4 operations an endpoint).
+REMOVE_CHUNK = 25
+
+
+async def _release_plan(store: Datastore, name: str, endpoints: Sequence[Endpoint]) -> Plan:
+    """Forget ``endpoints`` of dead host ``name`` and their addresses, guarded on it being
+    down: each endpoint goes with its claims, so every step leaves the store consistent."""
     plan = await plan_release_many(
         store, [(a, ep.store_key) for ep in endpoints for a in ep.addresses])
     plan.compares.append(Compare.absent(keys.host_lease(name)))
     plan.ops += [Delete(keys.endpoint(ep.node, ep.container_id, ep.ifname)) for ep in endpoints]
-    plan.ops += [Delete(keys.ports(name), prefix=True),
-                 Delete(keys.containers(name), prefix=True),
-                 Delete(keys.host(name))]
     return plan
 
 
 async def remove_host(store: Datastore, name: str, self_node: str,
-                      endpoints: list[Endpoint]) -> int:
+                      endpoints: list[Endpoint], blocks: Sequence[str] = ()) -> int:
     """``plexus host rm``: how many endpoints were released. Refused while the host is alive
-    or for the agent's own node."""
+    or for the agent's own node. ``blocks``: the keys of the address blocks it holds."""
+    if not name or "/" in name:
+        raise InvalidArgument("host", name, "a host name")
     if name == self_node:
         raise Conflict(f"host {name!r} is this agent's own node")
     if await store.get(keys.host(name)) is None:
         raise NotFound(f"host {name!r} not found")
     if await store.get(keys.host_lease(name)) is not None:
         raise Conflict(f"host {name!r} is alive (its agent holds a lease): stop it first")
-    plan = await removal_plan(store, name, endpoints)
-    result = await store.txn(plan.compares, plan.ops, [Get(keys.host_lease(name))])
-    if not result.succeeded:
-        raise Conflict(f"host {name!r} changed while it was being removed (came back?): "
-                       "try again")
+    for i in range(0, len(endpoints), REMOVE_CHUNK):
+        plan = await _release_plan(store, name, endpoints[i:i + REMOVE_CHUNK])
+        await _commit(store, name, plan.compares, plan.ops)
+    last = [Delete(keys.ports(name), prefix=True), Delete(keys.containers(name), prefix=True),
+            Delete(keys.host(name))]
+    for i in range(0, len(blocks), REMOVE_CHUNK * 4):
+        await _commit(store, name, [Compare.absent(keys.host_lease(name))],
+                      [Delete(b) for b in blocks[i:i + REMOVE_CHUNK * 4]])
+    await _commit(store, name, [Compare.absent(keys.host_lease(name))], last)
     return len(endpoints)
 
 
+async def _commit(store: Datastore, name: str, compares: Sequence[Compare],
+                  ops: Sequence[Op]) -> None:
+    if not (await store.txn(compares, ops)).succeeded:
+        raise Conflict(f"host {name!r} changed while it was being removed (came back?): "
+                       "try again")
+
+
+def held_blocks(cache: Cache, node: str) -> list[tuple[IPNetwork, IPNetwork]]:
+    """(subnet, block) of every address block ``node`` holds."""
+    return sorted((subnet, block) for subnet, blocks in cache.blocks.items()
+                  for block, holder in blocks.items() if holder == node)
+
+
 def views(cache: Cache) -> list[HostView]:
-    """Every host the datastore knows, with liveness and endpoint counts, by name."""
+    """Every host the datastore knows, with liveness, endpoint counts and its blocks (held, and
+    in use: holding an address of one of its endpoints), by name."""
     counts: dict[str, int] = {}
+    used: dict[str, set[IPNetwork]] = {}
     for ep in cache.endpoints.values():
         counts[ep.node] = counts.get(ep.node, 0) + 1
-    return [HostView(h, h.name in cache.alive, counts.get(h.name, 0))
-            for h in sorted(cache.hosts.values(), key=lambda h: h.name)]
+        for a in ep.addresses:
+            for block in cache.blocks_of(a.network, ep.node):
+                if a.ip in block:
+                    used.setdefault(ep.node, set()).add(block)
+    out = []
+    for h in sorted(cache.hosts.values(), key=lambda h: h.name):
+        held = [block for _, block in held_blocks(cache, h.name)]
+        out.append(HostView(h, h.name in cache.alive, counts.get(h.name, 0), tuple(held),
+                            len(used.get(h.name, ()))))
+    return out
