@@ -25,6 +25,7 @@ class AgentConfig:
     etcd_tls: tuple[str | None, str | None, str | None] = (None, None, None)  # CA, cert, key
     advertise_address: str = ""  # where other hosts reach this one ("": none found)
     agent_id: str = ""  # the state directory's id (services.hosts.agent_id)
+    host_gc_after: float = 3600.0  # seconds without a live agent before a host is removed
     pool4: IPNetwork = DEFAULT_POOL4
     pool4_prefix: int = 24
     pool6: IPNetwork = DEFAULT_POOL6

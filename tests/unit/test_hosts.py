@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,9 @@ from plexus.services import hosts
 from plexus.services.endpoints import AttachSpec
 from plexus.services.hosts import Registration
 from plexus.services.networks import NetworkSpec
+from plexus.state.cache import Cache
 from plexus.store.base import Compare, Op, TxnResult
+from plexus.store.informer import Change
 from plexus.store.memory import MemoryStore
 from plexus.testing import FakeFirewall, FakeKernel
 from tests.unit.test_services import NETNS, make_agent
@@ -185,3 +188,22 @@ class CountingStore(MemoryStore):
                   failure: Sequence[Op] = ()) -> TxnResult:
         self.sizes.append(len(compares) + len(success) + len(failure))
         return await super().txn(compares, success, failure)
+
+
+async def test_hosts_without_a_live_agent_for_long_enough_are_collected(
+    store: MemoryStore, clock: Clock,
+) -> None:
+    cache = Cache("h1")
+    now = time.time()
+    old = Host("h2", "192.0.2.2", "id-2", started=now - 7200, seen=now - 4000)
+    recent = Host("h3", "192.0.2.3", "id-3", started=now - 7200, seen=now - 100)
+    alive = Host("h4", "192.0.2.4", "id-4", started=now - 7200, seen=now - 5000)
+    for h in (old, recent, alive):
+        await store.put(keys.host(h.name), h.to_json())
+    await store.put(keys.host_lease("h4"), "id-4")
+    kvs, rev = await store.list(keys.ROOT)
+    cache.apply([Change(kv.key, kv, rev) for kv in kvs])
+    assert hosts.expired(cache, now, 3600) == ["h2"]
+    assert await hosts.collect_expired(store, cache, 3600) == ["h2"]
+    assert await store.get(keys.host("h2")) is None
+    assert await store.get(keys.host("h3")) is not None

@@ -46,6 +46,7 @@ from plexus.errors import PlexusError
 from plexus.model import keys
 from plexus.model.types import Host
 from plexus.runtime.containers import ContainerRuntime
+from plexus.services import hosts
 from plexus.services.context import Context, HostView
 from plexus.services.endpoints import EndpointService
 from plexus.services.hosts import Registration
@@ -183,6 +184,9 @@ class Agent:
         while True:
             try:
                 await self.fullpass.run()
+                if self.config.host_gc_after:
+                    await hosts.collect_expired(self.store, self.cache,
+                                                self.config.host_gc_after)
             except PlexusError as exc:
                 log.error("full pass failed: %s", exc)
             if time.monotonic() - self._swept_at >= SWEEP_EVERY:

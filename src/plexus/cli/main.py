@@ -72,6 +72,10 @@ for _command in [*containers.COMMANDS, *hosts.COMMANDS]:
     help="datastore: etcd://IP:2379[,IP:2379...] (etcds:// with TLS) for a cluster, or a "
     "SQLite path (default: SQLite in the state directory)",
 )
+@click.option("--host-gc-after", default=3600.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="seconds a host may go without a live agent before its containers' "
+              "addresses are released and it is removed (0: never; `plexus host rm` does it now)")
 @click.option("--etcd-cacert", default=None, help="etcds://: the CA that signed etcd's cert")
 @click.option("--etcd-cert", default=None, help="etcds://: this agent's client certificate")
 @click.option("--etcd-key", default=None, help="etcds://: the client certificate's key")
@@ -126,6 +130,7 @@ def agent(
     node: str,
     advertise_address: str,
     store_url: str,
+    host_gc_after: float,
     etcd_cacert: str | None,
     etcd_cert: str | None,
     etcd_key: str | None,
@@ -158,6 +163,7 @@ def agent(
             node=node,
             store_url=store_url,
             etcd_tls=(etcd_cacert, etcd_cert, etcd_key),
+            host_gc_after=host_gc_after,
             advertise_address=advertise_address,
             pool4=p4,
             pool4_prefix=l4,

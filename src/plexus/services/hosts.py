@@ -215,3 +215,29 @@ def views(cache: Cache) -> list[HostView]:
         out.append(HostView(h, h.name in cache.alive, counts.get(h.name, 0), tuple(held),
                             len(used.get(h.name, ()))))
     return out
+
+
+def expired(cache: Cache, now: float, after: float) -> list[str]:
+    """Hosts whose agent has held no lease for ``after`` seconds (by their last ``seen``):
+    what ``--host-gc-after`` removes."""
+    return sorted(h.name for h in cache.hosts.values()
+                  if h.name not in cache.alive and h.name != cache.node
+                  and now - max(h.seen, h.started) >= after)
+
+
+async def collect_expired(store: Datastore, cache: Cache, after: float) -> list[str]:
+    """Remove every expired host (as ``plexus host rm`` does); the names removed. Another
+    host's agent doing the same at once makes one of the two find nothing: not an error."""
+    removed = []
+    for name in expired(cache, time.time(), after):
+        eps = [ep for ep in cache.endpoints.values() if ep.node == name]
+        blocks = [keys.host_block(s, b) for s, b in held_blocks(cache, name)]
+        try:
+            await remove_host(store, name, cache.node, eps, blocks)
+        except (NotFound, Conflict) as exc:
+            log.info("host %s not collected: %s", name, exc.message)
+            continue
+        log.warning("host %s had no live agent for %.0f s: removed, with %d endpoints",
+                    name, after, len(eps))
+        removed.append(name)
+    return removed
