@@ -7,6 +7,9 @@ it makes in the host's namespace for a network or an endpoint (``network_links``
 ``endpoint_links``: name -> the alias it writes, ``links.tag``), so the periodic pass can tell a
 missing link from an orphan without asking each driver to look.
 
+A driver of networks that span hosts (``SpanningDriver``: the overlay) also follows the
+network's other hosts, for the overlay reconciler.
+
 The kinds and their traits are in ``plexus.model.drivers``; ``build_drivers`` makes one
 implementation per kind, the only place that chooses them.
 """
