@@ -114,7 +114,7 @@ class OverlayDriver(BridgeDriver):
         async with self._lock(net.name):
             peers = self._peers.peers(net)
             local = await self._local(net, peers)
-            mtu = min(net.mtu, overlay_mtu(local.underlay_mtu, local.underlay_ip.version))
+            mtu = _link_mtu(net, local)
             await super().ensure_network(replace(net, mtu=mtu))
             self._mtus[net.name] = mtu
             self._answer_for_others(net.bridge)
@@ -137,8 +137,7 @@ class OverlayDriver(BridgeDriver):
     async def ensure_endpoint(self, net: Network, ep: Endpoint) -> None:
         mtu = self._mtus.get(net.name)
         if mtu is None:  # adopted at start-up: ensure_network did not run
-            local = await self._local(net, self._peers.peers(net))
-            mtu = min(net.mtu, overlay_mtu(local.underlay_mtu, local.underlay_ip.version))
+            mtu = _link_mtu(net, await self._local(net, self._peers.peers(net)))
             self._mtus[net.name] = mtu
         await super().ensure_endpoint(replace(net, mtu=mtu), ep)
 
@@ -204,6 +203,11 @@ class OverlayDriver(BridgeDriver):
 
     async def close(self) -> None:
         self._applier.close()
+
+
+def _link_mtu(net: Network, local: HostVtep) -> int:
+    """The MTU of the network's bridge and veths: the overlay's, or ``--mtu`` if smaller."""
+    return min(net.mtu, overlay_mtu(local.underlay_mtu, local.underlay_ip.version))
 
 
 def _local_key(peers: Peers) -> LocalKey:
