@@ -81,6 +81,7 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/attach_phases.py
 	$(SANDBOX) $(PY) bench/throughput.py
 	$(SANDBOX) $(PY) bench/overlay.py
+	$(SANDBOX) $(PY) bench/overlay_hosts.py
 	$(SANDBOX) $(PY) bench/store.py
 	$(SANDBOX) $(PY) bench/memory.py
 	$(SANDBOX) $(PY) bench/cni.py

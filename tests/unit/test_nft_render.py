@@ -194,6 +194,27 @@ def test_network_sets() -> None:
     ]
 
 
+def test_an_overlays_vxlan_device_is_part_of_its_network() -> None:
+    ov = network("ov", "10.8.0.0/24", driver="overlay")
+    [rule] = firewall_state([ov], []).nets
+    assert (rule.bridge, rule.tunnel) == (ov.bridge, "pxvx-ov01234567")
+    internal = dataclasses.replace(rule, internal=True)
+    elems = _elements(render_table(FirewallState((internal, NetRule("pxbr-b", ())))))
+    vx, br = rule.tunnel, rule.bridge
+    assert sorted(elems["bridges"]) == sorted([br, vx, "pxbr-b"])  # isolated, never masqueraded
+    assert sorted(map(str, elems["intra"])) == sorted(map(str, [
+        {"concat": [br, br]}, {"concat": [br, vx]}, {"concat": [vx, br]},
+        {"concat": ["pxbr-b", "pxbr-b"]}]))
+    assert sorted(elems["internal"]) == sorted([br, vx])
+    assert [n for n, _ in (e["concat"] for e in elems["bridge_nets4"])] == [br]
+
+
+def test_an_overlay_rule_reads_back_with_its_tunnel() -> None:
+    state = FirewallState((NetRule("pxbr-o", (net("10.8.0.0/24"),), tunnel="pxvx-o"),
+                           NetRule("pxbr-b", (net("10.9.0.0/24"),))))
+    assert parse_table(kernel_listing(render_table(state))) == state.canonical()
+
+
 def test_overlapping_masquerade_subnets_are_merged() -> None:
     # An interval set refuses overlapping elements; one bad pair must not fail the batch.
     state = FirewallState(
@@ -296,7 +317,9 @@ def states(draw: st.DrawFn) -> FirewallState:
     nets = []
     for i in range(n):  # disjoint subnets, as the IPAM hands out
         subnets = [net(f"10.{i}.0.0/24")] + ([net(f"fd0{i}::/64")] if draw(st.booleans()) else [])
-        nets.append(NetRule(f"pxbr-{i}", tuple(subnets), draw(st.booleans()), draw(st.booleans())))
+        tunnel = f"pxvx-{i}" if draw(st.booleans()) else ""
+        nets.append(NetRule(f"pxbr-{i}", tuple(subnets), draw(st.booleans()), draw(st.booleans()),
+                            tunnel))
     containers = st.one_of(
         st.builds(lambda h: ip(f"10.0.0.{h}"), st.integers(2, 254)),
         st.builds(lambda h: ip(f"fd00::{h:x}"), st.integers(2, 0xFFFF)),

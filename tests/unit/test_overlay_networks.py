@@ -59,6 +59,8 @@ async def test_an_automatic_overlay_subnet_has_room_for_many_hosts(agent: Agent)
     (overlay("x", subnets=["10.0.0.0/16"], ip_ranges=["10.0.1.0/24"]), "ip-range"),
     (NetworkSpec(name="x", subnets=["10.0.0.0/16"], vni=5), "vni"),
     (NetworkSpec(name="x", subnets=["10.0.0.0/16"], block_size=24), "block-size"),
+    (overlay("x", ipv6=True), "ipv6"),  # IPv4 only for now
+    (overlay("x", subnets=["10.0.0.0/16", "fd00:1::/64"]), "subnet"),
 ])
 async def test_overlay_input_that_cannot_work_is_refused(
     agent: Agent, spec: NetworkSpec, field: str

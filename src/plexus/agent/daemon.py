@@ -16,10 +16,11 @@ from aiohttp import web
 
 from plexus.agent import exclusive, identity, wiring
 from plexus.agent.migrate import migrate
+from plexus.agent.reconcilers.overlay import CachePeers
 from plexus.api.server import serve
 from plexus.config import AgentConfig
 from plexus.dataplane import docker_user
-from plexus.dataplane.drivers import build_drivers
+from plexus.dataplane.drivers import build_drivers, close_drivers
 from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import HostNetlink
 from plexus.dataplane.nft.firewall import NftFirewall
@@ -27,6 +28,7 @@ from plexus.dataplane.nft.libnft import open_nft
 from plexus.errors import InvalidArgument
 from plexus.model import parse
 from plexus.services import hosts
+from plexus.state.cache import Cache
 from plexus.store import open_store
 
 log = logging.getLogger("plexus.agent")
@@ -64,10 +66,14 @@ async def run_agent(config: AgentConfig) -> None:
     host = HostNetlink(owner)
     config = replace(config, agent_id=hosts.agent_id(config.state_dir),
                      advertise_address=await _advertise_address(config, host))
+    # The drivers read the cache (overlays: the other hosts and their blocks) through a view
+    # made here, from the cache the agent is then built around.
+    cache = Cache(config.node)
+    drivers = build_drivers(host, owner, CachePeers(cache, config.advertise_address))
     agent = wiring.build(
-        config, store, build_drivers(host, owner), NftFirewall(open_nft()), host, host,
+        config, store, drivers, NftFirewall(open_nft()), host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
-        kernel_events=KernelEvents(None), link_state=host.link_state,
+        kernel_events=KernelEvents(None), link_state=host.link_state, cache=cache,
     )
     runners: list[web.AppRunner] = []
     made: dict[Path, tuple[int, int] | None] = {}
@@ -91,6 +97,7 @@ async def run_agent(config: AgentConfig) -> None:
         for runner in runners:
             await runner.cleanup()
         await agent.close()
+        await close_drivers(drivers)
         await store.close()
         for path, inode in made.items():
             exclusive.release_socket(path, inode)

@@ -4,8 +4,9 @@ It compares the whole of desired state with the kernel, which the event-driven p
 does: links that went missing or carry the wrong alias are handed back to the link reconciler
 (a legacy alias, of an agent before owners, is re-tagged that way), links this agent made that
 nothing wants any more (orphans) are deleted (another agent's are not in the snapshot), the
-firewall table is compared element by element, DNS listeners are retried, vanished namespaces
-and orphan claims are collected. It runs at start-up and rarely after that
+firewall table is compared element by element, overlay devices' FDB entries, neighbours and
+routes are compared with the kernel, DNS listeners are retried, vanished namespaces and orphan
+claims are collected. It runs at start-up and rarely after that
 (``--reconcile-interval``), and yields to the event loop between chunks, so it never holds up
 requests for more than a few milliseconds.
 
@@ -26,6 +27,7 @@ from plexus.agent.garbage import Collector
 from plexus.agent.reconcilers.dns import LISTENERS
 from plexus.agent.reconcilers.firewall import VERIFY, FirewallReconciler
 from plexus.agent.reconcilers.links import LinkReconciler
+from plexus.agent.reconcilers.overlay import OverlayReconciler
 from plexus.dataplane.drivers import NetworkDriver
 from plexus.dataplane.host import LinkTable
 from plexus.dataplane.links import untag
@@ -49,7 +51,7 @@ class Expected:
 class FullPass:
     def __init__(self, cache: Cache, drivers: Mapping[str, NetworkDriver], host: LinkTable,
                  links: LinkReconciler, firewall: FirewallReconciler, dns: Reconciler | None,
-                 collector: Collector) -> None:
+                 collector: Collector, overlay: OverlayReconciler | None = None) -> None:
         self._cache = cache
         self._drivers = drivers
         self._host = host
@@ -57,6 +59,7 @@ class FullPass:
         self._firewall = firewall
         self._dns = dns
         self._collector = collector
+        self._overlay = overlay
         self.passes = 0
         self.last: dict[str, Any] = {}
 
@@ -105,6 +108,8 @@ class FullPass:
         orphans = [n for n, alias in owned.items() if untag(want.links.get(n)) != untag(alias)]
         errors = await self._delete(orphans)
         self._firewall.enqueue([VERIFY])
+        if self._overlay is not None:
+            self._overlay.invalidate_all()
         if self._dns is not None:
             self._dns.enqueue([LISTENERS])
         gone = await self._collector.find_gone()

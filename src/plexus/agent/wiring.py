@@ -1,6 +1,6 @@
 """The composition root: the one place that builds an agent out of its parts.
 
-    store ──watch──▶ informer ──▶ cache ──▶ reconcilers (links, firewall, dns) ──▶ kernel
+    store ──watch──▶ informer ──▶ cache ──▶ reconcilers (links, firewall, overlay, dns) ──▶ kernel
                                     ▲                 │ progress
     front doors ──▶ services ───────┴── wait ◀────────┘
 
@@ -28,9 +28,11 @@ from plexus.agent.garbage import Collector
 from plexus.agent.inspect import Inspector
 from plexus.agent.kernel import KernelWatcher, LinkState
 from plexus.agent.monitor import LoopMonitor
+from plexus.agent.reconcilers import overlay
 from plexus.agent.reconcilers.dns import DnsReconciler
 from plexus.agent.reconcilers.firewall import FirewallReconciler
 from plexus.agent.reconcilers.links import LinkReconciler
+from plexus.agent.reconcilers.overlay import OverlayReconciler
 from plexus.api.docker.ipam import DockerIpam
 from plexus.api.docker.network import DockerNetworkDriver
 from plexus.api.docker.server import DockerPlugin
@@ -67,13 +69,14 @@ WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS,
            keys.HOST_LEASES, keys.HOST_BLOCKS)
 
 
-def _objects(change: Change) -> list[str]:
-    """The reconcilers' names of what a change touches."""
+def _objects(cache: Cache, change: Change) -> list[str]:
+    """The reconcilers' names of what a change touches (the cache already holds it)."""
     if change.key.startswith(keys.ENDPOINTS):
         return ["ep:" + change.key]
+    found = overlay.objects(cache, change)
     if change.key.startswith(keys.NETWORKS):
-        return ["net:" + change.key[len(keys.NETWORKS):]]
-    return []
+        found.append("net:" + change.key[len(keys.NETWORKS):])
+    return found
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Agent:
     ctx: Context
     links: LinkReconciler
     firewall: FirewallReconciler
+    overlay: OverlayReconciler
     dns_reconciler: DnsReconciler | None
     dns: DnsService | None
     networks: NetworkService
@@ -108,7 +112,7 @@ class Agent:
 
     @property
     def reconcilers(self) -> list[Reconciler]:
-        found: list[Reconciler] = [self.links, self.firewall]
+        found: list[Reconciler] = [self.links, self.firewall, self.overlay]
         return found + ([self.dns_reconciler] if self.dns_reconciler is not None else [])
 
     def dispatch(self, changes: Sequence[Change]) -> None:
@@ -121,11 +125,14 @@ class Agent:
             # loop for 40-70 ms in the middle of attaches. O(1); see _passes for the sweep.
             gc.freeze()
             self._frozen_at = now
+        reconcilers = self.reconcilers
         for change in changes:
-            objects = _objects(change)
+            objects = _objects(self.cache, change)
             if objects:
-                for r in self.reconcilers:
-                    r.enqueue(objects, change.revision)
+                for r in reconcilers:
+                    taken = [o for o in objects if o.startswith(r.prefixes)]
+                    if taken:
+                        r.enqueue(taken, change.revision)
 
     def api(self) -> Api:
         return Api(self.networks, self.endpoints, self.containers, self.cni, self.dns, self)
@@ -231,11 +238,12 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
           firewall: Firewall, host_view: HostView, host: LinkTable,
           dns: DnsService | None = None, docker_exceptions: Hook | None = None,
           kernel_events: KernelEvents | None = None,
-          link_state: LinkState | None = None) -> Agent:
+          link_state: LinkState | None = None, cache: Cache | None = None) -> Agent:
     """An agent of these parts (the daemon passes the real ones, unit tests fakes).
     ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic;
-    ``kernel_events``: the host namespace's link and address notifications."""
-    cache = Cache(config.node)
+    ``kernel_events``: the host namespace's link and address notifications; ``cache``: the
+    one the drivers were given a view of (a new one if None)."""
+    cache = cache if cache is not None else Cache(config.node)
     holder: list[Agent] = []
     informer = Informer(store, keys.ROOT, lambda changes: holder[0].dispatch(changes),
                         on_advance=lambda rev: holder[0].progress.advanced(rev),
@@ -243,8 +251,10 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     links = LinkReconciler(cache, drivers, lambda ep: holder[0].collector.release_gone(ep),
                            workers=config.link_workers)
     fw = FirewallReconciler(cache, firewall, docker_exceptions)
+    spanning = overlay.OverlayReconciler(cache, drivers)
     dns_reconciler = DnsReconciler(cache, dns) if dns is not None else None
-    reconcilers: list[Reconciler] = [links, fw, *([dns_reconciler] if dns_reconciler else [])]
+    reconcilers: list[Reconciler] = [links, fw, spanning,
+                                     *([dns_reconciler] if dns_reconciler else [])]
     progress = Progress(informer, reconcilers)
     ctx = Context(config, store, cache, progress, host_view)
     endpoints = EndpointService(ctx)
@@ -255,12 +265,12 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     collector = Collector(ctx, endpoints, containers)
     agent = Agent(
         config=config, store=store, cache=cache, informer=informer, progress=progress, ctx=ctx,
-        links=links, firewall=fw, dns_reconciler=dns_reconciler, dns=dns,
+        links=links, firewall=fw, overlay=spanning, dns_reconciler=dns_reconciler, dns=dns,
         networks=networks, endpoints=endpoints, containers=containers,
         pools=PoolService(ctx, networks),
         cni=CniService(networks, endpoints, inspector.endpoint_problems, domain),
         collector=collector,
-        fullpass=FullPass(cache, drivers, host, links, fw, dns_reconciler, collector),
+        fullpass=FullPass(cache, drivers, host, links, fw, dns_reconciler, collector, spanning),
         host=host,
         registration=Registration(store, Host(config.node, config.advertise_address,
                                               config.agent_id or config.node)),

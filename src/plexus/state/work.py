@@ -56,6 +56,7 @@ class Reconciler:
     batch = False  # True: the worker takes queued keys together in ``reconcile_batch`` calls
     batch_max = 128  # keys per call at most
     refreshes = False  # True: ``refresh`` re-checks an object against the kernel
+    prefixes: tuple[str, ...] = ("net:", "ep:")  # the objects of datastore changes it takes
 
     def __init__(self) -> None:
         self._dirty: dict[str, int | None] = {}  # key -> revision that queued it (None: retry)

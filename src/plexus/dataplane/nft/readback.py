@@ -128,10 +128,20 @@ def _nets(elems: Mapping[str, list[Any]]) -> tuple[NetRule, ...]:
             subnets[ifname].append(_network(net))
     masq = [_network(e) for v in (4, 6) for e in elems.get(f"masq{v}", [])]
     internal = set(elems.get("internal", []))
+    tunnels = _tunnels(elems)
     return tuple(
-        NetRule(b, tuple(subnets[b]), b in internal, _masqueraded(subnets[b], masq))
+        NetRule(b, tuple(subnets[b]), b in internal, _masqueraded(subnets[b], masq),
+                tunnels.get(b, ""))
         for b in elems.get("bridges", [])
+        if b not in tunnels.values()
     )
+
+
+def _tunnels(elems: Mapping[str, list[Any]]) -> dict[str, str]:
+    """bridge -> its network's tunnel: the other end of a pair in ``intra`` whose first link
+    is a bridge (paired with itself too)."""
+    pairs = {(a, b) for a, b in (_concat(e) for e in elems.get("intra", []))}
+    return {a: b for a, b in pairs if a != b and (a, a) in pairs}
 
 
 def _masqueraded(subnets: list[IPNetwork], masq: list[IPNetwork]) -> bool:

@@ -49,6 +49,13 @@ and a container change is a one-element batch.
   (``bridge link set dev VETH hairpin on``), which is the link layer's job, not the firewall's.
 - Published ports keep the client's source address: only traffic leaving through a non-plexus
   interface is masqueraded.
+- An overlay network has a second link on each host, its VXLAN device (``NetRule.tunnel``),
+  which carries its traffic to and from the other hosts' containers. It is in ``bridges`` (so
+  traffic into it is never masqueraded: the other host's container sees the sender's own
+  address; and other networks are isolated from it as from the bridge), in ``internal`` with
+  its bridge, and ``intra`` holds (bridge, tunnel) and (tunnel, bridge). Not (tunnel, tunnel):
+  every host sends straight to the host that holds a block, none relays. Two elements per
+  network, whatever the number of hosts or containers.
 """
 
 from __future__ import annotations
@@ -115,10 +122,13 @@ def net_elements(nets: Iterable[NetRule]) -> Elements:
     nets = list(nets)
     out: dict[str, set[Value]] = {s.name: set() for s in NET_SETS}
     for net in nets:
-        out["bridges"].add(net.bridge)
-        out["intra"].add((net.bridge, net.bridge))
+        links = (net.bridge, net.tunnel) if net.tunnel else (net.bridge,)
+        out["bridges"].update(links)
+        # Within one network: the bridge to itself (br_netfilter) and between the bridge and
+        # its tunnel, both ways; never tunnel to tunnel (no host relays another's traffic).
+        out["intra"].update((a, b) for a in links for b in links if net.bridge in (a, b))
         if net.internal:
-            out["internal"].add(net.bridge)
+            out["internal"].update(links)
         for version in (4, 6):
             subnets = _collapse(s for s in net.subnets if s.version == version)
             out[f"bridge_nets{version}"].update((net.bridge, s) for s in subnets)

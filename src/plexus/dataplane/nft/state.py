@@ -11,6 +11,7 @@ import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from plexus.dataplane.overlay.model import device_name
 from plexus.errors import InvalidArgument
 from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network, PortMapping, Protocol
@@ -21,18 +22,21 @@ MASQUERADE_OPTIONS = ("com.docker.network.bridge.enable_ip_masquerade", "masquer
 
 @dataclass(frozen=True, slots=True)
 class NetRule:
-    """One bridge network as the firewall sees it."""
+    """One bridge network as the firewall sees it. ``tunnel``: the network's other link on
+    this host, if it has one (an overlay's VXLAN device, which carries its traffic to and from
+    the other hosts): part of the network for isolation and masquerade, as the bridge is."""
 
     bridge: str
     subnets: tuple[IPNetwork, ...]
     internal: bool = False
     masquerade: bool = True
+    tunnel: str = ""
 
     def canonical(self) -> NetRule:
         # An internal network never reaches the outside, and a network without subnets has
         # nothing to masquerade: the flag cannot be observed (nor read back), so clear it.
         masq = self.masquerade and not self.internal and bool(self.subnets)
-        return NetRule(self.bridge, _sorted_nets(self.subnets), self.internal, masq)
+        return NetRule(self.bridge, _sorted_nets(self.subnets), self.internal, masq, self.tunnel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +147,8 @@ def _serves_family(pm: PortMapping, version: int) -> bool:
 
 def net_rule(net: Network) -> NetRule:
     masq = all(net.options.get(k, "true").lower() != "false" for k in MASQUERADE_OPTIONS)
-    return NetRule(net.bridge, tuple(s.cidr for s in net.subnets), net.internal, masq)
+    tunnel = device_name(net.id) if traits(net.driver).spans_hosts else ""
+    return NetRule(net.bridge, tuple(s.cidr for s in net.subnets), net.internal, masq, tunnel)
 
 
 def _sorted_nets(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
