@@ -6,6 +6,7 @@ from pathlib import Path
 
 from demo.acts import build, checks, console, report, teardown, verdicts
 from demo.control import restart_and_repair
+from demo.multihost import multi_host
 from tests.harness.world import World, in_sandbox
 
 
@@ -21,6 +22,9 @@ def main() -> int:
         ok = report(world, checks(world))
         ok = verdicts("control plane", restart_and_repair(world, console)) and ok
         clean = teardown(world)
+    with tempfile.TemporaryDirectory(prefix="plexus-demo-hosts-") as tmp:
+        console.rule("several hosts")
+        ok = verdicts("several hosts on etcd", multi_host(Path(tmp), console)) and ok
     console.rule("result")
     console.print("all checks passed" if ok and clean else "[red]some checks failed[/red]")
     return 0 if ok and clean else 1
