@@ -72,6 +72,7 @@ from typing import IO, Any
 
 from tests.harness.image import INDEX_HTML as INDEX_HTML  # re-exported for the tests
 from tests.harness.image import build_image_tar
+from tests.harness.reap import reap_zombies
 
 IMAGE = "localhost/plexus-busybox:latest"
 REFERENCE_PLUGIN_DIR = Path("/usr/lib/cni")
@@ -352,7 +353,7 @@ disabled_plugins = {json.dumps(disabled)}
             self._kill_namespace(errors)
         finally:
             self._stop_holder()
-            _reap_zombies()
+            reap_zombies(_REAPABLE)
             self._remove_cgroups(errors)
             self._remove_files()
             for br in sorted(self._bridges):  # the bridge plugin never deletes its bridge
@@ -428,7 +429,7 @@ disabled_plugins = {json.dumps(disabled)}
         """Shims exit when containerd deletes their task; a straggler is killed (an error)."""
         deadline = time.monotonic() + timeout / 2
         while self.namespace_pids() and time.monotonic() < deadline:
-            _reap_zombies()
+            reap_zombies(_REAPABLE)
             time.sleep(0.05)
         left = self.namespace_pids()
         if left:
@@ -438,7 +439,7 @@ disabled_plugins = {json.dumps(disabled)}
                     os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout / 2
         while self.namespace_pids() and time.monotonic() < deadline:
-            _reap_zombies()
+            reap_zombies(_REAPABLE)
             time.sleep(0.05)
 
     def _stop_holder(self) -> None:
@@ -516,7 +517,7 @@ disabled_plugins = {json.dumps(disabled)}
         except subprocess.TimeoutExpired as e:
             raise ContainerdError(f"ctr {' '.join(args)}: timed out after {timeout}s") from e
         finally:
-            _reap_zombies()
+            reap_zombies(_REAPABLE)
         if check and r.returncode != 0:
             raise ContainerdError(f"ctr {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
         return r
@@ -739,24 +740,3 @@ def _describe(pids: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-def _reap_zombies() -> None:
-    """Reap shims (and their helpers) that exited after being re-parented to us.
-
-    containerd-shim-runc-v2 daemonizes; inside tests/sandbox its new parent is the sandbox's
-    PID 1, usually this (pytest / bench) process, and nothing else would wait for it. Only
-    zombie children with those names are waited for, by pid, so subprocess is not disturbed.
-    """
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if comm.startswith(_REAPABLE) and fields[0] == "Z" and int(fields[1]) == me:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry.name), os.WNOHANG)

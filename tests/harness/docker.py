@@ -70,6 +70,7 @@ from typing import IO, Any
 from tests.harness.image import BUSYBOX as BUSYBOX  # re-exported for the tests
 from tests.harness.image import INDEX_HTML as INDEX_HTML
 from tests.harness.image import ContainerCommands, build_image_tar
+from tests.harness.reap import reap_zombies
 
 IMAGE = "plexus-busybox:latest"
 IPERF_IMAGE = "plexus-iperf3:latest"
@@ -348,7 +349,7 @@ class Dockerd(ContainerCommands):
             self._stop_daemon(errors)
             self._kill_namespace(errors)
         finally:
-            _reap_zombies()
+            reap_zombies(_REAPABLE)
             self._unmount_under(self.rundir)
             self._unmount_under(self.workdir)
             if self._exec_root_shared:
@@ -426,7 +427,7 @@ class Dockerd(ContainerCommands):
         deadline = time.monotonic() + timeout
         # containerd exits a moment after dockerd; shims when their container is gone.
         while self.namespace_pids() and time.monotonic() < deadline - timeout / 2:
-            _reap_zombies()
+            reap_zombies(_REAPABLE)
             time.sleep(0.1)
         left = self.namespace_pids()
         if left:
@@ -435,7 +436,7 @@ class Dockerd(ContainerCommands):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         while self.namespace_pids() and time.monotonic() < deadline:
-            _reap_zombies()
+            reap_zombies(_REAPABLE)
             time.sleep(0.1)
 
     def _unmount_under(self, path: Path) -> None:
@@ -764,25 +765,3 @@ def _sweep_stale_cgroups() -> None:
             top.rmdir()
 
 
-def _reap_zombies() -> None:
-    """Reap engine processes that exited after being re-parented to us.
-
-    containerd and the shims outlive their parent; inside tests/sandbox the orphans' new parent
-    is the sandbox's PID 1, which is usually this (pytest / bench) process, and nothing else
-    would ever wait for them. Only zombie children with an engine's name are waited for, by
-    pid, so subprocess's own children are not disturbed.
-    """
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if comm.startswith(_REAPABLE) and fields[0] == "Z" and int(fields[1]) == me:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry.name), os.WNOHANG)

@@ -58,6 +58,7 @@ from typing import Any
 from tests.harness.image import BUSYBOX as BUSYBOX  # re-exported for the tests
 from tests.harness.image import INDEX_HTML as INDEX_HTML
 from tests.harness.image import ContainerCommands, build_image_tar
+from tests.harness.reap import reap_zombies
 
 IMAGE = "localhost/plexus-busybox:latest"
 REFERENCE_PLUGIN_DIR = Path("/usr/lib/cni")
@@ -460,7 +461,7 @@ runroot = "{self.runroot}"
             )
         except subprocess.TimeoutExpired as e:
             raise PodmanError(f"podman {' '.join(args)}: timed out after {timeout}s") from e
-        _reap_conmon()
+        reap_zombies(("conmon",))
         if check and r.returncode != 0:
             raise PodmanError(
                 f"podman {' '.join(args)} failed ({r.returncode}):\n{r.stderr.strip()}"
@@ -531,7 +532,7 @@ runroot = "{self.runroot}"
         t0 = time.perf_counter()
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         elapsed = time.perf_counter() - t0
-        _reap_conmon()
+        reap_zombies(("conmon",))
         if r.returncode != 0:
             raise PodmanError(f"podman run --rm failed ({r.returncode}):\n{r.stderr.strip()}")
         return elapsed
@@ -596,29 +597,6 @@ def _sweep_stale_cgroups() -> None:
                 d.rmdir()
         with contextlib.suppress(OSError):
             top.rmdir()
-
-
-def _reap_conmon() -> None:
-    """Reap conmon processes that exited after being re-parented to us.
-
-    conmon double-forks; inside tests/sandbox the orphan's new parent is the sandbox's PID 1,
-    which is usually this (pytest / bench) process, and nothing else would ever wait for it.
-    Only zombie children named conmon are waited for, by pid, so subprocess is not disturbed.
-    """
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if comm == "conmon" and fields[0] == "Z" and int(fields[1]) == me:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry.name), os.WNOHANG)
 
 
 def _netns_path(ns: str | None) -> str:
