@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from plexus.model import keys
 from tests.harness.cluster import cluster
 from tests.harness.etcd import EtcdCluster
 from tests.harness.world import VENV_BIN, Agent, World, netns_path
+
+from .helpers import wait_until
 
 
 @pytest.fixture
@@ -31,13 +32,11 @@ def host_table(agent: Agent) -> dict[str, dict[str, Any]]:
     return {h["name"]: h for h in agent.json("host", "ls")}
 
 
-def wait_for(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
+def overlay(a: Agent, b: Agent, name: str, subnet: str) -> None:
+    """An overlay of /28 blocks made on ``a``, once ``b`` sees it too."""
+    a.cli("network", "create", name, "--driver", "overlay", "--subnet", subnet,
+          "--block-size", "28")
+    assert wait_until(lambda: name in {n["name"] for n in b.json("network", "ls")}, timeout=20)
 
 
 def test_every_host_sees_every_host_and_network(
@@ -48,7 +47,7 @@ def test_every_host_sees_every_host_and_network(
     assert {n: (h["alive"], h["address"]) for n, h in table.items()} == {
         "host1": (True, "203.0.113.1"), "host2": (True, "203.0.113.2")}
     a.cli("network", "create", "shared", "--subnet", "10.77.0.0/24")
-    assert wait_for(lambda: "shared" in {n["name"] for n in b.json("network", "ls")})
+    assert wait_until(lambda: "shared" in {n["name"] for n in b.json("network", "ls")}, timeout=20)
 
 
 def test_a_live_node_name_is_refused_to_a_second_agent(
@@ -72,9 +71,7 @@ def test_overlay_addresses_come_from_each_hosts_own_blocks(
     hosts: tuple[EtcdCluster, list[Agent]],
 ) -> None:
     _, (a, b) = hosts
-    a.cli("network", "create", "ov", "--driver", "overlay", "--subnet", "10.78.0.0/24",
-          "--block-size", "28")
-    assert wait_for(lambda: "ov" in {n["name"] for n in b.json("network", "ls")})
+    overlay(a, b, "ov", "10.78.0.0/24")
     blocks: dict[str, set[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
     for agent in (a, b):
         for i in range(3):
@@ -108,15 +105,13 @@ def test_a_dead_host_is_down_and_host_rm_releases_what_it_held(
     hosts: tuple[EtcdCluster, list[Agent]],
 ) -> None:
     etcd, (a, b) = hosts
-    a.cli("network", "create", "web", "--driver", "overlay", "--subnet", "10.79.0.0/24",
-          "--block-size", "28")
-    assert wait_for(lambda: "web" in {n["name"] for n in b.json("network", "ls")})
+    overlay(a, b, "web", "10.79.0.0/24")
     b.run_echo("gone", "web")
     held = b.address("gone", "web")
     refused = a.cli("host", "rm", "host2", check=False)
     assert refused.returncode == 1 and "is alive" in refused.stderr
     b.kill()  # kill -9: its lease runs out
-    assert wait_for(lambda: not host_table(a)["host2"]["alive"], timeout=30)
+    assert wait_until(lambda: not host_table(a)["host2"]["alive"], timeout=30)
     assert host_table(a)["host2"]["endpoints"] == 1
     assert len(host_table(a)["host2"]["blocks"]) == 1
     done = a.cli("host", "rm", "host2")

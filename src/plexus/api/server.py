@@ -23,7 +23,7 @@ from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
 from plexus.errors import Conflict, InvalidArgument, NotFound, PlexusError
-from plexus.model import keys, parse
+from plexus.model import parse
 from plexus.model.types import Container, Endpoint
 from plexus.runtime.containers import ContainerRuntime, RunSpec
 from plexus.services import hosts
@@ -161,11 +161,7 @@ class Api:
 
     async def host_remove(self, request: web.Request) -> web.Response:
         self._require_ready()
-        name = request.match_info["name"]
-        cache = self.ctx.cache
-        eps = [ep for ep in cache.endpoints.values() if ep.node == name]
-        blocks = [keys.host_block(s, b) for s, b in hosts.held_blocks(cache, name)]
-        released = await hosts.remove_host(self.ctx.store, name, self.ctx.node, eps, blocks)
+        released = await hosts.remove(self.ctx.store, self.ctx.cache, request.match_info["name"])
         return web.json_response({"released": released})
 
     async def network_list(self, request: web.Request) -> web.Response:

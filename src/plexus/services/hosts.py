@@ -230,14 +230,19 @@ async def collect_expired(store: Datastore, cache: Cache, after: float) -> list[
     host's agent doing the same at once makes one of the two find nothing: not an error."""
     removed = []
     for name in expired(cache, time.time(), after):
-        eps = [ep for ep in cache.endpoints.values() if ep.node == name]
-        blocks = [keys.host_block(s, b) for s, b in held_blocks(cache, name)]
         try:
-            await remove_host(store, name, cache.node, eps, blocks)
+            released = await remove(store, cache, name)
         except (NotFound, Conflict) as exc:
             log.info("host %s not collected: %s", name, exc.message)
             continue
         log.warning("host %s had no live agent for %.0f s: removed, with %d endpoints",
-                    name, after, len(eps))
+                    name, after, released)
         removed.append(name)
     return removed
+
+
+async def remove(store: Datastore, cache: Cache, name: str) -> int:
+    """``remove_host`` of what the cache knows ``name`` holds: its endpoints and blocks."""
+    eps = [ep for ep in cache.endpoints.values() if ep.node == name]
+    blocks = [keys.host_block(s, b) for s, b in held_blocks(cache, name)]
+    return await remove_host(store, name, cache.node, eps, blocks)

@@ -14,7 +14,7 @@ import ipaddress
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from plexus.model import keys
@@ -181,10 +181,3 @@ class Cache:
         data = json.loads(value)
         self.docker_networks[network_id] = DockerNetwork(
             network_id, str(data["name"]), bool(data.get("created")))
-
-
-def watched(changes: Iterable[Change]) -> list[Change]:
-    """The changes the cache (and so the reconcilers) care about: not IPAM or port claims."""
-    wanted = (keys.ENDPOINTS, keys.NETWORKS, keys.CONTAINERS, keys.DOCKER_NETWORKS,
-              keys.HOSTS, keys.HOST_LEASES, keys.HOST_BLOCKS)
-    return [c for c in changes if c.key.startswith(wanted)]
