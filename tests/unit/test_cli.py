@@ -204,6 +204,7 @@ def test_run_as_the_readme_writes_it(api: FakeApi) -> None:
         "labels": {"tier": "api"},
         "namespace": "shop",
         "aliases": [],
+        "expose": [],
     }
 
 

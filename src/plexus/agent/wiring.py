@@ -66,7 +66,7 @@ Hook = Callable[[], Awaitable[None]]
 FREEZE_EVERY = 2.0  # seconds between gc.freeze() calls while changes arrive
 SWEEP_EVERY = 3600.0  # seconds between full cycle collections (after a full pass)
 WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS, keys.HOSTS,
-           keys.HOST_LEASES, keys.HOST_BLOCKS)
+           keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES)
 
 
 def _objects(cache: Cache, change: Change) -> list[str]:

@@ -13,26 +13,30 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from plexus import __version__
 from plexus.api import views
+from plexus.api.body import get as _get
+from plexus.api.body import labels as _labels
+from plexus.api.body import read as _body
+from plexus.api.body import strings as _strings
+from plexus.api.policy import PolicyApi
 from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
-from plexus.errors import Conflict, InvalidArgument, NotFound, PlexusError
+from plexus.errors import Conflict, NotFound, PlexusError
 from plexus.model import parse
 from plexus.model.types import Container, Endpoint
 from plexus.runtime.containers import ContainerRuntime, RunSpec
-from plexus.services import hosts
+from plexus.services import hosts, labels
 from plexus.services.endpoints import AttachSpec, EndpointService
 from plexus.services.networks import NetworkService, NetworkSpec
 
 log = logging.getLogger("plexus.api")
 
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -51,41 +55,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as exc:  # a bug: say so, keep serving
         log.exception("internal error serving %s %s", request.method, request.path)
         return _error(500, "internal", f"internal error: {exc!r}")
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidArgument("body", "(not JSON)", "expected a JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("body", type(body).__name__, "expected a JSON object")
-    return body
-
-
-def _get(body: dict[str, Any], key: str, kind: type[T], default: T) -> T:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if kind is float and isinstance(value, int):
-        value = float(value)
-    if not isinstance(value, kind):
-        raise InvalidArgument(key, value, f"expected {kind.__name__}")
-    return value
-
-
-def _strings(body: dict[str, Any], key: str) -> list[str]:
-    value = _get(body, key, list, [])
-    if not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(key, value, "expected a list of strings")
-    return value
-
-
-def _labels(body: dict[str, Any], key: str = "labels") -> dict[str, str]:
-    value = _get(body, key, dict, {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise InvalidArgument(key, value, "expected an object of strings")
-    return value
 
 
 class Admin(Protocol):
@@ -132,6 +101,8 @@ class Api:
         r.add_delete("/v1/hosts/{name}", self.host_remove)
         r.add_get("/v1/dns/stats", self.dns_stats)
         r.add_get("/v1/dns/lookup", self.dns_lookup)
+        r.add_patch("/v1/containers/{name}/labels", self.container_label)
+        PolicyApi(self.ctx, lambda ref: self._find(ref)[2]).add_routes(r)
         return app
 
     def _require_ready(self) -> None:
@@ -285,9 +256,17 @@ class Api:
             labels=_labels(b),
             namespace=_get(b, "namespace", str, ""),
             aliases=_strings(b, "aliases"),
+            exposes=parse.exposes(_strings(b, "expose")),
         )
         c = await self.containers.run(spec)
         return web.json_response(views.container(c, self.endpoints.of_container(c.id)), status=201)
+
+    async def container_label(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        b = await _body(request)
+        c, _, eps = self._find(request.match_info["name"])
+        now = await labels.relabel(self.ctx, c, eps, _labels(b, "set"), _strings(b, "remove"))
+        return web.json_response({"labels": now})
 
     async def container_remove(self, request: web.Request) -> web.Response:
         self._require_ready()
@@ -314,6 +293,7 @@ class Api:
             aliases=_strings(b, "aliases"),
             namespace=_get(b, "namespace", str, ""),
             labels=_labels(b),
+            exposes=parse.exposes(_strings(b, "expose")),
         )
         ep = await self.endpoints.attach(spec)
         return web.json_response(views.endpoint(ep), status=201)

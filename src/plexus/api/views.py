@@ -42,6 +42,7 @@ def endpoint(ep: Endpoint) -> dict[str, Any]:
         "aliases": list(ep.aliases),
         "namespace": ep.namespace,
         "labels": ep.labels,
+        "exposes": [str(x) for x in ep.exposes],
         "state": ep.state,
         "owner": ep.owner,
         "bandwidth": ep.bandwidth,

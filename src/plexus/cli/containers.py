@@ -62,6 +62,9 @@ def _command_argument(fn: F) -> F:
 @click.option("--label", multiple=True, help="KEY=VALUE (repeatable)")
 @click.option("--namespace", default="", help="the policy namespace of the container")
 @click.option("--alias", "aliases", multiple=True, help="extra DNS name (repeatable)")
+@click.option("--expose", "exposes", multiple=True,
+              help="a port it serves, [NAME=]PORT[/tcp|udp|sctp], named for policies "
+                   "(repeatable)")
 @json_opt
 @_command_argument
 @click.pass_context
@@ -75,6 +78,7 @@ def run(
     label: tuple[str, ...],
     namespace: str,
     aliases: tuple[str, ...],
+    exposes: tuple[str, ...],
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -88,6 +92,7 @@ def run(
         "labels": kv(label, "label"),
         "namespace": namespace,
         "aliases": list(aliases),
+        "expose": list(exposes),
     })
     if as_json:
         emit(c)
@@ -220,6 +225,8 @@ def rm(ctx: click.Context, names: tuple[str, ...], force: bool) -> None:
 @click.option("--name", default="", help="the container's name (and DNS name)")
 @click.option("--label", multiple=True, help="KEY=VALUE (repeatable)")
 @click.option("--namespace", default="", help="the policy namespace of the container")
+@click.option("--expose", "exposes", multiple=True,
+              help="a port it serves, [NAME=]PORT[/tcp|udp|sctp] (repeatable)")
 @json_opt
 @click.pass_context
 def attach(
@@ -233,6 +240,7 @@ def attach(
     name: str,
     label: tuple[str, ...],
     namespace: str,
+    exposes: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Wire an existing network namespace to a network."""
@@ -246,6 +254,7 @@ def attach(
         "name": name,
         "labels": kv(label, "label"),
         "namespace": namespace,
+        "expose": list(exposes),
     })
     if as_json:
         emit(ep)

@@ -25,7 +25,7 @@ from typing import Any
 from plexus.cni import spec
 from plexus.errors import InvalidArgument, PlexusError
 from plexus.model import parse
-from plexus.model.types import IPAddress, PortMapping
+from plexus.model.types import ExposedPort, IPAddress, PortMapping
 from plexus.services.networks import NetworkSpec
 
 NETWORK_OPTIONS = ("subnet", "subnets", "gateway", "ipv6", "internal", "mtu", "ipMasq")
@@ -191,6 +191,7 @@ class Attachment:
     namespace: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     bandwidth: dict[str, int] = field(default_factory=dict)
+    exposes: tuple[ExposedPort, ...] = ()
 
 
 def attachment(req: CniRequest) -> Attachment:
@@ -219,7 +220,27 @@ def attachment(req: CniRequest) -> Attachment:
         namespace=cni_args.get("K8S_POD_NAMESPACE", ""),
         labels=labels,
         bandwidth=_bandwidth(rc.get("bandwidth")),
+        exposes=_exposes(conv.get("ports")),
     )
+
+
+def _exposes(raw: object) -> tuple[ExposedPort, ...]:
+    """``args.cni.ports``: a pod's containerPorts (``name``, ``containerPort``, ``protocol``),
+    which CNI's portMappings do not carry, so that policies' named ports resolve."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise CniError(7, f"invalid args.cni.ports {raw!r}: a list of containerPorts")
+    specs = []
+    for p in raw:
+        if not isinstance(p, dict) or "containerPort" not in p:
+            raise CniError(7, f"invalid args.cni.ports entry {p!r}: needs containerPort")
+        name = f"{p['name']}=" if p.get("name") else ""
+        specs.append(f"{name}{p['containerPort']}/{str(p.get('protocol') or 'TCP').lower()}")
+    try:
+        return parse.exposes(specs)
+    except InvalidArgument as exc:
+        raise CniError(7, f"invalid args.cni.ports: {exc.message}") from None
 
 
 def _ip(value: object) -> IPAddress:

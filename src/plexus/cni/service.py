@@ -122,6 +122,7 @@ class CniService:
                 labels=want.labels,
                 owner=owner,
                 bandwidth=want.bandwidth,
+                exposes=want.exposes,
                 one_per_network=False,
                 default_route=True,
             )

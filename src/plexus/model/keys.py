@@ -58,6 +58,8 @@ CONTAINERS = ROOT + "containers/"
 DOCKER_NETWORKS = ROOT + "docker/networks/"
 HOSTS = ROOT + "hosts/"
 HOST_LEASES = ROOT + "host-leases/"
+NAMESPACES = ROOT + "namespaces/"
+POLICIES = ROOT + "policies/"
 
 LAYOUT_VERSION = "2"
 POOL_CLAIM_PREFIX = "pool:"
@@ -162,3 +164,12 @@ def host_blocks(cidr: object) -> str:
 
 def vni(number: int) -> str:
     return f"{VNIS}{number}"
+
+
+def namespace(name: str) -> str:
+    return NAMESPACES + name
+
+
+def policy(kind: str, namespace: str, name: str) -> str:
+    """A policy document, by kind, namespace ("-" for a cluster-wide kind) and name."""
+    return f"{POLICIES}{namespace or '-'}/{kind}/{name}"

@@ -9,7 +9,7 @@ from typing import cast
 
 from plexus.errors import InvalidArgument
 from plexus.model.drivers import traits
-from plexus.model.types import Driver, IPAddress, IPNetwork, PortMapping, Protocol
+from plexus.model.types import Driver, ExposedPort, IPAddress, IPNetwork, PortMapping, Protocol
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
@@ -193,3 +193,64 @@ def port_overlap(a: PortMapping, b: PortMapping) -> bool:
     if a.host_ip is not None and b.host_ip is not None and a.host_ip.version != b.host_ip.version:
         return False
     return a.host_port <= b.host_last and b.host_port <= a.host_last
+
+
+EXPOSE_PROTOCOLS = ("tcp", "udp", "sctp")
+
+
+def port_name(field: str, value: str) -> str:
+    """An IANA service name, as a containerPort's name: 1 to 15 lowercase letters, digits and
+    dashes, at least one letter, no dash at either end or twice in a row."""
+    ok = (1 <= len(value) <= 15 and all(c.islower() or c.isdigit() or c == "-" for c in value)
+          and any(c.isalpha() for c in value) and value[0] != "-" and value[-1] != "-"
+          and "--" not in value)
+    if not ok:
+        raise InvalidArgument(field, value, "a port name is 1-15 lowercase letters, digits and "
+                                            "dashes, with a letter")
+    return value
+
+
+def expose(spec: str) -> ExposedPort:
+    """``[NAME=]PORT[/tcp|udp|sctp]``: a port the container serves, named for policies."""
+    name, eq, rest = spec.rpartition("=")
+    port_text, slash, proto = rest.partition("/")
+    proto = proto or "tcp"
+    if slash and proto not in EXPOSE_PROTOCOLS:
+        raise InvalidArgument("expose", spec, f"protocol {proto!r} is not tcp, udp or sctp")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise InvalidArgument("expose", spec, "expected [NAME=]PORT[/tcp|udp|sctp], "
+                                              "PORT 1 to 65535")
+    return ExposedPort(int(port_text), proto, port_name("expose", name) if eq else "")
+
+
+def exposes(specs: Iterable[str]) -> tuple[ExposedPort, ...]:
+    """Several ``--expose``; a name given twice for one protocol is refused."""
+    out = tuple(expose(s) for s in specs)
+    seen: set[tuple[str, str]] = set()
+    for x in out:
+        if x.name and (x.name, x.protocol) in seen:
+            raise InvalidArgument("expose", str(x), f"port name {x.name} is given twice")
+        seen.add((x.name, x.protocol))
+    return out
+
+
+def label_changes(items: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """``K=V`` sets a label, ``K-`` removes one (as ``kubectl label``): (to set, to remove)."""
+    put: dict[str, str] = {}
+    drop: list[str] = []
+    for item in items:
+        if "=" not in item and item.endswith("-") and len(item) > 1:
+            key = item[:-1]
+            label(key, "")
+            drop.append(key)
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument("label", item, "expected KEY=VALUE or KEY- (to remove it)")
+        put[key] = label(key, val)[1]
+    both = set(put) & set(drop)
+    if both:
+        raise InvalidArgument("label", sorted(both)[0], "both set and removed")
+    if not put and not drop:
+        raise InvalidArgument("label", "", "nothing to change: give KEY=VALUE or KEY-")
+    return put, drop

@@ -27,6 +27,7 @@ EndpointState = Literal["pending", "ready"]
 ContainerState = Literal["creating", "running", "exited"]
 # Who asked for an endpoint: GC of one front door must never touch another's.
 Owner = Literal["plexus", "cni", "cni-ipam", "docker"]
+DEFAULT_NAMESPACE = "default"  # the namespace of an endpoint that names none
 
 
 def _ip(value: str | None) -> IPAddress | None:
@@ -163,6 +164,19 @@ class PortMapping:
 
 
 @dataclass(frozen=True, slots=True)
+class ExposedPort:
+    """A port the container serves (``--expose [NAME=]PORT[/PROTO]``), as a pod's
+    ``containerPort``: what a policy's named port resolves to."""
+
+    port: int
+    protocol: str = "tcp"  # "tcp", "udp" or "sctp"
+    name: str = ""
+
+    def __str__(self) -> str:
+        return (f"{self.name}=" if self.name else "") + f"{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One attachment of a container (a network namespace) to one network on one node."""
 
@@ -186,6 +200,7 @@ class Endpoint:
     # The runtime moves the container end itself (Docker): the pair is made in the host's
     # namespace, its container end named ``peer_ifname``.
     peer_in_host: bool = False
+    exposes: tuple[ExposedPort, ...] = ()
 
     @property
     def key(self) -> str:
@@ -219,6 +234,7 @@ class Endpoint:
         d["addresses"] = [str(a) for a in self.addresses]
         d["gateways"] = [str(g) for g in self.gateways]
         d["ports"] = [p.to_dict() for p in self.ports]
+        d["exposes"] = [asdict(x) for x in self.exposes]
         return _dumps(d)
 
     @staticmethod
@@ -228,8 +244,14 @@ class Endpoint:
         d["gateways"] = tuple(ipaddress.ip_address(g) for g in d["gateways"])
         d["ports"] = tuple(PortMapping.from_dict(p) for p in d["ports"])
         d["aliases"] = tuple(d["aliases"])
+        d["exposes"] = tuple(ExposedPort(**x) for x in d.get("exposes", ()))
         d.pop("host_ifname", None)  # derived since layout 2
         return Endpoint(**d)
+
+    @property
+    def policy_namespace(self) -> str:
+        """The namespace policies see it in: its own, else ``default``."""
+        return self.namespace or DEFAULT_NAMESPACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,3 +314,28 @@ class Host:
     def from_json(text: str) -> Host:
         d = json.loads(text)
         return Host(**{k: d[k] for k in Host.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """A policy namespace (Kubernetes-style): a name and labels that namespace selectors match.
+    ``labels`` never holds ``kubernetes.io/metadata.name``: it is added when read (``all``)."""
+
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+
+    @property
+    def all_labels(self) -> dict[str, str]:
+        return {**self.labels, NAMESPACE_NAME_LABEL: self.name}
+
+    def to_json(self) -> str:
+        return _dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> Namespace:
+        d = json.loads(text)
+        return Namespace(str(d["name"]), dict(d.get("labels", {})), float(d.get("created", 0)))
+
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"

@@ -7,6 +7,7 @@ import ipaddress
 from typing import Any
 
 from plexus.errors import InvalidArgument
+from plexus.model import parse
 from plexus.model.types import IPNetwork
 from plexus.policy.model import PROTOCOLS, PortMatch
 
@@ -29,14 +30,7 @@ def number(field: str, raw: Any) -> int:
 
 
 def port_name(field: str, raw: str) -> str:
-    """An IANA service name, as a containerPort's name: 1 to 15 lowercase letters, digits and
-    dashes, at least one letter, no dash at either end or twice in a row."""
-    ok = (1 <= len(raw) <= 15 and all(c.islower() or c.isdigit() or c == "-" for c in raw)
-          and any(c.isalpha() for c in raw) and raw[0] != "-" and raw[-1] != "-"
-          and "--" not in raw)
-    if not ok:
-        raise InvalidArgument(field, raw, "a port name (1-15 lowercase letters, digits, dashes)")
-    return raw
+    return parse.port_name(field, raw)
 
 
 def k8s_port(field: str, raw: Any) -> PortMatch:

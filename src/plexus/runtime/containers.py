@@ -40,7 +40,7 @@ from plexus.errors import (
 )
 from plexus.model import keys, parse
 from plexus.model.drivers import traits
-from plexus.model.types import Container, IPAddress, Network, PortMapping
+from plexus.model.types import Container, ExposedPort, IPAddress, Network, PortMapping
 from plexus.services.context import Context
 from plexus.services.endpoints import AttachSpec, EndpointService
 from plexus.store.base import Compare, Delete, Put
@@ -63,6 +63,7 @@ class RunSpec:
     labels: dict[str, str] = field(default_factory=dict)
     namespace: str = ""
     aliases: Sequence[str] = ()
+    exposes: Sequence[ExposedPort] = ()
 
 
 def resolv_conf(net: Network | None, domain: str | None) -> str | None:
@@ -211,7 +212,7 @@ class ContainerRuntime:
                 container_id=c.id, network=name, netns=c.netns, ifname=f"eth{i}",
                 ips=[a for a in spec.ips if any(a in s.cidr for s in net.subnets)],
                 ports=spec.ports if i == 0 else (), name=c.name, aliases=spec.aliases,
-                namespace=spec.namespace, labels=spec.labels,
+                namespace=spec.namespace, labels=spec.labels, exposes=spec.exposes,
             ))
         return out
 

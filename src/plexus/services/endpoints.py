@@ -32,6 +32,7 @@ from plexus.model import keys, parse
 from plexus.model.drivers import traits
 from plexus.model.types import (
     Endpoint,
+    ExposedPort,
     IPAddress,
     IPInterface,
     Network,
@@ -39,7 +40,7 @@ from plexus.model.types import (
     PortMapping,
     Subnet,
 )
-from plexus.services import ports
+from plexus.services import namespaces, ports
 from plexus.services.context import Context, endpoint_object
 from plexus.store.base import Compare, Delete, Put, TxnResult
 
@@ -69,6 +70,7 @@ class AttachSpec:
     pool_claims: str = ""
     # Docker moves the container end itself: make the pair in the host namespace.
     peer_in_host: bool = False
+    exposes: Sequence[ExposedPort] = ()  # named ports, for policies
 
 
 def random_mac() -> str:
@@ -159,6 +161,7 @@ class EndpointService:
             name=spec.name, aliases=tuple(spec.aliases), namespace=spec.namespace,
             labels=dict(spec.labels), created=time.time(), owner=spec.owner,
             bandwidth=dict(spec.bandwidth), peer_in_host=spec.peer_in_host,
+            exposes=tuple(spec.exposes),
         )
         return _Planned(ep, spec, net, route)
 
@@ -214,6 +217,10 @@ class EndpointService:
                 ep, part = await self._plan(p)
                 eps.append(ep)
                 plan.extend(part)
+            # A namespace named for the first time is created with its first endpoint.
+            compares, ops = await namespaces.ensure_ops(self.ctx, [e.namespace for e in eps])
+            plan.compares += compares
+            plan.ops += ops
             result = await self.ctx.commit(plan.compares, plan.ops)
             if result.succeeded:
                 return result, eps

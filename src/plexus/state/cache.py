@@ -17,8 +17,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from plexus.errors import InvalidArgument
 from plexus.model import keys
-from plexus.model.types import Container, Endpoint, Host, IPNetwork, Network
+from plexus.model.types import Container, Endpoint, Host, IPNetwork, Namespace, Network
+from plexus.policy import documents
+from plexus.policy.model import Policy
 from plexus.store.informer import Change
 
 log = logging.getLogger("plexus.cache")
@@ -42,6 +45,8 @@ class Cache:
     docker_networks: dict[str, DockerNetwork] = field(default_factory=dict)
     hosts: dict[str, Host] = field(default_factory=dict)  # every node's record
     alive: set[str] = field(default_factory=set)  # nodes whose agent holds its lease
+    namespaces: dict[str, Namespace] = field(default_factory=dict)  # the stored ones
+    policies: dict[str, Policy] = field(default_factory=dict)  # store key -> policy
     # Blocks of spanning networks' subnets: subnet -> block -> node, and (subnet, node) -> blocks.
     blocks: dict[IPNetwork, dict[IPNetwork, str]] = field(
         default_factory=lambda: defaultdict(dict))
@@ -87,6 +92,13 @@ class Cache:
         name = self._containers_by_id.get(container_id)
         return None if name is None else self.containers.get(name)
 
+    def namespace(self, name: str) -> Namespace | None:
+        """A namespace by name; ``default`` exists whether it was stored or not."""
+        found = self.namespaces.get(name)
+        if found is None and name == documents.DEFAULT_NAMESPACE:
+            return Namespace(name)
+        return found
+
     def served_by(self, network: str) -> list[str]:
         """The Docker network IDs a plexus network serves."""
         return sorted(d.id for d in self.docker_networks.values() if d.name == network)
@@ -97,7 +109,7 @@ class Cache:
         for change in changes:
             try:
                 self._apply_one(change)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
                 # A value this version cannot read (a newer writer, a hand edit): skip it, loudly,
                 # rather than stop following the store.
                 log.error("ignoring unreadable datastore value at %s: %s", change.key, exc)
@@ -122,6 +134,17 @@ class Cache:
                             ipaddress.ip_network(keys.segment_cidr(block)), value)
         elif key.startswith(keys.HOSTS):
             self._set_host(key[len(keys.HOSTS):], value)
+        elif key.startswith(keys.NAMESPACES):
+            name = key[len(keys.NAMESPACES):]
+            if value is None:
+                self.namespaces.pop(name, None)
+            else:
+                self.namespaces[name] = Namespace.from_json(value)
+        elif key.startswith(keys.POLICIES):
+            if value is None:
+                self.policies.pop(key, None)
+            else:
+                self.policies[key] = documents.parse(json.loads(value))
         elif key.startswith(keys.HOST_LEASES):
             node = key[len(keys.HOST_LEASES):]
             if value is None:
