@@ -350,10 +350,15 @@ def _gateways(net: Network, ep: Endpoint) -> tuple[IPAddress, ...]:
     which reach nothing beyond themselves."""
     if net.internal or not traits(net.driver).routes:
         return ()
-    return tuple(
-        s.gateway for s in net.subnets
-        if s.gateway is not None and ep.address_of(s.version) in s.cidr
-    )
+    found = []
+    for s in net.subnets:
+        address = ep.address_of(s.version)
+        if address is None or address not in s.cidr:
+            continue
+        gateway = hostblocks.gateway(net, s, address)
+        if gateway is not None:
+            found.append(gateway)
+    return tuple(found)
 
 
 def _next_ifname(used: set[str]) -> str:
