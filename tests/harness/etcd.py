@@ -248,9 +248,11 @@ class EtcdCluster:
         member.restart()
         self.wait_healthy(timeout, [member])
 
-    def etcdctl(self, *args: str, timeout: float = 30.0) -> str:
-        """Runs etcdctl against the running members; returns its stdout."""
-        endpoints = ",".join(m.client_url for m in self.members if m.running)
+    def etcdctl(self, *args: str, timeout: float = 30.0,
+                members: list[Member] | None = None) -> str:
+        """Runs etcdctl against ``members`` (default: the running ones); returns its stdout."""
+        chosen = members if members is not None else [m for m in self.members if m.running]
+        endpoints = ",".join(m.client_url for m in chosen)
         command = [ETCDCTL, f"--endpoints={endpoints}", "--command-timeout=10s"]
         if self.tls is not None:
             command += [f"--cacert={self.tls.ca}", f"--cert={self.tls.client_cert}",

@@ -11,7 +11,7 @@ import pytest
 
 from plexus.agent.reconcilers.overlay import CachePeers, OverlayReconciler, objects
 from plexus.dataplane.drivers import SpanningDriver
-from plexus.dataplane.drivers.overlay import OverlayDriver
+from plexus.dataplane.drivers.overlay import OverlayDriver, block_gateways, stale_gateways
 from plexus.dataplane.overlay.model import OverlayKernelState, RemoteHost
 from plexus.dataplane.overlay.render import DeviceStep, OverlayDelta, diff
 from plexus.errors import DataplaneError
@@ -187,3 +187,26 @@ async def test_the_reconciler_hands_overlay_objects_to_the_networks_driver() -> 
     r.forget_applied("overlay:ov")
     await r.reconcile("overlay:ov")
     assert applier.calls == ["sync", "sync"]
+
+
+# -- IPv6: a gateway per block on the bridge -----------------------------------------------------
+
+OV6 = Network("ov6", "00112233445566778", driver="overlay", vni=4097, block_size=26,
+              subnets=(Subnet(net("10.78.0.0/24"), ipaddress.ip_address("10.78.0.1")),
+                       Subnet(net("fd00:78::/64"), ipaddress.ip_address("fd00:78::1"))))
+
+
+def test_the_bridge_holds_the_last_address_of_each_ipv6_block_with_its_prefix() -> None:
+    blocks = (net("10.78.0.64/26"), net("fd00:78::/122"), net("fd00:78::80/122"))
+    assert {str(g) for g in block_gateways(OV6, blocks)} == {
+        "fd00:78::3f/122", "fd00:78::bf/122"}  # none for IPv4 (proxy ARP)
+    assert block_gateways(OV, (net("10.78.0.0/28"),)) == frozenset()
+
+
+def test_only_gateways_of_blocks_no_longer_held_are_stale() -> None:
+    iface = ipaddress.ip_interface
+    want = block_gateways(OV6, (net("fd00:78::/122"),))
+    have = [iface("fd00:78::3f/122"), iface("fd00:78::7f/122"),  # held, released
+            iface("fd00:78::1/128"), iface("10.78.0.1/24"),  # the subnets' gateways
+            iface("fd00:99::3f/122"), iface("fd00:78::7e/122"), iface("fd00:78::bf/64")]
+    assert stale_gateways(OV6, have, want) == [iface("fd00:78::7f/122")]

@@ -99,23 +99,28 @@ class Collector:
 
     async def collect_claims(self) -> list[str]:
         """Address and port claims that name an endpoint of this node that no longer exists.
-        The live set is read after the listing, so an endpoint created meanwhile is live."""
+        The live set is read once the cache holds the listing's revision: a claim and its
+        endpoint are written together, so every claim listed names an endpoint the cache then
+        has (the watch that feeds the cache may lag the listing; then it is waited for)."""
         mine = keys.endpoints(self.ctx.node)
-        live = self.ctx.cache.endpoints
         collected: list[str] = []
         # One subnet's claims at a time (a listing is one synchronous read of the store).
         subnets, _ = await self.ctx.store.list(keys.SUBNETS)
         for subnet in subnets:
             await asyncio.sleep(0)
             cidr = keys.segment_cidr(subnet.key[len(keys.SUBNETS):])
-            addrs, _ = await self.ctx.store.list(keys.ipam_prefix(cidr))
+            addrs, revision = await self.ctx.store.list(keys.ipam_prefix(cidr))
+            await self.ctx.seen(revision)
+            live = self.ctx.cache.endpoints
             for i, kv in enumerate(addrs):
                 if i % CHUNK == CHUNK - 1:
                     await asyncio.sleep(0)
                 owned_by_gone = kv.value.startswith(mine) and kv.value not in live
                 if owned_by_gone and await self._drop_address(kv.key, kv.value):
                     collected.append(kv.key)
-        port_kvs, _ = await self.ctx.store.list(keys.ports(self.ctx.node))
+        port_kvs, revision = await self.ctx.store.list(keys.ports(self.ctx.node))
+        await self.ctx.seen(revision)
+        live = self.ctx.cache.endpoints
         for kv in port_kvs:
             stale = [o for o in ports.owners(kv.value) if o.startswith(mine) and o not in live]
             if stale and await self._drop_port(kv.key, kv.value, kv.mod_revision, stale):

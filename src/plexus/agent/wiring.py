@@ -214,6 +214,7 @@ class Agent:
         if self.kernel is not None:
             await self.kernel.close()
         await self.collector.close()
+        await self.endpoints.leftovers.close()
         for r in self.reconcilers:
             await r.close()
         await self.informer.close()

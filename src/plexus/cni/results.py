@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from plexus.cni.config import version_tuple
+from plexus.ipam import hostblocks
 from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, Network
 
@@ -34,8 +35,11 @@ def add_result(
         interfaces.append(entry)
     ips = []
     for addr in ep.addresses:
-        ip: dict[str, Any] = {"address": str(addr)}
-        gw = next((s.gateway for s in net.subnets if addr.ip in s.cidr), None)
+        # As the interface holds it: an overlay's IPv6 address has its block's prefix and
+        # gateway (ipam/hostblocks.py), which a runtime configuring from the result needs.
+        ip: dict[str, Any] = {"address": str(hostblocks.interface(net, addr))}
+        subnet = next((s for s in net.subnets if addr.ip in s.cidr), None)
+        gw = None if subnet is None else hostblocks.gateway(net, subnet, addr.ip)
         if gw is not None:
             ip["gateway"] = str(gw)
         if iface_index is not None:

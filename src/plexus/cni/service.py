@@ -28,6 +28,7 @@ from plexus.errors import (
     PlexusError,
     StoreUnavailable,
 )
+from plexus.ipam import hostblocks
 from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, Network, Owner
 from plexus.services.endpoints import AttachSpec, EndpointService
@@ -169,7 +170,8 @@ class CniService:
     def _check_reservation(self, req: CniRequest, ep: Endpoint) -> list[str]:
         prev = req.config.get("prevResult") or {}
         expected = {str(ip.get("address")) for ip in prev.get("ips", []) if isinstance(ip, dict)}
-        have = {str(a) for a in ep.addresses}
+        net = self.ctx.cache.network(ep.network)
+        have = {str(a if net is None else hostblocks.interface(net, a)) for a in ep.addresses}
         problems = []
         if expected and expected != have:
             problems.append(f"prevResult has {sorted(expected)}, plexus holds {sorted(have)}")

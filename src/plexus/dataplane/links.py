@@ -125,6 +125,16 @@ async def ensure_addresses(ipr: AsyncIPRoute, index: int, addrs: Iterable[IPInte
                 raise DataplaneError(f"cannot add address {iface}: {exc}") from exc
 
 
+async def delete_address(ipr: AsyncIPRoute, index: int, iface: IPInterface) -> None:
+    """``iface`` is not on link ``index`` (already gone: fine)."""
+    try:
+        await ipr.addr("del", index=index, address=str(iface.ip),
+                       prefixlen=iface.network.prefixlen)
+    except NetlinkError as exc:
+        if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
+            raise DataplaneError(f"cannot delete address {iface}: {exc}") from exc
+
+
 async def owned_links(ipr: AsyncIPRoute, owner: str) -> dict[str, str]:
     """Links in this namespace that ``owner`` made (or a legacy agent): name → alias, as the
     kernel holds it. (On the event loop: the agent uses ``events.owned_links_snapshot``.)"""

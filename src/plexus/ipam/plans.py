@@ -227,5 +227,6 @@ async def claim_in_host_blocks(store: Datastore, subnet: Subnet, owner: str, nod
 
 
 def _vtep(block: IPNetwork) -> frozenset[IPAddress]:
-    """A block's first address is its holder's VXLAN endpoint address (dataplane/overlay)."""
-    return frozenset({block.network_address})
+    """A block's first address is its holder's VXLAN endpoint address (dataplane/overlay); an
+    IPv6 block's last is its gateway (``hostblocks.reserved``)."""
+    return hostblocks.reserved(block)

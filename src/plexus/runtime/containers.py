@@ -151,11 +151,18 @@ class ContainerRuntime:
         return self.logs / f"{c.name}.log"
 
     async def run(self, spec: RunSpec) -> Container:
+        # A run of this name that failed while the store did not answer may have left its row.
+        await self.endpoints.leftovers.clear(
+            container_keys={keys.container(self.ctx.node, spec.name)})
         c = self._validate(spec)
         # The row first: an agent killed anywhere after this finds the container "creating"
         # and removes it with its namespace; a namespace made first could be left behind.
-        created = await self.ctx.commit([Compare.absent(self._key(c))],
-                                        [Put(self._key(c), c.to_json())])
+        try:
+            created = await self.ctx.commit([Compare.absent(self._key(c))],
+                                            [Put(self._key(c), c.to_json())])
+        except BaseException:  # StoreUnavailable: it may have been applied all the same
+            self.endpoints.leftovers.container(self._key(c), c.id)
+            raise
         if not created.succeeded:
             raise AlreadyExists(f"container {c.name!r} already exists")
         try:
@@ -164,8 +171,18 @@ class ContainerRuntime:
             await self.endpoints.attach_all(self._attachments(c, spec))
             return await self._start(c)
         except BaseException:
-            await self._remove(c)
+            await self._undo(c)
             raise
+
+    async def _undo(self, c: Container) -> None:
+        """Remove what a failed run made; what the store did not take now goes later (the
+        requester's error is the answer, not this one's)."""
+        try:
+            errors = await self._remove(c)
+        except PlexusError as exc:
+            errors = [exc.message]
+        if errors:
+            self.endpoints.leftovers.container(self._key(c), c.id)
 
     def _key(self, c: Container) -> str:
         return keys.container(self.ctx.node, c.name)

@@ -42,6 +42,7 @@ from plexus.model.types import (
 )
 from plexus.services import namespaces, ports
 from plexus.services.context import Context, endpoint_object
+from plexus.services.leftovers import Leftovers
 from plexus.store.base import Compare, Delete, Put, TxnResult
 
 
@@ -92,6 +93,7 @@ class _Planned:
 class EndpointService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.leftovers = Leftovers(ctx, self.release)
 
     def all(self) -> list[Endpoint]:
         return sorted(self.ctx.cache.local_endpoints(), key=lambda e: (e.container_id, e.ifname))
@@ -111,7 +113,10 @@ class EndpointService:
         return (await self.attach_all([spec]))[0]
 
     async def attach_all(self, specs: Sequence[AttachSpec]) -> list[Endpoint]:
-        """Attach every spec (a container's networks) in one transaction."""
+        """Attach every spec (a container's networks) in one transaction. What a failed
+        attach may have left in the store is rolled back (now, or by ``leftovers`` once the
+        store answers again)."""
+        await self.leftovers.clear(container_ids={s.container_id for s in specs})
         planned: list[_Planned] = []
         for spec in specs:
             planned.append(self._validate(spec, planned))
@@ -120,9 +125,16 @@ class EndpointService:
         try:
             await self.ctx.settle(result.revision, [endpoint_object(e.store_key) for e in eps])
         except PlexusError:
-            await self.release(eps)
+            await self._undo(eps)
             raise
         return await self._mark_ready(eps)
+
+    async def _undo(self, eps: list[Endpoint]) -> None:
+        """Release what a failed attach wrote; if the store does not answer, later."""
+        try:
+            await self.release(eps)
+        except PlexusError:
+            self.leftovers.endpoints(eps)
 
     def _validate(self, spec: AttachSpec, siblings: list[_Planned]) -> _Planned:
         parse.name("container_id", spec.container_id, max_len=128)
@@ -221,7 +233,11 @@ class EndpointService:
             compares, ops = await namespaces.ensure_ops(self.ctx, [e.namespace for e in eps])
             plan.compares += compares
             plan.ops += ops
-            result = await self.ctx.commit(plan.compares, plan.ops)
+            try:
+                result = await self.ctx.commit(plan.compares, plan.ops)
+            except BaseException:  # StoreUnavailable: it may have been applied all the same
+                self.leftovers.endpoints(eps)
+                raise
             if result.succeeded:
                 return result, eps
             for ep in eps:
@@ -231,13 +247,18 @@ class EndpointService:
 
     async def _mark_ready(self, eps: list[Endpoint]) -> list[Endpoint]:
         ready = [replace(e, state="ready") for e in eps]
-        result = await self.ctx.commit(
-            [Compare(e.store_key, "value", "==", e.to_json()) for e in eps],
-            [Put(e.store_key, e.to_json()) for e in ready],
-        )
+        try:
+            result = await self.ctx.commit(
+                [Compare(e.store_key, "value", "==", e.to_json()) for e in eps],
+                [Put(e.store_key, e.to_json()) for e in ready],
+            )
+            if result.succeeded:
+                await self.ctx.seen(result.revision)
+        except BaseException:  # the requester hears of a failure: neither version is wanted
+            self.leftovers.endpoints([*eps, *ready])
+            raise
         if not result.succeeded:  # released meanwhile (a DEL racing the ADD): that one wins
             raise Conflict(f"endpoint {eps[0].key} was removed while it was being attached")
-        await self.ctx.seen(result.revision)
         return ready
 
     def _who(self, holder: str) -> str:
@@ -280,6 +301,7 @@ class EndpointService:
 
     async def detach(self, container_id: str, network: str = "", ifname: str = "",
                      missing_ok: bool = False) -> Endpoint | None:
+        await self.leftovers.clear(container_ids={container_id})
         ep = self._find(container_id, network, ifname)
         if ep is None:
             if missing_ok:
@@ -295,10 +317,11 @@ class EndpointService:
                 return ep
         return None
 
-    async def release(self, eps: Sequence[Endpoint]) -> None:
+    async def release(self, eps: Sequence[Endpoint], guards: Sequence[Compare] = ()) -> None:
         """Delete endpoints with the address and port claims they still own (a stale endpoint
-        never frees an address since given to someone else), in one transaction; then wait
-        until the kernel has let go of them (a veth's deletion finishes in the background)."""
+        never frees an address since given to someone else), in one transaction if
+        ``guards`` hold; then wait until the kernel has let go of them (a veth's deletion
+        finishes in the background)."""
         if not eps:
             return
         held = [(a, ep.store_key) for ep in eps for a in ep.addresses]
@@ -307,11 +330,19 @@ class EndpointService:
             plan = await plan_release_many(self.ctx.store, held)
             plan.extend(await ports.plan_ports(self.ctx.store, changes))
             plan.ops += [Delete(ep.store_key) for ep in eps]
-            result = await self.ctx.commit(plan.compares, plan.ops)
+            result = await self.ctx.commit([*plan.compares, *guards], plan.ops)
             if result.succeeded:
                 await self.ctx.settle(result.revision)
                 return
+            if guards and not all([await _holds(self.ctx, g) for g in guards]):
+                return  # changed by someone else meanwhile: not this release's to delete
         raise Conflict(f"could not release {eps[0].key}: too much contention")
+
+
+async def _holds(ctx: Context, guard: Compare) -> bool:
+    """Does a ``mod ==`` compare still hold?"""
+    kv = await ctx.store.get(guard.key)
+    return kv is not None and kv.mod_revision == guard.value
 
 
 def _check_overlaps(mappings: Sequence[PortMapping]) -> None:
@@ -326,10 +357,15 @@ def _gateways(net: Network, ep: Endpoint) -> tuple[IPAddress, ...]:
     which reach nothing beyond themselves."""
     if net.internal or not traits(net.driver).routes:
         return ()
-    return tuple(
-        s.gateway for s in net.subnets
-        if s.gateway is not None and ep.address_of(s.version) in s.cidr
-    )
+    found = []
+    for s in net.subnets:
+        address = ep.address_of(s.version)
+        if address is None or address not in s.cidr:
+            continue
+        gateway = hostblocks.gateway(net, s, address)
+        if gateway is not None:
+            found.append(gateway)
+    return tuple(found)
 
 
 def _next_ifname(used: set[str]) -> str:

@@ -49,18 +49,6 @@ class NetworkSpec:
     block_size: int = 0  # its per-host blocks' IPv4 prefix length (0: the default, /26)
 
 
-def _ipv4_only(spec: NetworkSpec, subnets: list[Subnet]) -> None:
-    """Overlays carry IPv4 only: a container reaches another host's containers through its
-    host's proxy ARP (dataplane/drivers/overlay.py), and IPv6's proxy NDP answers only for
-    addresses listed one by one, which would be an entry per remote container."""
-    why = "overlay networks are IPv4 only for now"
-    if spec.ipv6:
-        raise InvalidArgument("ipv6", "true", why)
-    for s in subnets:
-        if s.version == 6:
-            raise InvalidArgument("subnet", str(s.cidr), why)
-
-
 def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
     cidrs = [parse.cidr("subnet", s) for s in spec.subnets]
     gateways = [parse.address("gateway", g) for g in spec.gateways]
@@ -148,8 +136,6 @@ class NetworkService:
         subnets: list[Subnet] = []
         if kind.subnets:
             subnets = _explicit_subnets(spec)
-            if kind.spans_hosts:
-                _ipv4_only(spec, subnets)
             await self._check_overlaps(subnets, spec.adopt_claim)
             subnets += await self._auto_subnets(spec, subnets, kind.spans_hosts)
         elif spec.subnets:
@@ -182,6 +168,8 @@ class NetworkService:
             raise InvalidArgument("ip-range", spec.ip_ranges[0], "not for --driver overlay")
         block_size = spec.block_size or hostblocks.DEFAULT_BLOCK_SIZE
         hostblocks.check_block_size(block_size, [s.cidr for s in subnets])
+        for s in subnets:
+            hostblocks.check_gateway(s, block_size)
         used = {n.vni: n.name for n in self.ctx.cache.networks.values() if n.vni}
         if not spec.vni:
             return next(v for v in range(FIRST_VNI, MAX_VNI + 1) if v not in used), block_size

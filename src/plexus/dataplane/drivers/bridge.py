@@ -27,7 +27,7 @@ from plexus.dataplane.host import HostNetlink, container_netlink, kernel_errors
 from plexus.dataplane.rawnl import Channel
 from plexus.errors import AlreadyExists, DataplaneError, NotFound
 from plexus.model.drivers import DRIVERS
-from plexus.model.types import Endpoint, Network
+from plexus.model.types import Endpoint, IPInterface, Network
 
 log = logging.getLogger("plexus.dataplane")
 LOOPBACK_INDEX = 1  # lo is ifindex 1 in every network namespace
@@ -73,17 +73,18 @@ class BridgeDriver:
         index = await links.ensure_bridge(ipr, net.bridge, net.mtu, self._owner,
                                           network_alias(net))
         self._bridges[net.bridge] = index
-        gateways = [
-            ipaddress.ip_interface(f"{s.gateway}/{s.cidr.prefixlen}")
-            for s in net.subnets
-            if s.gateway is not None
-        ]
-        await links.ensure_addresses(ipr, index, gateways)
+        await links.ensure_addresses(ipr, index, self.gateway_addresses(net))
         # Localhost publishing DNATs 127.0.0.1 to a container; the kernel drops such packets as
         # martians on their way out of the bridge unless route_localnet is set on it.
         netns.write_sysctl(None, f"net.ipv4.conf.{net.bridge}.route_localnet", "1")
         for version in {s.version for s in net.subnets}:
             self._host.ensure_forwarding(version)
+
+    @staticmethod
+    def gateway_addresses(net: Network) -> list[IPInterface]:
+        """The bridge's addresses: each subnet's gateway with the subnet's prefix."""
+        return [ipaddress.ip_interface(f"{s.gateway}/{s.cidr.prefixlen}")
+                for s in net.subnets if s.gateway is not None]
 
     async def delete_network(self, net: Network) -> None:
         self._bridges.pop(net.bridge, None)

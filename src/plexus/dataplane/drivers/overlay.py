@@ -16,6 +16,27 @@ broadcast requests back up to 0.8 s); ``send_redirects=0`` keeps the host from s
 redirects for what it routes back out of the bridge it came in on (an address of the subnet no
 block holds). Checked on kernel 6.18 (tests/integration/test_overlay_hosts.py).
 
+IPv6: a gateway per block, no proxy NDP. Proxy ARP has no IPv6 counterpart that scales:
+the kernel's proxy NDP answers only for addresses listed one by one (``ip -6 neigh add proxy``),
+an entry per remote container on every host. So a container's IPv6 address has its *block's*
+prefix (/122 for ``--block-size 26``; ``ipam/hostblocks.interface``) and its default route goes
+via the block's gateway, the block's last address (``hostblocks.block_gateway``), which the
+holder's bridge holds with the block's prefix (``_ensure_block_gateways``): every other block,
+of this host or another, is off-link for the container and routed by its host, which knows the
+other hosts' blocks by one route each (the VXLAN device) and its own by the bridge's connected
+routes. No neighbour discovery crosses hosts. Why a gateway inside the block, and not the
+link-local anycast ``fe80::1`` of Calico and Cilium: a global, on-link gateway is what CNI
+results (``ips[].gateway``) and Docker's Join (``GatewayIPv6``) express without an interface
+scope, so a runtime that configures the container itself gets it right; and why not
+``noprefixroute`` plus a route for the subnet: neither CNI results nor Docker can ask for it.
+The subnet's own gateway stays on every bridge, as a /128 (``gateway_addresses``): the DNS
+server listens there, and a container reaches it through its gateway (in block 0, on-link).
+Not with the subnet's prefix as on a bridge network: its connected route would cover the other
+hosts' VTEP addresses, and the kernel refuses an IPv6 ``onlink`` route whose gateway another
+route sends out of another device ("Nexthop has invalid gateway or device mismatch",
+``ip6_route_check_nh_onlink``; IPv4 has no such check. Checked on kernel 6.18). The bridge
+thus holds one address per block this host holds (O(blocks)); IPv4 is unchanged.
+
 MTU. The bridge and the veths get the overlay's MTU (the underlay link's less VXLAN's 50
 bytes), or the network's ``--mtu`` if that is smaller: a container never sends a frame that
 the VXLAN device would have to refuse.
@@ -30,14 +51,16 @@ synchronises. A per-network lock keeps the two (and ``delete_network``) from int
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from plexus.dataplane import links, netns
 from plexus.dataplane.drivers.bridge import BridgeDriver, network_alias
-from plexus.dataplane.host import HostNetlink
+from plexus.dataplane.host import HostNetlink, kernel_errors
 from plexus.dataplane.overlay.apply import OverlayApplier
 from plexus.dataplane.overlay.model import (
     HostVtep,
@@ -49,8 +72,9 @@ from plexus.dataplane.overlay.model import (
 )
 from plexus.dataplane.overlay.render import desired, host_delta
 from plexus.errors import DataplaneError, PlexusError
+from plexus.ipam import hostblocks
 from plexus.model.drivers import DRIVERS
-from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network
+from plexus.model.types import Endpoint, IPAddress, IPInterface, IPNetwork, Network
 
 log = logging.getLogger("plexus.dataplane")
 
@@ -139,7 +163,10 @@ class OverlayDriver(BridgeDriver):
         if mtu is None:  # adopted at start-up: ensure_network did not run
             mtu = _link_mtu(net, await self._local(net, self._peers.peers(net)))
             self._mtus[net.name] = mtu
-        await super().ensure_endpoint(replace(net, mtu=mtu), ep)
+        await super().ensure_endpoint(replace(net, mtu=mtu), _as_configured(net, ep))
+
+    async def check_endpoint(self, net: Network, ep: Endpoint) -> list[str]:
+        return await super().check_endpoint(net, _as_configured(net, ep))
 
     @staticmethod
     def _answer_for_others(bridge: str) -> None:
@@ -182,6 +209,7 @@ class OverlayDriver(BridgeDriver):
         return True
 
     async def _sync(self, net: Network, peers: Peers, local: HostVtep) -> None:
+        await self._ensure_block_gateways(net, peers.blocks)
         spec = self._spec(net)
         want = desired(spec, local, [peers.remotes[n] for n in sorted(peers.remotes)])
         assert want.device is not None
@@ -190,6 +218,33 @@ class OverlayDriver(BridgeDriver):
         if not delta.empty:
             log.info("overlay %s: %d kernel changes (%s)", net.name, len(delta),
                      ", ".join(f"{k} {v}" for k, v in want.counts().items()))
+
+    @staticmethod
+    def gateway_addresses(net: Network) -> list[IPInterface]:
+        """As the bridge driver's, but an IPv6 subnet's gateway as a /128 (design notes)."""
+        return [ipaddress.ip_interface(f"{s.gateway}/{s.cidr.prefixlen}"
+                                       if not hostblocks.per_block(net, s.version)
+                                       else f"{s.gateway}/128")
+                for s in net.subnets if s.gateway is not None]
+
+    @kernel_errors
+    async def _ensure_block_gateways(self, net: Network, blocks: tuple[IPNetwork, ...]) -> None:
+        """The bridge holds the gateway of each IPv6 block this host holds, and no other
+        (a released block's goes); a network without IPv6 is left alone. No bridge yet:
+        ``ensure_network`` makes it and comes here again."""
+        if not any(hostblocks.per_block(net, s.version) for s in net.subnets):
+            return
+        ipr = await self._host.ipr()
+        index = await links.link_index(ipr, net.bridge)
+        if index is None:
+            return
+        have = {ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}")
+                async for a in await ipr.addr("dump")
+                if a["index"] == index and a["family"] == socket.AF_INET6}
+        want = block_gateways(net, blocks)
+        await links.ensure_addresses(ipr, index, want - have)
+        for iface in stale_gateways(net, have, want):
+            await links.delete_address(ipr, index, iface)
 
     def _spec(self, net: Network) -> OverlaySpec:
         return OverlaySpec(net.name, net.id, net.vni, alias=self._alias(net))
@@ -212,3 +267,33 @@ def _link_mtu(net: Network, local: HostVtep) -> int:
 
 def _local_key(peers: Peers) -> LocalKey:
     return (peers.node, peers.underlay, peers.blocks)
+
+
+def _as_configured(net: Network, ep: Endpoint) -> Endpoint:
+    """``ep`` with its addresses as the container's interface holds them (IPv6: the block's
+    prefix, see the design notes)."""
+    return replace(ep, addresses=tuple(hostblocks.interface(net, a) for a in ep.addresses))
+
+
+def block_gateways(net: Network, blocks: Iterable[IPNetwork]) -> frozenset[IPInterface]:
+    """The bridge's gateway of each of this host's ``blocks`` that has one (IPv6)."""
+    return frozenset(
+        ipaddress.ip_interface(f"{hostblocks.block_gateway(b)}/{b.prefixlen}")
+        for b in blocks if hostblocks.per_block(net, b.version))
+
+
+def stale_gateways(net: Network, have: Iterable[IPInterface],
+                   want: frozenset[IPInterface]) -> list[IPInterface]:
+    """Addresses of the bridge that are block gateways of ``net`` but not ``want``ed: a block's
+    last address with the block's prefix, in one of its subnets, not a subnet's gateway."""
+    subnet_gateways = {s.gateway for s in net.subnets}
+    stale = []
+    for iface in have:
+        if iface in want or iface.ip in subnet_gateways or not hostblocks.per_block(
+                net, iface.version):
+            continue
+        block = hostblocks.block_of(net, iface.ip)
+        if (iface.network == block and iface.ip == hostblocks.block_gateway(block)
+                and any(iface.ip in s.cidr for s in net.subnets)):
+            stale.append(iface)
+    return sorted(stale, key=str)

@@ -7,9 +7,10 @@ The L3 model of flannel's and Calico's VXLAN backends. Per overlay network, on e
 - the network's Linux bridge (the bridge driver's ``pxbr-..``) with one gateway address per
   block this host holds (a block: a /26 by default, claimed per host from the network's pool);
   containers get their address with the block's prefix and a default route via its gateway,
-  so everything to other blocks is routed by the host. (The agent instead gives containers the
-  subnet's prefix and one anycast gateway on every host, with proxy ARP on the bridge:
-  ``dataplane/drivers/overlay.py``. This module works the same either way: it routes blocks.);
+  so everything to other blocks is routed by the host. (The agent does so for IPv6; for IPv4
+  it gives containers the subnet's prefix and one anycast gateway on every host, with proxy ARP
+  on the bridge: ``dataplane/drivers/overlay.py``. This module works the same either way: it
+  routes blocks.);
 - one VXLAN device ``pxvx-..`` (``model.device_name``): the network's VNI, ``local`` = this
   host's underlay address, UDP port 4789, no learning, no group or remote (so no flooding: a
   frame without an FDB entry is dropped), MTU = underlay MTU - 50 (- 70 over an IPv6 underlay),
