@@ -96,6 +96,12 @@ class Agent:
     log: Path = field(default_factory=Path)
 
     def start(self, timeout: float = 20.0, extra: Sequence[str] = ()) -> None:
+        self.spawn(extra)
+        self.wait_ready(timeout)
+
+    def spawn(self, extra: Sequence[str] = ()) -> int:
+        """Start the agent without waiting for it (a benchmark times its start-up itself);
+        its pid, that of the agent's own process (nsenter execs it)."""
         self.log = self.state_dir.parent / f"agent-{self.host}.log"
         argv = [
             "nsenter",
@@ -119,7 +125,7 @@ class Agent:
         ]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
-        self.wait_ready(timeout)
+        return self.proc.pid
 
     @property
     def docker_socket(self) -> Path:
