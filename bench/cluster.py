@@ -36,6 +36,7 @@ import ipaddress
 import json
 import math
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -152,7 +153,7 @@ def wanted(c: sim.Cluster) -> dict[str, int]:
 
 
 async def start_run(store: EtcdStore, c: sim.Cluster, agent: Agent, extra: list[str],
-                    hosts: int, containers: int) -> StartRun:
+                    hosts: int, containers: int, profile: Path | None) -> StartRun:
     t = time.perf_counter()
     written = await sim.grow(store, c, hosts, containers)
     write_s = time.perf_counter() - t
@@ -161,7 +162,9 @@ async def start_run(store: EtcdStore, c: sim.Cluster, agent: Agent, extra: list[
     view = KernelView(agent.host, dev)
     try:
         wall, t0 = time.time(), time.perf_counter()
-        pid = agent.spawn(extra)
+        out = None if profile is None else profile / f"agent-{hosts}x{containers}.prof"
+        wrapper = [] if out is None else [sys.executable, "-m", "cProfile", "-o", str(out)]
+        pid = agent.spawn(extra, wrapper)
         took = converge(view, agent, wanted(c), t0)
         objects = view.counts() or {}
     finally:
@@ -276,8 +279,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
                                           (args.hosts, args.containers)):
                     if runs:
                         agent.kill(signal.SIGTERM)
-                    runs.append(await start_run(store, c, agent, extra, hosts, containers))
+                    runs.append(await start_run(store, c, agent, extra, hosts, containers,
+                                                args.profile))
                 lat, txn, lost = await new_hosts(store, c, agent, args.new_hosts)
+                agent.kill(signal.SIGTERM)  # a clean stop: a profile is written then
             finally:
                 await store.close()
     finally:
@@ -294,6 +299,9 @@ def main() -> None:
     parser.add_argument("--containers", type=int, default=50, help="per simulated host")
     parser.add_argument("--new-hosts", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="20 hosts x 5, 5 new hosts")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="run the agent under cProfile, a file per start in this directory "
+                             "(written when it stops)")
     args = parser.parse_args()
     if args.quick:
         args.hosts, args.containers, args.new_hosts = 20, 5, 5

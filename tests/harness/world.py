@@ -99,14 +99,16 @@ class Agent:
         self.spawn(extra)
         self.wait_ready(timeout)
 
-    def spawn(self, extra: Sequence[str] = ()) -> int:
+    def spawn(self, extra: Sequence[str] = (), wrapper: Sequence[str] = ()) -> int:
         """Start the agent without waiting for it (a benchmark times its start-up itself);
-        its pid, that of the agent's own process (nsenter execs it)."""
+        its pid, that of the agent's own process (nsenter execs it). ``wrapper``: a command
+        the agent's script is handed to (``python -m cProfile -o FILE``, say)."""
         self.log = self.state_dir.parent / f"agent-{self.host}.log"
         argv = [
             "nsenter",
             f"--net={netns_path(self.host)}",
             "--",
+            *wrapper,
             str(VENV_BIN / "plexus"),
             "--socket",
             str(self.socket),
