@@ -13,12 +13,15 @@ socket stays in the namespace it was made in.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import socket
 import time
 from pathlib import Path
+
+from _common import vm_status
 
 from plexus.dataplane import netns, rtnl
 from plexus.dataplane.overlay import wire
@@ -110,6 +113,15 @@ class NewHostWatch:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and its descendants (one that exits meanwhile counts nothing)."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += vm_status(p).get("VmRSS", 0)
+    return total
 
 
 def process_tree(pid: int) -> list[int]:

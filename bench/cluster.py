@@ -53,7 +53,7 @@ from _common import (
     require_sandbox,
     vm_status,
 )
-from _kernel_view import KernelView, NewHostWatch, process_tree
+from _kernel_view import KernelView, NewHostWatch, tree_rss_kib
 
 from plexus.dataplane.overlay.model import device_name, vtep_addresses, vtep_mac
 from plexus.ipam.hostblocks import block_prefix
@@ -174,7 +174,7 @@ async def start_run(store: EtcdStore, c: sim.Cluster, agent: Agent, extra: list[
           f"(iproute2)", flush=True)
     return StartRun(hosts, containers, written, write_s, wait_ready(agent.log, wall), took,
                     objects, status.get("VmRSS", 0), status.get("VmHWM", 0),
-                    sum(vm_status(p).get("VmRSS", 0) for p in process_tree(pid)),
+                    tree_rss_kib(pid),
                     proc_cpu(pid))
 
 
