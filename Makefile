@@ -91,6 +91,7 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/dns_update.py
 	$(SANDBOX) $(PY) bench/loop_stall.py
 	$(SANDBOX) $(PY) bench/scale.py
+	$(SANDBOX) $(PY) bench/cluster.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
 	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni

@@ -96,11 +96,19 @@ class Agent:
     log: Path = field(default_factory=Path)
 
     def start(self, timeout: float = 20.0, extra: Sequence[str] = ()) -> None:
+        self.spawn(extra)
+        self.wait_ready(timeout)
+
+    def spawn(self, extra: Sequence[str] = (), wrapper: Sequence[str] = ()) -> int:
+        """Start the agent without waiting for it (a benchmark times its start-up itself);
+        its pid, that of the agent's own process (nsenter execs it). ``wrapper``: a command
+        the agent's script is handed to (``python -m cProfile -o FILE``, say)."""
         self.log = self.state_dir.parent / f"agent-{self.host}.log"
         argv = [
             "nsenter",
             f"--net={netns_path(self.host)}",
             "--",
+            *wrapper,
             str(VENV_BIN / "plexus"),
             "--socket",
             str(self.socket),
@@ -119,7 +127,7 @@ class Agent:
         ]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
-        self.wait_ready(timeout)
+        return self.proc.pid
 
     @property
     def docker_socket(self) -> Path:

@@ -84,6 +84,17 @@ class Reconciler:
                 timer.cancel()
         self._wake.set()
 
+    def drop_queued(self) -> int:
+        """Forget the queued objects that changes queued (not retries, not those a ``refresh``
+        waits for): for a reconciler that has just rebuilt everything from the cache, which
+        already holds every change that queued them. How many were dropped."""
+        dropped = [k for k, revision in self._dirty.items()
+                   if revision is not None and k not in self._refreshing]
+        for key in dropped:
+            del self._dirty[key]
+        self.processed += len(dropped)
+        return len(dropped)
+
     def invalidate(self, key: str) -> None:
         """Forget what was applied for ``key`` and do it again (a kernel event said it
         drifted): level-triggered, so this is just one more piece of work."""

@@ -1,7 +1,8 @@
 """DNS records and listeners, from every host's networks and endpoints.
 
 Objects are ``net:NAME`` and ``ep:STORE_KEY`` of every node (a container on another host of the
-same network resolves too). The first batch loads the whole record table; every later batch is
+same network resolves too). The first batch loads the whole record table (and drops the rest of
+what was queued until then, which the table already holds); every later batch is
 one ``DnsChanges`` of just the objects it names, applied in place (and sent to the DNS worker
 processes as that delta), so a change costs the same with 10 or 10,000 containers. The
 listeners (one per gateway of each DNS-enabled network) are synchronised only when networks
@@ -46,6 +47,10 @@ class DnsReconciler(Reconciler):
         if not self._loaded:
             self._dns.load(cache.networks.values(), dict(cache.endpoints))
             self._loaded = True
+            # The rest of the start-up queue (every endpoint of the cluster) is in the table
+            # now: applying it again, 128 at a time, each sent to every worker, held the loop
+            # for seconds at 50,000 endpoints (bench/cluster.py).
+            self.drop_queued()
             return True
         nets = {k[4:]: cache.network(k[4:]) for k in keys if k.startswith("net:")}
         eps = {k[3:]: cache.endpoint(k[3:]) for k in keys if k.startswith("ep:")}

@@ -18,6 +18,7 @@ blocks, and every other host holding blocks of it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections import defaultdict
@@ -128,7 +129,10 @@ def _ordered(blocks: list[IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(sorted(blocks, key=lambda b: (b.version, int(b.network_address))))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _address(text: str) -> IPAddress | None:
+    """Memoised: ``peers`` reads every host's address on every change of the overlay, and
+    parsing 1,000 of them was most of its time (bench/cluster.py)."""
     try:
         return ipaddress.ip_address(text) if text else None
     except ValueError:
