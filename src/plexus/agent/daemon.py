@@ -25,6 +25,7 @@ from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import HostNetlink
 from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
+from plexus.dataplane.nft.policy_table import PolicyTable
 from plexus.errors import InvalidArgument
 from plexus.model import parse
 from plexus.services import hosts
@@ -70,10 +71,12 @@ async def run_agent(config: AgentConfig) -> None:
     # made here, from the cache the agent is then built around.
     cache = Cache(config.node)
     drivers = build_drivers(host, owner, CachePeers(cache, config.advertise_address))
+    nft = open_nft()  # one libnftables context, on its own thread, for both tables
     agent = wiring.build(
-        config, store, drivers, NftFirewall(open_nft()), host, host,
+        config, store, drivers, NftFirewall(nft), host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
         kernel_events=KernelEvents(None), link_state=host.link_state, cache=cache,
+        policy_kernel=PolicyTable(nft),
     )
     runners: list[web.AppRunner] = []
     made: dict[Path, tuple[int, int] | None] = {}

@@ -28,11 +28,12 @@ from plexus.agent.garbage import Collector
 from plexus.agent.inspect import Inspector
 from plexus.agent.kernel import KernelWatcher, LinkState
 from plexus.agent.monitor import LoopMonitor
-from plexus.agent.reconcilers import overlay
+from plexus.agent.reconcilers import overlay, policy
 from plexus.agent.reconcilers.dns import DnsReconciler
 from plexus.agent.reconcilers.firewall import FirewallReconciler
 from plexus.agent.reconcilers.links import LinkReconciler
 from plexus.agent.reconcilers.overlay import OverlayReconciler
+from plexus.agent.reconcilers.policy import PolicyReconciler
 from plexus.api.docker.ipam import DockerIpam
 from plexus.api.docker.network import DockerNetworkDriver
 from plexus.api.docker.server import DockerPlugin
@@ -43,6 +44,7 @@ from plexus.dataplane.drivers import NetworkDriver
 from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import LinkTable
 from plexus.dataplane.nft.firewall import Firewall
+from plexus.dataplane.nft.policy_table import PolicyKernel
 from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.model import keys
@@ -69,10 +71,16 @@ WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS,
            keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES)
 
 
+# What else can change a policy verdict (endpoints too, above).
+POLICY_INPUTS = (keys.POLICIES, keys.NAMESPACES, keys.HOSTS)
+
+
 def _objects(cache: Cache, change: Change) -> list[str]:
     """The reconcilers' names of what a change touches (the cache already holds it)."""
     if change.key.startswith(keys.ENDPOINTS):
-        return ["ep:" + change.key]
+        return ["ep:" + change.key, policy.OBJECT]
+    if change.key.startswith(POLICY_INPUTS):
+        return [policy.OBJECT]
     found = overlay.objects(cache, change)
     if change.key.startswith(keys.NETWORKS):
         found.append("net:" + change.key[len(keys.NETWORKS):])
@@ -90,6 +98,7 @@ class Agent:
     links: LinkReconciler
     firewall: FirewallReconciler
     overlay: OverlayReconciler
+    policy: PolicyReconciler | None
     dns_reconciler: DnsReconciler | None
     dns: DnsService | None
     networks: NetworkService
@@ -113,6 +122,7 @@ class Agent:
     @property
     def reconcilers(self) -> list[Reconciler]:
         found: list[Reconciler] = [self.links, self.firewall, self.overlay]
+        found += [self.policy] if self.policy is not None else []
         return found + ([self.dns_reconciler] if self.dns_reconciler is not None else [])
 
     def dispatch(self, changes: Sequence[Change]) -> None:
@@ -138,6 +148,9 @@ class Agent:
         return Api(self.networks, self.endpoints, self.containers, self.cni, self.dns, self)
 
     # -- Admin (what the API asks the agent itself) -------------------------------------------
+
+    async def policy_counters(self) -> dict[str, dict[str, int]]:
+        return await self.policy.counters() if self.policy is not None else {}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -191,6 +204,8 @@ class Agent:
         while True:
             try:
                 await self.fullpass.run()
+                if self.policy is not None:
+                    self.policy.enqueue([policy.VERIFY])
                 if self.config.host_gc_after:
                     await hosts.collect_expired(self.store, self.cache,
                                                 self.config.host_gc_after)
@@ -239,7 +254,8 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
           firewall: Firewall, host_view: HostView, host: LinkTable,
           dns: DnsService | None = None, docker_exceptions: Hook | None = None,
           kernel_events: KernelEvents | None = None,
-          link_state: LinkState | None = None, cache: Cache | None = None) -> Agent:
+          link_state: LinkState | None = None, cache: Cache | None = None,
+          policy_kernel: PolicyKernel | None = None) -> Agent:
     """An agent of these parts (the daemon passes the real ones, unit tests fakes).
     ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic;
     ``kernel_events``: the host namespace's link and address notifications; ``cache``: the
@@ -254,8 +270,10 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     fw = FirewallReconciler(cache, firewall, docker_exceptions)
     spanning = overlay.OverlayReconciler(cache, drivers)
     dns_reconciler = DnsReconciler(cache, dns) if dns is not None else None
+    policies = policy.PolicyReconciler(cache, policy_kernel) if policy_kernel else None
     reconcilers: list[Reconciler] = [links, fw, spanning,
-                                     *([dns_reconciler] if dns_reconciler else [])]
+                                     *([dns_reconciler] if dns_reconciler else []),
+                                     *([policies] if policies else [])]
     progress = Progress(informer, reconcilers)
     ctx = Context(config, store, cache, progress, host_view)
     endpoints = EndpointService(ctx)
@@ -266,7 +284,8 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     collector = Collector(ctx, endpoints, containers)
     agent = Agent(
         config=config, store=store, cache=cache, informer=informer, progress=progress, ctx=ctx,
-        links=links, firewall=fw, overlay=spanning, dns_reconciler=dns_reconciler, dns=dns,
+        links=links, firewall=fw, overlay=spanning, policy=policies,
+        dns_reconciler=dns_reconciler, dns=dns,
         networks=networks, endpoints=endpoints, containers=containers,
         pools=PoolService(ctx, networks),
         cni=CniService(networks, endpoints, inspector.endpoint_problems, domain),

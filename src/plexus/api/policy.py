@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -45,11 +46,13 @@ def verdict_view(flow: Flow, v: Verdict) -> dict[str, Any]:
 
 
 class PolicyApi:
-    def __init__(self, ctx: Context, resolve: explain.Resolve) -> None:
+    def __init__(self, ctx: Context, resolve: explain.Resolve,
+                 counters: Callable[[], Awaitable[dict[str, dict[str, int]]]]) -> None:
         self.ctx = ctx
         self.namespaces = NamespaceService(ctx)
         self.policies = PolicyService(ctx)
         self.resolve = resolve
+        self.counters = counters
 
     def add_routes(self, r: web.UrlDispatcher) -> None:
         r.add_get("/v1/namespaces", self.namespace_list)
@@ -92,7 +95,11 @@ class PolicyApi:
 
     async def policy_list(self, request: web.Request) -> web.Response:
         found = self.policies.all(request.query.get("namespace", ""))
-        return web.json_response([policy_view(p) for p in found])
+        counts = await self.counters()
+        zero = {"allow": 0, "deny": 0, "audit": 0}
+        return web.json_response([{**policy_view(p), "packets": counts.get(f"{p.kind} {p.ref}",
+                                                                           zero)}
+                                  for p in found])
 
     async def policy_get(self, request: web.Request) -> web.Response:
         found = self.policies.find(request.match_info["ref"])

@@ -64,6 +64,10 @@ class Admin(Protocol):
 
     async def reconcile(self) -> dict[str, Any]: ...
 
+    async def policy_counters(self) -> dict[str, dict[str, int]]:
+        """Packets per policy ("Kind ref") and outcome (allow, deny, audit)."""
+        ...
+
 
 class Api:
     def __init__(self, networks: NetworkService, endpoints: EndpointService,
@@ -102,7 +106,8 @@ class Api:
         r.add_get("/v1/dns/stats", self.dns_stats)
         r.add_get("/v1/dns/lookup", self.dns_lookup)
         r.add_patch("/v1/containers/{name}/labels", self.container_label)
-        PolicyApi(self.ctx, lambda ref: self._find(ref)[2]).add_routes(r)
+        PolicyApi(self.ctx, lambda ref: self._find(ref)[2],
+                  self.admin.policy_counters).add_routes(r)
         return app
 
     def _require_ready(self) -> None:

@@ -117,8 +117,10 @@ def policy_ls(ctx: click.Context, namespace: str, as_json: bool) -> None:
         emit(found)
         return
     table([[p["ref"], p["kind"], p["tier"] + (f" {p['priority']}" if p["tier"] == "admin" else ""),
-            "/".join(p["types"]) or "-", p["selects"], "audit" if p["audit"] else "enforce"]
-           for p in found], ["POLICY", "KIND", "TIER", "ISOLATES", "SELECTS", "MODE"])
+            "/".join(p["types"]) or "-", p["selects"], "audit" if p["audit"] else "enforce",
+            str(p["packets"]["allow"]), str(p["packets"]["deny"] or p["packets"]["audit"])]
+           for p in found],
+          ["POLICY", "KIND", "TIER", "ISOLATES", "SELECTS", "MODE", "ALLOWED", "DROPPED"])
 
 
 @policy.command("get")

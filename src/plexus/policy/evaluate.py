@@ -34,6 +34,8 @@ from plexus.policy.model import (
     Tier,
 )
 
+ISOLATED = "isolated, no rule allows"
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:
@@ -85,6 +87,17 @@ class Verdict:
     audit_drops: tuple[Step, ...] = ()  # what audit policies would have dropped
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One side's answer, as the compiled form needs it: allowed or not, by which policy
+    (``policy``: "Kind ref", "" when nothing decided and the default allowed), and whether
+    only an audit policy objected (``audit``: allowed, but counted and logged as its drop)."""
+
+    allowed: bool
+    policy: str = ""
+    audit: bool = False
+
+
 class Evaluator:
     """Policies and namespaces' labels, evaluated for a flow at a time."""
 
@@ -92,6 +105,11 @@ class Evaluator:
                  namespaces: Mapping[str, Mapping[str, str]]) -> None:
         self._policies = sorted(policies, key=lambda p: (p.tier, p.priority, p.ref))
         self._namespaces = namespaces
+
+    @property
+    def policies(self) -> list[Policy]:
+        """In evaluation order: tier, priority, reference."""
+        return self._policies
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         return {**self._namespaces.get(name, {}), NS_NAME_LABEL: name}
@@ -114,6 +132,18 @@ class Evaluator:
         if allowed and flow.dst.workload is not None:
             allowed = self._side(Direction.INGRESS, flow.dst.workload, flow.src, flow, audit, steps)
         return allowed, tuple(steps)
+
+    def decide(self, direction: Direction, subject: Workload, peer: Party,
+               flow: Flow) -> Decision:
+        """The ``direction`` side of ``flow`` for ``subject`` (its source for egress, its
+        destination for ingress), ``peer`` being the other end."""
+        steps: list[Step] = []
+        allowed = self._side(direction, subject, peer, flow, False, steps)
+        if allowed:
+            audit_steps: list[Step] = []
+            if not self._side(direction, subject, peer, flow, True, audit_steps):
+                return Decision(True, audit_steps[-1].policy if audit_steps else "", True)
+        return Decision(allowed, _decider(steps))
 
     def _side(self, direction: Direction, subject: Workload, peer: Party, flow: Flow,
               audit: bool, steps: list[Step]) -> bool:
@@ -155,7 +185,7 @@ class Evaluator:
                     steps.append(_step(direction, policy, rule.name, Action.ALLOW))
                     return True
         for policy in isolating:
-            steps.append(_step(direction, policy, "isolated, no rule allows", Action.DENY))
+            steps.append(_step(direction, policy, ISOLATED, Action.DENY))
         return False
 
     def selects(self, policy: Policy, workload: Workload) -> bool:
@@ -199,6 +229,14 @@ def _port_matches(match: PortMatch, flow: Flow) -> bool:
     if not match.port:
         return True
     return match.port <= flow.port <= (match.end or match.port)
+
+
+def _decider(steps: list[Step]) -> str:
+    """The policy that decided: the matching rule's, or the first isolating one's."""
+    if not steps:
+        return ""
+    isolated = [s for s in steps if s.rule == ISOLATED]
+    return isolated[0].policy if isolated else steps[-1].policy
 
 
 def _step(direction: Direction, policy: Policy, rule: str, effect: Action) -> Step:

@@ -1,0 +1,211 @@
+"""Network policy in the kernel: ``table inet plexus_policy``, rendered from ``Compiled``
+(``policy.compile``); pure renderers, and the thin applier ``PolicyTable``.
+
+Design notes (checked on kernel 6.18, nft 1.0.6; docs/policy.md)
+---------------------------------------------------------------
+- A table of its own, with its own forward base chain (priority -5, policy accept): it only
+  ever drops; what it lets through goes on to ``table inet plexus`` (isolation between networks,
+  published ports) as before. It exists only while policies do.
+- Only new connections are judged (``ct state new``): replies and established connections pass,
+  and a changed policy applies to new connections.
+- Two registers carry the identities of a packet's ends: ``ct mark`` the source's, the packet
+  ``meta mark`` the destination's (each from the endpoint map, else the world's interval map).
+  The verdict maps are keyed ``ct mark . meta mark [. l4proto [. dport]]``, so a packet costs a
+  set test, four identity lookups and at most five verdict lookups, whatever the number of
+  policies, endpoints or hosts. ``meta mark`` is set back to 0 afterwards; the source identity
+  stays on the connection's conntrack entry (flow logs read it).
+- The verdicts are chains per policy: ``PID-allow`` counts and returns (the packet goes on to
+  the next check), ``PID-deny`` counts and drops, ``PID-audit`` counts, logs and returns. Their
+  named counters are what ``plexus policy ls`` shows.
+- Bridged traffic between containers of one network passes the forward hook through
+  br_netfilter, as the main table's notes say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from plexus.dataplane.nft._json import Json, concat, ct, match, meta, payload
+from plexus.policy.compile import MAPS, RETURN, Compiled, PortRange
+from plexus.policy.model import Direction
+
+TABLE = "plexus_policy"
+FAMILY = "inet"
+PRIORITY = -5
+OUTCOMES = ("allow", "deny", "audit")
+PREFIX = {Direction.EGRESS: "eg", Direction.INGRESS: "in"}
+_KEYS = {"port": ("mark", "mark", "inet_proto", "inet_service"),
+         "range": ("mark", "mark", "inet_proto", "inet_service"),
+         "proto": ("mark", "mark", "inet_proto"), "any": ("mark", "mark"), "default": "mark"}
+
+Element = tuple[Any, Any]  # (key, data)
+
+
+@dataclass(frozen=True)
+class Elements:
+    """Every set and map element of the table, by set name, plus the policies' chain bases."""
+
+    sets: Mapping[str, frozenset[Element]]
+    chains: Mapping[str, str]  # chain base -> "Kind ref"
+
+
+def obj(kind: str, **fields: Any) -> Json:
+    head = {"family": FAMILY, "name": TABLE} if kind == "table" else \
+        {"family": FAMILY, "table": TABLE}
+    return {kind: {**head, **fields}}
+
+
+def elements(c: Compiled) -> Elements:
+    out: dict[str, set[Element]] = {name: set() for name in _declared()}
+    for address, number in c.ids.items():
+        out[f"ep{address.version}"].add((address, number))
+    for prefix, number in c.world.items():
+        out[f"world{prefix.version}"].add((prefix, number))
+    for direction, addresses in c.policed.items():
+        for address in addresses:
+            out[f"{PREFIX[direction]}{address.version}"].add((address, None))
+    for (direction, kind), cells in c.cells.items():
+        name = f"{PREFIX[direction]}_{kind}"
+        out[name].update(cells.items())
+    return Elements({k: frozenset(v) for k, v in out.items()}, dict(c.chains))
+
+
+def _declared() -> dict[str, Json]:
+    """Every set and map, by name, as declared."""
+    decls: dict[str, Json] = {}
+    for v, t in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        decls[f"ep{v}"] = obj("map", name=f"ep{v}", type=t, map="mark")
+        decls[f"world{v}"] = obj("map", name=f"world{v}", type=t, map="mark",
+                                 flags=["interval"])
+        for d in Direction:
+            decls[f"{PREFIX[d]}{v}"] = obj("set", name=f"{PREFIX[d]}{v}", type=t)
+    for d in Direction:
+        for kind in MAPS:
+            name = f"{PREFIX[d]}_{kind}"
+            key = _KEYS[kind]
+            fields: dict[str, Any] = {"name": name, "type": list(key) if isinstance(key, tuple)
+                                      else key, "map": "verdict"}
+            if kind == "range":
+                fields["flags"] = ["interval"]
+            decls[name] = obj("map", **fields)
+    return decls
+
+
+# -- values ----------------------------------------------------------------------------------
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, PortRange):
+        return {"range": [v.first, v.last]}
+    if isinstance(v, tuple):
+        return {"concat": [_value(x) for x in v]} if len(v) > 1 else _value(v[0])
+    if hasattr(v, "prefixlen"):
+        if v.prefixlen == v.max_prefixlen:
+            return str(v.network_address)
+        return {"prefix": {"addr": str(v.network_address), "len": v.prefixlen}}
+    if isinstance(v, (int, str)):
+        return v
+    return str(v)
+
+
+def _data(v: Any) -> Any:
+    if isinstance(v, str):  # a verdict: a policy chain, or plain return
+        return {"return": None} if v == RETURN else {"goto": {"target": v}}
+    return v
+
+
+def _elem_cmds(verb: str, sets: Mapping[str, Iterable[Element]]) -> Iterator[Json]:
+    for name, elems in sorted(sets.items()):
+        items = sorted(elems, key=repr)
+        if not items:
+            continue
+        if verb == "delete" or items[0][1] is None:
+            encoded = [_value(k) for k, _ in items]
+        else:
+            encoded = [[_value(k), _data(d)] for k, d in items]
+        yield {verb: obj("element", name=name, elem=encoded)}
+
+
+# -- chains ----------------------------------------------------------------------------------
+
+
+def _policy_chains(base: str, what: str) -> Iterator[Json]:
+    """The three chains (and counters) of one policy."""
+    for outcome in OUTCOMES:
+        name = f"{base}-{outcome}"
+        yield {"add": obj("counter", name=name)}
+        yield {"add": obj("chain", name=name)}
+        last: list[Json] = [{"drop": None}] if outcome == "deny" else [{"return": None}]
+        if outcome == "audit":
+            last = [{"log": {"prefix": f"plexus audit {what[:100]}: "}}, *last]
+        yield {"add": obj("rule", chain=name, expr=[{"counter": name}, *last])}
+
+
+def _delete_policy_chains(base: str) -> Iterator[Json]:
+    for outcome in OUTCOMES:
+        yield {"delete": obj("chain", name=f"{base}-{outcome}")}
+        yield {"delete": obj("counter", name=f"{base}-{outcome}")}
+
+
+def _rules() -> Iterator[tuple[str, list[Json]]]:
+    yield "forward", [match(ct("state"), "new", "in"), {"jump": {"target": "check"}}]
+    yield "check", [match(meta("nfproto"), "ipv4"), {"jump": {"target": "v4"}}]
+    yield "check", [match(meta("nfproto"), "ipv6"), {"jump": {"target": "v6"}}]
+    for v, ip in ((4, "ip"), (6, "ip6")):
+        saddr, daddr = payload(ip, "saddr"), payload(ip, "daddr")
+        chain = f"v{v}"
+        yield chain, [match(saddr, f"@eg{v}", "!="), match(daddr, f"@in{v}", "!="),
+                      {"return": None}]
+        for register, addr in ((ct("mark"), saddr), (meta("mark"), daddr)):
+            for m in (f"world{v}", f"ep{v}"):
+                yield chain, [{"mangle": {"key": register,
+                                          "value": {"map": {"key": addr, "data": f"@{m}"}}}}]
+        yield chain, [match(saddr, f"@eg{v}"), {"jump": {"target": "egress"}}]
+        yield chain, [match(daddr, f"@in{v}"), {"jump": {"target": "ingress"}}]
+        yield chain, [{"mangle": {"key": meta("mark"), "value": 0}}]
+    ports = match(meta("l4proto"), {"set": ["tcp", "udp", "sctp"]})
+    src, dst, proto, dport = ct("mark"), meta("mark"), meta("l4proto"), payload("th", "dport")
+    for d, chain in ((Direction.EGRESS, "egress"), (Direction.INGRESS, "ingress")):
+        p = PREFIX[d]
+        for kind in ("port", "range"):
+            yield chain, [ports, {"vmap": {"key": concat(src, dst, proto, dport),
+                                           "data": f"@{p}_{kind}"}}]
+        yield chain, [{"vmap": {"key": concat(src, dst, proto), "data": f"@{p}_proto"}}]
+        yield chain, [{"vmap": {"key": concat(src, dst), "data": f"@{p}_any"}}]
+        mine = src if d is Direction.EGRESS else dst
+        yield chain, [{"vmap": {"key": mine, "data": f"@{p}_default"}}]
+
+
+def render_table(e: Elements) -> list[Json]:
+    """The whole table in one batch (created, or replaced)."""
+    cmds: list[Json] = [{"add": obj("table")}, {"delete": obj("table")}, {"add": obj("table")}]
+    cmds += [{"add": d} for d in _declared().values()]
+    cmds.append({"add": obj("chain", name="forward", type="filter", hook="forward",
+                            prio=PRIORITY, policy="accept")})
+    for name in ("check", "v4", "v6", "egress", "ingress"):
+        cmds.append({"add": obj("chain", name=name)})
+    for base, what in sorted(e.chains.items()):
+        cmds += _policy_chains(base, what)
+    cmds += [{"add": obj("rule", chain=c, expr=x)} for c, x in _rules()]
+    cmds += _elem_cmds("add", e.sets)
+    return cmds
+
+
+def render_delta(old: Elements, new: Elements) -> list[Json]:
+    """Element changes, policy chains created before elements use them and deleted after."""
+    removed = {n: old.sets.get(n, frozenset()) - new.sets.get(n, frozenset()) for n in new.sets}
+    added = {n: new.sets.get(n, frozenset()) - old.sets.get(n, frozenset()) for n in new.sets}
+    cmds: list[Json] = []
+    for base in sorted(set(new.chains) - set(old.chains)):
+        cmds += _policy_chains(base, new.chains[base])
+    cmds += _elem_cmds("delete", removed)
+    cmds += _elem_cmds("add", added)
+    for base in sorted(set(old.chains) - set(new.chains)):
+        cmds += _delete_policy_chains(base)
+    return cmds
+
+
+def render_teardown() -> list[Json]:
+    return [{"add": obj("table")}, {"delete": obj("table")}]

@@ -1,0 +1,81 @@
+"""The applier of ``table inet plexus_policy`` (renderers: ``nft.policy``): one batch per change,
+the whole table when a delta cannot apply, counters read back for ``plexus policy ls``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from plexus.dataplane.nft import policy as render
+from plexus.dataplane.nft.libnft import Nft
+from plexus.errors import DataplaneError
+
+log = logging.getLogger(__name__)
+
+Counters = dict[str, tuple[int, int]]  # counter name ("PID-allow") -> (packets, bytes)
+
+
+class PolicyKernel(Protocol):
+    async def apply(self, old: render.Elements | None, new: render.Elements | None) -> None:
+        """Make the kernel go from ``old`` (None: unknown) to ``new`` (None: no table)."""
+
+    async def counters(self) -> Counters: ...
+
+    async def sizes(self) -> dict[str, int] | None:
+        """Elements per set as the kernel holds them (None: no table): a cheap check."""
+
+
+class PolicyTable:
+    def __init__(self, nft: Nft) -> None:
+        self._nft = nft
+        self._lock = asyncio.Lock()
+
+    async def apply(self, old: render.Elements | None, new: render.Elements | None) -> None:
+        async with self._lock:
+            if new is None:
+                await self._nft.run(render.render_teardown())
+                return
+            if old is not None:
+                cmds = render.render_delta(old, new)
+                if not cmds:
+                    return
+                try:
+                    await self._nft.run(cmds)
+                    return
+                except DataplaneError as e:
+                    log.warning("policy delta failed, replacing the table: %s", e.message)
+            await self._nft.run(render.render_table(new))
+
+    async def _list(self, what: str) -> list[dict[str, object]]:
+        try:
+            out = await self._nft.run([{"list": {what: {"family": render.FAMILY,
+                                                         "name": render.TABLE}}}])
+        except DataplaneError:
+            return []
+        return list(out.get("nftables", []))
+
+    async def counters(self) -> Counters:
+        found: Counters = {}
+        try:
+            out = await self._nft.run([{"list": {"counters": {"family": render.FAMILY,
+                                                               "table": render.TABLE}}}])
+        except DataplaneError:
+            return found
+        for o in out.get("nftables", []):
+            c = o.get("counter")
+            if isinstance(c, dict) and c.get("table") == render.TABLE:
+                found[str(c["name"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        return found
+
+    async def sizes(self) -> dict[str, int] | None:
+        objs = await self._list("table")
+        if not any("table" in o for o in objs):
+            return None
+        sizes: dict[str, int] = {}
+        for o in objs:
+            for kind in ("set", "map"):
+                body = o.get(kind)
+                if isinstance(body, dict):
+                    sizes[str(body["name"])] = len(body.get("elem", []) or [])
+        return sizes
