@@ -3,44 +3,48 @@ unit tests can hold it against the evaluator and against hand-written truth tabl
 
 from __future__ import annotations
 
+from typing import Any
+
 from plexus.model.types import IPAddress
-from plexus.policy.compile import PORT_PROTOCOLS, RETURN, Compiled, PortRange
+from plexus.policy.compile import PORT_PROTOCOLS, PREFIX, RETURN, PortRange, Sets
 from plexus.policy.model import Direction
 
 
-def identity_of(c: Compiled, address: IPAddress) -> int:
-    if address in c.ids:
-        return c.ids[address]
-    return next(n for prefix, n in c.world.items() if address in prefix)
+def identity_of(sets: Sets, address: IPAddress) -> Any:
+    v = address.version
+    if address in sets[f"ep{v}"]:
+        return sets[f"ep{v}"][address]
+    return next(n for prefix, n in sets[f"world{v}"].items()
+                if address in prefix)  # type: ignore[operator]
 
 
-def lookup(c: Compiled, direction: Direction, src: int, dst: int, proto: str,
-           port: int) -> str:
-    key = (src, dst)
+def lookup(sets: Sets, direction: Direction, src: Any, dst: Any, proto: str, port: int) -> str:
+    p, key = PREFIX[direction], (src, dst)
     if proto in PORT_PROTOCOLS:
-        found = c.cells[(direction, "port")].get((*key, proto, port))
+        found = sets[f"{p}_port"].get((*key, proto, port))
         if found:
-            return found
-        for k, t in c.cells[(direction, "range")].items():
+            return str(found)
+        for k, t in sets[f"{p}_range"].items():
+            assert isinstance(k, tuple)
             rng = k[3]
             assert isinstance(rng, PortRange)
             if k[:3] == (*key, proto) and rng.first <= port <= rng.last:
-                return t
-        found = c.cells[(direction, "proto")].get((*key, proto))
+                return str(t)
+        found = sets[f"{p}_proto"].get((*key, proto))
         if found:
-            return found
-    found = c.cells[(direction, "any")].get(key)
+            return str(found)
+    found = sets[f"{p}_any"].get(key)
     if found:
-        return found
+        return str(found)
     mine = src if direction is Direction.EGRESS else dst
-    return c.cells[(direction, "default")].get((mine,), RETURN)
+    return str(sets[f"{p}_default"].get(mine, RETURN))
 
 
-def passes(c: Compiled, src: IPAddress, dst: IPAddress, proto: str, port: int) -> bool:
+def passes(sets: Sets, src: IPAddress, dst: IPAddress, proto: str, port: int) -> bool:
     """What one host's forward hook does with a new connection."""
-    sid, did = identity_of(c, src), identity_of(c, dst)
+    sid, did = identity_of(sets, src), identity_of(sets, dst)
     for direction, end in ((Direction.EGRESS, src), (Direction.INGRESS, dst)):
-        if end in c.policed[direction] and lookup(c, direction, sid, did, proto,
-                                                  port).endswith("-deny"):
+        policed = sets[f"{PREFIX[direction]}{end.version}"]
+        if end in policed and lookup(sets, direction, sid, did, proto, port).endswith("-deny"):
             return False
     return True

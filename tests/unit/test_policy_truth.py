@@ -13,7 +13,7 @@ import pytest
 
 from plexus.model.types import Endpoint, ExposedPort
 from plexus.policy import documents
-from plexus.policy.compile import Compiled, Compiler, Inputs
+from plexus.policy.compile import Compiler, Inputs, Sets
 from plexus.policy.evaluate import Evaluator, Flow, Party, Workload
 from plexus.policy.model import Action
 from tests.policy_cases import ALL, CASES, NAMESPACES, PODS, Case, Expect
@@ -52,7 +52,7 @@ def _endpoint(name: str) -> Endpoint:
 NODES = {"x": "n1", "y": "n1", "z": "n2"}  # z lives on another host
 
 
-def _compiled_verdict(compiled: dict[str, Compiled], src: str, dst: str, port: int,
+def _compiled_verdict(compiled: dict[str, Sets], src: str, dst: str, port: int,
                       proto: str) -> bool:
     """The compiled form on each host: the source's egress where it lives, the destination's
     ingress where it lives (the host's own traffic leaves through output: not filtered)."""
@@ -63,14 +63,20 @@ def _compiled_verdict(compiled: dict[str, Compiled], src: str, dst: str, port: i
     return all(policy_sim.passes(compiled[h], a, b, proto, port) for h in hosts)
 
 
+def _compiled(inputs: Inputs) -> Sets:
+    compiler = Compiler()
+    compiler.compile(inputs)
+    return compiler.sets
+
+
 def _check(yaml_text: str, expect: Expect, ports: Iterable[int] = (80, 81),
            protocols: Iterable[str] = ("tcp", "udp"), peers: list[str] | None = None) -> None:
     """The evaluator and the compiled form of both hosts, against the hand-written truth."""
     policies = documents.load(textwrap.dedent(yaml_text))
     namespaces = {ns: {"ns": ns} for ns in NAMESPACES}
     ev = Evaluator(policies, namespaces)
-    endpoints = [_endpoint(n) for n in ALL]
-    compiled = {node: Compiler().compile(Inputs(policies, namespaces, endpoints, node))
+    endpoints = {n: _endpoint(n) for n in ALL}
+    compiled = {node: _compiled(Inputs(policies, namespaces, endpoints, node))
                 for node in ("n1", "n2")}
     names = peers or ALL
     wrong = []

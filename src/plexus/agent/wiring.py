@@ -71,17 +71,17 @@ WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS,
            keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES)
 
 
-# What else can change a policy verdict (endpoints too, above).
-POLICY_INPUTS = (keys.POLICIES, keys.NAMESPACES, keys.HOSTS)
-
-
 def _objects(cache: Cache, change: Change) -> list[str]:
     """The reconcilers' names of what a change touches (the cache already holds it)."""
     if change.key.startswith(keys.ENDPOINTS):
-        return ["ep:" + change.key, policy.OBJECT]
-    if change.key.startswith(POLICY_INPUTS):
-        return [policy.OBJECT]
+        return ["ep:" + change.key, policy.ENDPOINT + change.key]
+    if change.key.startswith(keys.POLICIES):
+        return [policy.POLICIES]
+    if change.key.startswith(keys.NAMESPACES):
+        return [policy.NAMESPACES]
     found = overlay.objects(cache, change)
+    if change.key.startswith(keys.HOSTS):
+        found.append(policy.HOSTS)
     if change.key.startswith(keys.NETWORKS):
         found.append("net:" + change.key[len(keys.NETWORKS):])
     return found

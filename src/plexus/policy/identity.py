@@ -163,6 +163,11 @@ class Numbers:
         self._next += 1
         return self._next - 1
 
+    def release(self, key: Key) -> None:
+        """``key`` is gone: its number may be given again."""
+        if key not in RESERVED and key in self._of:
+            self._free.append(self._of.pop(key))
+
     def retain(self, keys: Iterable[Key]) -> None:
         """Forget every identity not in ``keys`` (its number may be given again)."""
         keep = set(keys) | set(RESERVED)

@@ -1,15 +1,17 @@
 """Network policy: the compiled form of the policies in force (``policy.compile``), kept in the
-kernel (``nft.policy``) by element deltas.
+kernel (``nft.policy``) by element deltas of what changed.
 
-One object, ``policy``, queued by every change that can change a verdict: policies, namespaces,
-endpoints (labels, addresses, named ports) and hosts. Each batch compiles the whole state from
-the cache and applies the difference with what it applied last, in one nft batch; a request
-that committed revision R waits as for any reconciler, so ``policy apply`` returns when the
-policy is in force. While no policy exists there is no table at all: containers pay nothing.
+Objects: ``policy:ep:STORE_KEY`` (an endpoint of any host: labels, addresses, named ports),
+``policy:policies`` (any policy), ``policy:namespaces`` and ``policy:hosts``. A batch hands each
+to the compiler, which answers with the elements it changes, and sends them all as one nft
+batch: an endpoint or a policy costs what it touches (a namespace's labels or the hosts, which
+every verdict may depend on, compile everything). A request that committed revision R waits as
+for any reconciler, so ``policy apply`` returns when the policy is in force. While no policy
+exists there is no table and no work at all: containers pay nothing.
 
-Compiling everything on each change is O(local identities x identities) of Python work: the
-rows of one local identity are independent (``compile._row``), which is where an incremental
-compiler will cut it. Left for now, measured in bench/policy.py.
+If the kernel refuses a delta (a table deleted or flushed by hand), the whole table is written
+again from what the compiler holds; the periodic pass (``policy:verify``) compares element
+counts with the kernel's and does the same when they differ.
 """
 
 from __future__ import annotations
@@ -17,76 +19,95 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from plexus.dataplane.nft import policy as render
 from plexus.dataplane.nft.policy_table import Counters, PolicyKernel
-from plexus.policy.compile import Compiler, Inputs
+from plexus.errors import DataplaneError
+from plexus.model.types import IPAddress
+from plexus.policy.compile import Compiler, Delta, Inputs
 from plexus.state.cache import Cache
 from plexus.state.work import Reconciler
 
 log = logging.getLogger("plexus.reconcile")
-OBJECT = "policy"
-VERIFY = "policy:verify"
+PREFIX = "policy:"
+ENDPOINT = PREFIX + "ep:"
+POLICIES, NAMESPACES, HOSTS = PREFIX + "policies", PREFIX + "namespaces", PREFIX + "hosts"
+VERIFY = PREFIX + "verify"
+EVERYTHING = (NAMESPACES, HOSTS)  # changes that compile everything again
+OUTCOMES = ("allow", "deny", "audit")
 
 
 class PolicyReconciler(Reconciler):
     name = "policy"
     batch = True
-    prefixes = (OBJECT,)
+    batch_max = 512
+    prefixes = (PREFIX,)
 
     def __init__(self, cache: Cache, kernel: PolicyKernel) -> None:
         super().__init__()
         self._cache = cache
         self._kernel = kernel
         self._compiler = Compiler()
-        self._applied: render.Elements | None = None
-        self._known = False  # False: the kernel's table is not known to be ``_applied``
+        self._active = False  # the compiler holds the state and the kernel holds the table
+        self._chains: dict[str, str] = {}
         self.repairs = 0
 
-    def desired(self) -> render.Elements | None:
+    def _inputs(self) -> Inputs:
         cache = self._cache
-        if not cache.policies:
-            return None
-        hosts = []
-        for name, h in cache.hosts.items():
-            if name != cache.node and h.address:
-                hosts.append(ipaddress.ip_address(h.address))
+        hosts: list[IPAddress] = [ipaddress.ip_address(h.address)
+                                  for name, h in sorted(cache.hosts.items())
+                                  if name != cache.node and h.address]
         namespaces = {n: ns.all_labels for n, ns in cache.namespaces.items()}
-        inputs = Inputs(list(cache.policies.values()), namespaces,
-                        list(cache.endpoints.values()), cache.node, hosts)
-        return render.elements(self._compiler.compile(inputs))
+        return Inputs(list(cache.policies.values()), namespaces, cache.endpoints, cache.node,
+                      hosts)
 
     async def reconcile_batch(self, keys: list[str]) -> dict[str, Exception | None]:
-        want = self.desired()
-        if VERIFY in keys and self._known and not await self._in_step():
-            self.repairs += 1
-            self._known = False
-        old = self._applied if self._known else None
-        if old is None and want is None and self._known:
+        if not self._cache.policies:
+            if self._active or VERIFY in keys:
+                await self._kernel.remove()
+            self._active = False
             return {}
+        if VERIFY in keys and self._active and not await self._in_step():
+            self.repairs += 1
+            self._active = False
+        if HOSTS in keys and self._inputs().hosts == self._compiler.hosts:
+            keys = [k for k in keys if k != HOSTS]  # a host said it is alive: nothing moved
+        if not self._active or any(k in EVERYTHING for k in keys):
+            await self._everything()
+            return {}
+        deltas: list[Delta] = []
+        if POLICIES in keys:
+            deltas.append(self._compiler.policies(list(self._cache.policies.values())))
+        for key in keys:
+            if key.startswith(ENDPOINT):
+                store_key = key[len(ENDPOINT):]
+                deltas.append(self._compiler.endpoint(store_key, self._cache.endpoint(store_key)))
         try:
-            await self._kernel.apply(old, want)
-        except Exception:
-            self._known = False
-            raise
-        self._applied, self._known = want, True
+            await self._kernel.change([d for d in deltas if d], self._chains,
+                                      self._compiler.chains)
+        except DataplaneError as e:
+            log.warning("policy delta refused, writing the whole table: %s", e.message)
+            self._active = False
+            await self._everything()
+            return {}
+        self._chains = dict(self._compiler.chains)
         return {}
+
+    async def _everything(self) -> None:
+        self._compiler.compile(self._inputs())
+        self._active = False
+        await self._kernel.replace(self._compiler.sets, self._compiler.chains)
+        self._chains = dict(self._compiler.chains)
+        self._active = True
 
     async def _in_step(self) -> bool:
         """The kernel's table has what was applied (element counts: a flushed set, a deleted
-        table or chain shows; a hand-edited element does not)."""
+        table shows; a hand-edited element does not)."""
         sizes = await self._kernel.sizes()
-        if self._applied is None:
-            return sizes is None
         if sizes is None:
             return False
-        return all(sizes.get(n, -1) == len(e) for n, e in self._applied.sets.items())
+        return all(sizes.get(n, -1) == len(e) for n, e in self._compiler.sets.items())
 
     async def counters(self) -> dict[str, dict[str, int]]:
         """Per policy ("Kind ref"): packets allowed, denied and audited (would-be drops)."""
         raw: Counters = await self._kernel.counters()
-        out: dict[str, dict[str, int]] = {}
-        chains = self._applied.chains if self._applied else {}
-        for base, policy in chains.items():
-            out[policy] = {outcome: raw.get(f"{base}-{outcome}", (0, 0))[0]
-                           for outcome in render.OUTCOMES}
-        return out
+        return {policy: {o: raw.get(f"{base}-{o}", (0, 0))[0] for o in OUTCOMES}
+                for base, policy in self._chains.items()}

@@ -23,53 +23,25 @@ Design notes (checked on kernel 6.18, nft 1.0.6; docs/policy.md)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from plexus.dataplane.nft._json import Json, concat, ct, match, meta, payload
-from plexus.policy.compile import MAPS, RETURN, Compiled, PortRange
+from plexus.policy.compile import MAPS, PREFIX, RETURN, Delta, PortRange, Sets
 from plexus.policy.model import Direction
 
 TABLE = "plexus_policy"
 FAMILY = "inet"
 PRIORITY = -5
 OUTCOMES = ("allow", "deny", "audit")
-PREFIX = {Direction.EGRESS: "eg", Direction.INGRESS: "in"}
 _KEYS = {"port": ("mark", "mark", "inet_proto", "inet_service"),
          "range": ("mark", "mark", "inet_proto", "inet_service"),
          "proto": ("mark", "mark", "inet_proto"), "any": ("mark", "mark"), "default": "mark"}
-
-Element = tuple[Any, Any]  # (key, data)
-
-
-@dataclass(frozen=True)
-class Elements:
-    """Every set and map element of the table, by set name, plus the policies' chain bases."""
-
-    sets: Mapping[str, frozenset[Element]]
-    chains: Mapping[str, str]  # chain base -> "Kind ref"
-
 
 def obj(kind: str, **fields: Any) -> Json:
     head = {"family": FAMILY, "name": TABLE} if kind == "table" else \
         {"family": FAMILY, "table": TABLE}
     return {kind: {**head, **fields}}
-
-
-def elements(c: Compiled) -> Elements:
-    out: dict[str, set[Element]] = {name: set() for name in _declared()}
-    for address, number in c.ids.items():
-        out[f"ep{address.version}"].add((address, number))
-    for prefix, number in c.world.items():
-        out[f"world{prefix.version}"].add((prefix, number))
-    for direction, addresses in c.policed.items():
-        for address in addresses:
-            out[f"{PREFIX[direction]}{address.version}"].add((address, None))
-    for (direction, kind), cells in c.cells.items():
-        name = f"{PREFIX[direction]}_{kind}"
-        out[name].update(cells.items())
-    return Elements({k: frozenset(v) for k, v in out.items()}, dict(c.chains))
 
 
 def _declared() -> dict[str, Json]:
@@ -116,15 +88,14 @@ def _data(v: Any) -> Any:
     return v
 
 
-def _elem_cmds(verb: str, sets: Mapping[str, Iterable[Element]]) -> Iterator[Json]:
+def _elem_cmds(verb: str, sets: Mapping[str, Mapping[object, object]]) -> Iterator[Json]:
     for name, elems in sorted(sets.items()):
-        items = sorted(elems, key=repr)
-        if not items:
+        if not elems:
             continue
-        if verb == "delete" or items[0][1] is None:
-            encoded = [_value(k) for k, _ in items]
+        if verb == "delete" or next(iter(elems.values())) is None:
+            encoded = [_value(k) for k in elems]
         else:
-            encoded = [[_value(k), _data(d)] for k, d in items]
+            encoded = [[_value(k), _data(d)] for k, d in elems.items()]
         yield {verb: obj("element", name=name, elem=encoded)}
 
 
@@ -178,7 +149,7 @@ def _rules() -> Iterator[tuple[str, list[Json]]]:
         yield chain, [{"vmap": {"key": mine, "data": f"@{p}_default"}}]
 
 
-def render_table(e: Elements) -> list[Json]:
+def render_table(sets: Sets, chains: Mapping[str, str]) -> list[Json]:
     """The whole table in one batch (created, or replaced)."""
     cmds: list[Json] = [{"add": obj("table")}, {"delete": obj("table")}, {"add": obj("table")}]
     cmds += [{"add": d} for d in _declared().values()]
@@ -186,23 +157,24 @@ def render_table(e: Elements) -> list[Json]:
                             prio=PRIORITY, policy="accept")})
     for name in ("check", "v4", "v6", "egress", "ingress"):
         cmds.append({"add": obj("chain", name=name)})
-    for base, what in sorted(e.chains.items()):
+    for base, what in sorted(chains.items()):
         cmds += _policy_chains(base, what)
     cmds += [{"add": obj("rule", chain=c, expr=x)} for c, x in _rules()]
-    cmds += _elem_cmds("add", e.sets)
+    cmds += _elem_cmds("add", sets)
     return cmds
 
 
-def render_delta(old: Elements, new: Elements) -> list[Json]:
-    """Element changes, policy chains created before elements use them and deleted after."""
-    removed = {n: old.sets.get(n, frozenset()) - new.sets.get(n, frozenset()) for n in new.sets}
-    added = {n: new.sets.get(n, frozenset()) - old.sets.get(n, frozenset()) for n in new.sets}
+def render_delta(deltas: list[Delta], old_chains: Mapping[str, str],
+                 new_chains: Mapping[str, str]) -> list[Json]:
+    """Changes in order, in one batch: a new policy's chains before any element uses them,
+    a gone policy's after the elements that used them are gone."""
     cmds: list[Json] = []
-    for base in sorted(set(new.chains) - set(old.chains)):
-        cmds += _policy_chains(base, new.chains[base])
-    cmds += _elem_cmds("delete", removed)
-    cmds += _elem_cmds("add", added)
-    for base in sorted(set(old.chains) - set(new.chains)):
+    for base in sorted(set(new_chains) - set(old_chains)):
+        cmds += _policy_chains(base, new_chains[base])
+    for delta in deltas:
+        cmds += _elem_cmds("delete", delta.removed)
+        cmds += _elem_cmds("add", delta.added)
+    for base in sorted(set(old_chains) - set(new_chains)):
         cmds += _delete_policy_chains(base)
     return cmds
 

@@ -1,15 +1,16 @@
 """The applier of ``table inet plexus_policy`` (renderers: ``nft.policy``): one batch per change,
-the whole table when a delta cannot apply, counters read back for ``plexus policy ls``."""
+or the whole table; counters read back for ``plexus policy ls``."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Protocol
 
 from plexus.dataplane.nft import policy as render
 from plexus.dataplane.nft.libnft import Nft
 from plexus.errors import DataplaneError
+from plexus.policy.compile import Delta, Sets
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +18,15 @@ Counters = dict[str, tuple[int, int]]  # counter name ("PID-allow") -> (packets,
 
 
 class PolicyKernel(Protocol):
-    async def apply(self, old: render.Elements | None, new: render.Elements | None) -> None:
-        """Make the kernel go from ``old`` (None: unknown) to ``new`` (None: no table)."""
+    async def replace(self, sets: Sets, chains: Mapping[str, str]) -> None:
+        """The whole table, in one batch."""
+
+    async def change(self, deltas: list[Delta], old_chains: Mapping[str, str],
+                     new_chains: Mapping[str, str]) -> None:
+        """Element changes in one batch; DataplaneError if the kernel refuses them."""
+
+    async def remove(self) -> None:
+        """No table (no policies)."""
 
     async def counters(self) -> Counters: ...
 
@@ -29,23 +37,18 @@ class PolicyKernel(Protocol):
 class PolicyTable:
     def __init__(self, nft: Nft) -> None:
         self._nft = nft
-        self._lock = asyncio.Lock()
 
-    async def apply(self, old: render.Elements | None, new: render.Elements | None) -> None:
-        async with self._lock:
-            if new is None:
-                await self._nft.run(render.render_teardown())
-                return
-            if old is not None:
-                cmds = render.render_delta(old, new)
-                if not cmds:
-                    return
-                try:
-                    await self._nft.run(cmds)
-                    return
-                except DataplaneError as e:
-                    log.warning("policy delta failed, replacing the table: %s", e.message)
-            await self._nft.run(render.render_table(new))
+    async def replace(self, sets: Sets, chains: Mapping[str, str]) -> None:
+        await self._nft.run(render.render_table(sets, chains))
+
+    async def change(self, deltas: list[Delta], old_chains: Mapping[str, str],
+                     new_chains: Mapping[str, str]) -> None:
+        cmds = render.render_delta(deltas, old_chains, new_chains)
+        if cmds:
+            await self._nft.run(cmds)
+
+    async def remove(self) -> None:
+        await self._nft.run(render.render_teardown())
 
     async def _list(self, what: str) -> list[dict[str, object]]:
         try:
