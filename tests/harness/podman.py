@@ -446,8 +446,11 @@ runroot = "{self.runroot}"
         check: bool = True,
         timeout: float = 60,
         input: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``podman ARGS`` against this installation (bounded by ``timeout``)."""
+        """Run ``podman ARGS`` against this installation (bounded by ``timeout``); ``env``
+        adds to its environment for this command only (e.g. ``CNI_ARGS``, which Podman's CNI
+        backend passes on to the plugins)."""
         argv = self.argv(*args)
         try:
             r = subprocess.run(
@@ -455,7 +458,7 @@ runroot = "{self.runroot}"
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                env=self.env(),
+                env={**self.env(), **(env or {})},
                 input=input,
                 stdin=None if input is not None else subprocess.DEVNULL,
             )
@@ -500,16 +503,17 @@ runroot = "{self.runroot}"
         publish: Iterable[str] = (),
         extra: Iterable[str] = (),
         timeout: float = 60,
+        env: Mapping[str, str] | None = None,
     ) -> str:
         """``podman run -d --name NAME --network NETWORK IMAGE CMD`` (default ``sleep 3600``).
 
         ``network``: a network name (``NAME:ip=...,mac=...`` works too), ``none``, ``host`` or
-        None for Podman's default. Returns the container id.
+        None for Podman's default. ``env``: see :meth:`podman`. Returns the container id.
         """
         argv = self.run_args(network, name=name, publish=publish, extra=extra)
         argv += [self.image, *(cmd or ("sleep", "3600"))]
         try:
-            r = self.podman(*argv, timeout=timeout)
+            r = self.podman(*argv, timeout=timeout, env=env)
         except PodmanError:
             self.podman("rm", "-f", "-t", "0", name, check=False)
             raise

@@ -283,8 +283,16 @@ class EndpointService:
         return await self._update(ep, plan, ports=tuple(new))
 
     async def update(self, key: str, **changes: Any) -> Endpoint:
-        """Change fields of an endpoint that need no new claims (names, the sandbox)."""
-        return await self._update(self.get(key), Plan(), **changes)
+        """Change fields of an endpoint that need no new claims (names, the sandbox, its policy
+        namespace and labels; a namespace named for the first time is created with it)."""
+        plan = Plan()
+        if "namespace" in changes:
+            parse.namespace(changes["namespace"])
+            plan.compares, plan.ops = await namespaces.ensure_ops(self.ctx,
+                                                                  [changes["namespace"]])
+        for k, v in changes.get("labels", {}).items():
+            parse.label(k, v)
+        return await self._update(self.get(key), plan, **changes)
 
     async def _update(self, ep: Endpoint, plan: Plan, **changes: Any) -> Endpoint:
         new = replace(ep, **changes)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
-from plexus.errors import InvalidArgument, NotFound
+from plexus.errors import Conflict, InvalidArgument, NotFound
 from plexus.model.types import Endpoint, IPAddress
 from plexus.policy.evaluate import Evaluator, Flow, Party, Verdict, Workload
 from plexus.state.cache import Cache
@@ -65,9 +65,32 @@ def _facing(eps: list[Endpoint], peer: list[Endpoint]) -> Endpoint | None:
                 with_address[0] if with_address else None)
 
 
+def across_hosts(cache: Cache, resolve: Resolve) -> Resolve:
+    """``resolve`` (this host's containers, as `ps` lists them), else a container of another
+    host by its name: a policy spans hosts, and so does the question which one decided."""
+    def find(ref: str) -> list[Endpoint]:
+        try:
+            return resolve(ref)
+        except NotFound:
+            found: dict[tuple[str, str], list[Endpoint]] = {}
+            for e in cache.endpoints.values():
+                if e.name == ref:
+                    found.setdefault((e.node, e.container_id), []).append(e)
+            if len(found) > 1:
+                hosts = ", ".join(sorted(node for node, _ in found))
+                raise Conflict(f"container {ref!r} is ambiguous: one on each of hosts "
+                               f"{hosts}; name it by address") from None
+            if not found:
+                raise
+            return next(iter(found.values()))
+
+    return find
+
+
 def explain(cache: Cache, resolve: Resolve, src: str, dst: str, port: str,
             local: set[IPAddress]) -> tuple[Flow, Verdict]:
     number, proto = parse_port(port)
+    resolve = across_hosts(cache, resolve)
     try:
         to, dst_eps = party(cache, resolve, dst, local)
         frm, src_eps = party(cache, resolve, src, local, dst_eps)

@@ -3,7 +3,8 @@
 Docker's lifecycle maps onto the calls every front door uses: CreateNetwork creates (or joins) a
 plexus network, CreateEndpoint attaches with the addresses Docker's IPAM chose and a veth whose
 container end stays in the host (``peer_in_host``), Join tells Docker that end's name (Docker
-moves it into the sandbox and names it ethN), ProgramExternalConnectivity publishes ports. Every
+moves it into the sandbox and names it ethN) and learns the container's policy namespace and
+labels from dockerd (``names.labels``), ProgramExternalConnectivity publishes ports. Every
 call is idempotent, so a dockerd or agent restart, a replayed call or a restarted container
 never meets "endpoint already exists". This module keeps no state of its own: the mapping of
 Docker networks to plexus networks is a datastore key (``keys.docker_network``), read through
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from plexus.api.docker import names
-from plexus.errors import Conflict, InUse, InvalidArgument, NotFound
+from plexus.errors import Conflict, InUse, InvalidArgument, NotFound, NotReady
 from plexus.model import keys, parse
 from plexus.model.types import Endpoint, IPInterface, Network, PortMapping
 from plexus.services.endpoints import AttachSpec, EndpointService
@@ -36,6 +37,7 @@ GENERIC = "com.docker.network.generic"
 PORTMAP = "com.docker.network.portmap"
 IFNAME = "eth"  # Docker names the interface itself (DstPrefix + index)
 PROTOCOLS = {6: "tcp", 17: "udp"}
+NAMESPACE_LABEL = "plexus.namespace"  # a container label: its policy namespace
 
 
 def _truthy(value: object) -> bool:
@@ -192,7 +194,9 @@ class DockerNetworkDriver:
         # Docker moves the container end now: make sure it is there (it is recreated if an
         # earlier life of the container took it), then record the sandbox.
         await self.ctx.refresh(ep.store_key)
-        ep = await self.endpoints.update(ep.store_key, netns=str(body.get("SandboxKey") or ""))
+        policy = await self._policy_identity(str(body.get("NetworkID", "")), ep.container_id)
+        ep = await self.endpoints.update(ep.store_key, netns=str(body.get("SandboxKey") or ""),
+                                         **policy)
         self._learn_names(ep.store_key, str(body.get("NetworkID", "")), ep.container_id)
         gw4 = next((str(g) for g in ep.gateways if g.version == 4), "")
         gw6 = next((str(g) for g in ep.gateways if g.version == 6), "")
@@ -204,6 +208,21 @@ class DockerNetworkDriver:
             # docker_gwbridge to make up for it.
             "DisableGatewayService": net.internal,
         }
+
+    async def _policy_identity(self, network_id: str, endpoint_id: str) -> dict[str, Any]:
+        """The container's name, policy namespace and labels, from dockerd (the plugin API
+        does not carry them), before the container runs: policy applies from its first packet.
+        Without dockerd's API (``--docker-api``) a container is in ``default``, unlabelled."""
+        socket = self.docker_api
+        if socket is None:
+            return {}
+        try:
+            name, labels = await names.labels(socket, network_id, endpoint_id)
+        except LookupError as exc:
+            # Fail closed: a container whose labels are unknown could slip past a policy.
+            raise NotReady(f"{exc}: its labels decide its network policy") from None
+        namespace, selectable = policy_labels(labels)
+        return {"name": name, "namespace": namespace, "labels": selectable}
 
     def _learn_names(self, key: str, network_id: str, endpoint_id: str) -> None:
         socket = self.docker_api
@@ -242,6 +261,25 @@ class DockerNetworkDriver:
         if ep is not None and ep.ports:
             await self.endpoints.set_ports(ep.store_key, [])
         return {}
+
+
+def policy_labels(labels: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A Docker container's policy namespace (its label ``plexus.namespace``, else default) and
+    the labels policies can select. Docker labels that are no Kubernetes labels (Compose's
+    64-character ``com.docker.compose.config-hash``, values with spaces) cannot be selected:
+    they are left out rather than failing the container's start."""
+    namespace = parse.namespace(labels.get(NAMESPACE_LABEL, ""))
+    selectable: dict[str, str] = {}
+    for key, value in labels.items():
+        if key == NAMESPACE_LABEL:
+            continue
+        try:
+            parse.label(key, value)
+        except InvalidArgument as exc:
+            log.debug("docker label not selectable by policy: %s", exc.message)
+            continue
+        selectable[key] = value
+    return namespace, selectable
 
 
 def _spec(name: str, network_id: str, options: dict[str, Any], generic: dict[str, Any],
