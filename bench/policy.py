@@ -196,7 +196,10 @@ def profile(fn: Callable[[], object], top: int = 8) -> list[list[object]]:
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in raw.values()) or 1.0
     rows = sorted(raw.items(), key=lambda kv: -kv[1][2])[:top]
-    return [[f"{f.rsplit('/src/', 1)[-1]}:{line} {name}", f"{v[1]:,}", f"{v[2]:.2f}",
+    def where(f: str) -> str:
+        return f.rsplit("/src/", 1)[-1] if "/src/" in f else f.rsplit("/", 1)[-1]
+
+    return [[f"{where(f)}:{line} {name}", f"{v[1]:,}", f"{v[2]:.2f}",
              f"{100 * v[2] / total:.0f}%", f"{v[3]:.2f}"] for (f, line, name), v in rows]
 
 
