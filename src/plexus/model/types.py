@@ -186,6 +186,10 @@ class Endpoint:
     # The runtime moves the container end itself (Docker): the pair is made in the host's
     # namespace, its container end named ``peer_ifname``.
     peer_in_host: bool = False
+    # Addresses taken from a block another host holds (a spanning network whose pool had no
+    # free block left: ipam.plans.claim_in_host_blocks): the one case where other hosts route
+    # a single address to this endpoint's node rather than a block to the block's holder.
+    borrowed: tuple[IPAddress, ...] = ()
 
     @property
     def key(self) -> str:
@@ -219,6 +223,7 @@ class Endpoint:
         d["addresses"] = [str(a) for a in self.addresses]
         d["gateways"] = [str(g) for g in self.gateways]
         d["ports"] = [p.to_dict() for p in self.ports]
+        d["borrowed"] = [str(a) for a in self.borrowed]
         return _dumps(d)
 
     @staticmethod
@@ -228,6 +233,7 @@ class Endpoint:
         d["gateways"] = tuple(ipaddress.ip_address(g) for g in d["gateways"])
         d["ports"] = tuple(PortMapping.from_dict(p) for p in d["ports"])
         d["aliases"] = tuple(d["aliases"])
+        d["borrowed"] = tuple(ipaddress.ip_address(a) for a in d.get("borrowed", ()))
         d.pop("host_ifname", None)  # derived since layout 2
         return Endpoint(**d)
 
