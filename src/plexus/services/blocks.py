@@ -57,13 +57,9 @@ class BlockReleaser:
         """One look at this host's blocks; the blocks released."""
         now = self._clock()
         held = self._cache.held_by(self._cache.node)
-        keep = self._borrowing(held)
         self._empty_since = {b: t for b, t in self._empty_since.items() if b in held}
         done = []
         for subnet, block in held:
-            if (subnet, block) in keep:
-                self._empty_since.pop((subnet, block), None)
-                continue
             try:
                 if await self._look(subnet, block, now):
                     done.append((subnet, block))
@@ -78,7 +74,7 @@ class BlockReleaser:
             self._empty_since.pop((subnet, block), None)
             return False
         since = self._empty_since.setdefault((subnet, block), now)
-        if now - since < self._after:
+        if now - since < self._after or self._holds_vtep(subnet, block):
             return False
         self._empty_since.pop((subnet, block), None)
         if not (await self._store.txn(plan.compares, plan.ops)).succeeded:
@@ -87,19 +83,16 @@ class BlockReleaser:
                  self._after)
         return True
 
-    def _borrowing(self, held: list[Block]) -> set[Block]:
-        """This host's lowest block of each subnet in which it has borrowed addresses."""
-        lowest: dict[IPNetwork, IPNetwork] = {}
-        for subnet, block in held:  # sorted: the first of a subnet is its lowest
-            lowest.setdefault(subnet, block)
-        keep: set[Block] = set()
+    def _holds_vtep(self, subnet: IPNetwork, block: IPNetwork) -> bool:
+        """``block`` is this host's lowest of ``subnet`` (its VTEP address) and the host has
+        borrowed addresses of that family on the subnet's network. Asked only of a block due
+        for release: O(the networks + their loans), not per look."""
+        node = self._cache.node
+        if self._cache.blocks_of(subnet, node)[:1] != [block]:
+            return False
         for net in self._cache.networks.values():
-            if not traits(net.driver).spans_hosts:
-                continue
-            mine = [ep for ep in self._cache.borrowed_on(net.name)
-                    if ep.node == self._cache.node]
-            versions = {ip.version for ep in mine for ip in ep.borrowed}
-            for s in net.subnets:
-                if s.version in versions and s.cidr in lowest:
-                    keep.add((s.cidr, lowest[s.cidr]))
-        return keep
+            if traits(net.driver).spans_hosts and any(s.cidr == subnet for s in net.subnets):
+                return any(ip.version == subnet.version
+                           for ep in self._cache.borrowed_on(net.name) if ep.node == node
+                           for ip in ep.borrowed)
+        return False
