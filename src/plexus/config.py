@@ -26,6 +26,9 @@ class AgentConfig:
     advertise_address: str = ""  # where other hosts reach this one ("": none found)
     agent_id: str = ""  # the state directory's id (services.hosts.agent_id)
     host_gc_after: float = 3600.0  # seconds without a live agent before a host is removed
+    # seconds a block of this host with no address in use is kept before it goes back to the
+    # pool (services.blocks); 0: never
+    block_release_after: float = 300.0
     pool4: IPNetwork = DEFAULT_POOL4
     pool4_prefix: int = 24
     pool6: IPNetwork = DEFAULT_POOL6

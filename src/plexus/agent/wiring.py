@@ -50,7 +50,7 @@ from plexus.errors import PlexusError
 from plexus.model import keys
 from plexus.model.types import Host
 from plexus.runtime.containers import ContainerRuntime
-from plexus.services import hosts
+from plexus.services import blocks, hosts
 from plexus.services.context import Context, HostView
 from plexus.services.endpoints import EndpointService
 from plexus.services.hosts import Registration
@@ -74,7 +74,7 @@ WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS,
 def _objects(cache: Cache, change: Change) -> list[str]:
     """The reconcilers' names of what a change touches (the cache already holds it)."""
     if change.key.startswith(keys.ENDPOINTS):
-        return ["ep:" + change.key, policy.ENDPOINT + change.key]
+        return ["ep:" + change.key, policy.ENDPOINT + change.key, *overlay.objects(cache, change)]
     if change.key.startswith(keys.POLICIES):
         return [policy.POLICIES]
     if change.key.startswith(keys.NAMESPACES):
@@ -110,11 +110,13 @@ class Agent:
     fullpass: FullPass
     host: LinkTable
     registration: Registration
+    block_releaser: blocks.BlockReleaser
     monitor: LoopMonitor = field(default_factory=LoopMonitor)
     docker: DockerPlugin | None = None
     kernel: KernelWatcher | None = None
     kernel_events: KernelEvents | None = None
     _periodic: asyncio.Task[None] | None = None
+    _block_gc: asyncio.Task[None] | None = None
     _keepalive: asyncio.Task[None] | None = None
     _frozen_at: float = 0.0
     _swept_at: float = field(default_factory=time.monotonic)
@@ -195,6 +197,15 @@ class Agent:
 
     def run_periodic(self) -> None:
         self._periodic = asyncio.create_task(self._passes(), name="full-pass")
+        if self.config.block_release_after:
+            self._block_gc = asyncio.create_task(self._release_blocks(), name="block-gc")
+
+    async def _release_blocks(self) -> None:
+        """This host's empty blocks back to the pool (``services.blocks``)."""
+        every = blocks.interval(self.config.block_release_after)
+        while True:
+            await asyncio.sleep(every)
+            await self.block_releaser.run_once()
 
     async def _passes(self) -> None:
         """The full pass now and then every ``reconcile_interval``. After each, what the agent
@@ -221,7 +232,7 @@ class Agent:
             await asyncio.sleep(self.config.reconcile_interval)
 
     async def close(self) -> None:
-        for task in (self._periodic, self._keepalive):
+        for task in (self._periodic, self._block_gc, self._keepalive):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -294,6 +305,7 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
         host=host,
         registration=Registration(store, Host(config.node, config.advertise_address,
                                               config.agent_id or config.node)),
+        block_releaser=blocks.BlockReleaser(store, cache, config.block_release_after),
     )
     holder.append(agent)
     if kernel_events is not None and link_state is not None:

@@ -35,6 +35,7 @@ def endpoint(ep: Endpoint) -> dict[str, Any]:
         "netns": ep.netns,
         "node": ep.node,
         "addresses": [str(a) for a in ep.addresses],
+        "borrowed": [str(a) for a in ep.borrowed],  # of another host's block
         "gateways": [str(g) for g in ep.gateways],
         "mac": ep.mac,
         "host_ifname": ep.host_ifname,

@@ -76,6 +76,10 @@ for _command in [*containers.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS]:
               type=click.FloatRange(min=0),
               help="seconds a host may go without a live agent before its containers' "
               "addresses are released and it is removed (0: never; `plexus host rm` does it now)")
+@click.option("--block-release-after", default=300.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="seconds an address block of an overlay network that this host holds may "
+              "have no address in use before it goes back to the pool (0: never)")
 @click.option("--etcd-cacert", default=None, help="etcds://: the CA that signed etcd's cert")
 @click.option("--etcd-cert", default=None, help="etcds://: this agent's client certificate")
 @click.option("--etcd-key", default=None, help="etcds://: the client certificate's key")
@@ -131,6 +135,7 @@ def agent(
     advertise_address: str,
     store_url: str,
     host_gc_after: float,
+    block_release_after: float,
     etcd_cacert: str | None,
     etcd_cert: str | None,
     etcd_key: str | None,
@@ -164,6 +169,7 @@ def agent(
             store_url=store_url,
             etcd_tls=(etcd_cacert, etcd_cert, etcd_key),
             host_gc_after=host_gc_after,
+            block_release_after=block_release_after,
             advertise_address=advertise_address,
             pool4=p4,
             pool4_prefix=l4,

@@ -7,6 +7,7 @@ Every function takes the ``AsyncIPRoute`` of the namespace it acts in: namespace
 from __future__ import annotations
 
 import errno
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -86,6 +87,18 @@ async def get_link(ipr: AsyncIPRoute, index: int) -> Any:
     return (await ipr.link("get", index=index))[0]
 
 
+def bridge_mac(owner: str, name: str) -> str:
+    """The MAC a bridge is made with: derived (the same after a re-creation) and locally
+    administered unicast. Given explicitly, it stays: a bridge whose MAC the kernel chose
+    takes its lowest port's instead (br_stp_recalculate_bridge_id) and changes when that port
+    goes, so a container's removal would leave its neighbours' ARP entries for the gateway
+    and for proxied addresses (overlays) pointing at a MAC nobody has; on kernel 6.18 the
+    other containers of the host lost their traffic to other hosts for 15 s and more
+    (tests/integration/test_overlay_blocks.py)."""
+    digest = hashlib.sha256(f"plexus-bridge\0{owner}\0{name}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in ((digest[0] & 0xFC) | 0x02, *digest[1:6]))
+
+
 async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, owner: str, alias: str) -> int:
     """The bridge ``name`` exists, is up, has ``mtu`` and carries ``alias`` tagged ``owner``;
     returns its index. DataplaneError if a bridge of that name is another agent's."""
@@ -95,7 +108,7 @@ async def ensure_bridge(ipr: AsyncIPRoute, name: str, mtu: int, owner: str, alia
         check_owner(name, found[0] if found else None, owner)
     else:
         try:
-            await ipr.link("add", ifname=name, kind="bridge")
+            await ipr.link("add", ifname=name, kind="bridge", address=bridge_mac(owner, name))
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise DataplaneError(f"cannot create bridge {name}: {exc}") from exc

@@ -5,7 +5,10 @@ A host claims a block when it needs addresses and has none free in the blocks it
 address it hands out comes from its own blocks, so other hosts route one prefix per block to it
 and the kernel state per host grows with hosts and blocks, not containers. The claim is one key
 per block (``keys.host_block``) written with compare-and-swap in the same transaction as the
-first address taken from it: two hosts racing for one block never both get it.
+first address taken from it: two hosts racing for one block never both get it. A block with
+no address in use goes back to the pool after a grace period (``services.blocks``); when a
+host's blocks are full and none is free, it borrows an address of another host's block
+(``plans.borrow``), which the other hosts route to it on its own.
 
 IPv6 blocks hold as many addresses as IPv4 ones (/26 ↔ /122), as Calico's do.
 

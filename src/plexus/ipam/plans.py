@@ -12,7 +12,6 @@ number of addresses in use.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -33,11 +32,14 @@ class Plan:
     addresses: list[IPInterface] = field(default_factory=list)
     compares: list[Compare] = field(default_factory=list)
     ops: list[Op] = field(default_factory=list)
+    # Addresses taken from a block another host holds (``borrow``).
+    borrowed: list[IPAddress] = field(default_factory=list)
 
     def extend(self, other: Plan) -> None:
         self.addresses += other.addresses
         self.compares += other.compares
         self.ops += other.ops
+        self.borrowed += other.borrowed
 
 
 def _interface(address: IPAddress, subnet: Subnet) -> IPInterface:
@@ -198,32 +200,130 @@ async def claim_in_host_blocks(store: Datastore, subnet: Subnet, owner: str, nod
                                held: Sequence[IPNetwork], taken: Collection[IPNetwork],
                                prefix: int) -> Plan:
     """The next free address of the blocks ``node`` holds in ``subnet`` (a spanning network's);
-    if they are full, of a block nobody holds, claimed for ``node`` in the same plan. ``taken``
-    is every host's blocks as the caller last saw them: a block claimed since is found by its
-    key and skipped, so a stale view costs a read, not a failed transaction."""
+    if they are full, of a block nobody holds, claimed for ``node`` in the same plan; if none is
+    left, an address borrowed from another host's block (``borrow``). ``taken`` is every host's
+    blocks as the caller last saw them: a block claimed since is found by its key and skipped,
+    so a stale view costs a read, not a failed transaction.
+
+    Every plan compares the block's holder key, unchanged: the holder releasing an empty block
+    (``plan_block_release``, which compares the bitmap) and an allocation into it are two
+    transactions of which only the first to commit succeeds."""
     for block in held:
-        with contextlib.suppress(Exhausted):
-            return await claim_next(store, replace(subnet, ip_range=block), owner,
-                                    _vtep(block))
+        plan = await _claim_in_block(store, subnet, owner, block, node)
+        if plan is not None:
+            return plan
     skip = set(taken) | set(held)
     for _ in range(hostblocks.MAX_BLOCK_SCAN):
         free = hostblocks.free_block(subnet.cidr, prefix, skip)
         if free is None:
             break
-        block = free
+        skip.add(free)
+        plan = await _claim_free_block(store, subnet, owner, node, free)
+        if plan is not None:
+            return plan
+    if held:
+        plan = await borrow(store, subnet, owner, node, sorted(set(taken) - set(held)))
+        if plan is not None:
+            return plan
+    raise Exhausted(f"no free /{prefix} block left in {subnet.cidr} for host {node}"
+                    + ("" if held else " (and it holds none, so it cannot borrow an address)"))
+
+
+async def borrow(store: Datastore, subnet: Subnet, owner: str, node: str,
+                 others: Sequence[IPNetwork]) -> Plan | None:
+    """A free address of another host's block (Calico's borrowing), for when this host's
+    blocks are full and the pool has no free block: the endpoint lives on ``node``, which the
+    other hosts (and the block's holder) route that one address to (``Endpoint.borrowed``).
+    A block found free meanwhile is claimed instead. Needs ``node`` to hold a block (its VXLAN
+    endpoint address is a block's first address: dataplane/overlay)."""
+    for block in others[:hostblocks.MAX_BLOCK_SCAN]:
         key = keys.host_block(subnet.cidr, block)
-        if await store.get(key) is not None:
-            skip.add(block)
-            continue
-        try:
-            plan = await claim_next(store, replace(subnet, ip_range=block), owner, _vtep(block))
-        except Exhausted:  # a block with no usable address (the gateway's /30, say)
-            skip.add(block)
-            continue
-        plan.compares.append(Compare.absent(key))
-        plan.ops.append(Put(key, node))
-        return plan
-    raise Exhausted(f"no free /{prefix} block left in {subnet.cidr} for host {node}")
+        kv = await store.get(key)
+        if kv is None:
+            plan = await _claim_free_block(store, subnet, owner, node, block)
+        elif kv.value == node:
+            plan = await _claim_in_block(store, subnet, owner, block, node)
+        else:
+            plan = await _claim_in_block(store, subnet, owner, block, kv.value)
+            if plan is not None:
+                plan.borrowed += [a.ip for a in plan.addresses]
+        if plan is not None:
+            return plan
+    return None
+
+
+async def _claim_in_block(store: Datastore, subnet: Subnet, owner: str, block: IPNetwork,
+                          holder: str) -> Plan | None:
+    """The next free address of ``block`` while ``holder`` still holds it; None if it is
+    full or no longer ``holder``'s (a stale view)."""
+    key = keys.host_block(subnet.cidr, block)
+    kv = await store.get(key)
+    if kv is None or kv.value != holder:
+        return None
+    try:
+        plan = await claim_next(store, replace(subnet, ip_range=block), owner, _vtep(block))
+    except Exhausted:
+        return None
+    plan.compares.append(Compare.unchanged(kv, key))
+    return plan
+
+
+async def _claim_free_block(store: Datastore, subnet: Subnet, owner: str, node: str,
+                            block: IPNetwork) -> Plan | None:
+    """``block`` for ``node`` with its first address; None if someone holds it or it has no
+    usable address (the gateway's /30, say)."""
+    key = keys.host_block(subnet.cidr, block)
+    if await store.get(key) is not None:
+        return None
+    try:
+        plan = await claim_next(store, replace(subnet, ip_range=block), owner, _vtep(block))
+    except Exhausted:
+        return None
+    plan.compares.append(Compare.absent(key))
+    plan.ops.append(Put(key, node))
+    return plan
+
+
+async def plan_block_release(store: Datastore, cidr: IPNetwork, block: IPNetwork,
+                             node: str) -> Plan | None:
+    """Hand ``node``'s ``block`` of subnet ``cidr`` back to the pool if no address of it is
+    in use (its reserved first address never is: no bit), else None. The plan compares the
+    bitmap(s) covering the block unchanged (absent if there is none) and the holder key: an
+    allocation into the block that commits first makes it fail, and one that comes after
+    finds the holder key gone (``_claim_in_block``). A bitmap shared with a neighbouring
+    block that changed meanwhile fails it too: the caller tries again on its next pass."""
+    key = keys.host_block(cidr, block)
+    held = await store.get(key)
+    if held is None or held.value != node:
+        return None
+    plan = Plan()
+    for start in _bitmap_starts(cidr, block):
+        bitmap_key = keys.ipam_block(cidr, start)
+        kv = await store.get(bitmap_key)
+        bitmap = blocks.Block(start, blocks.block_of(cidr, start).size)
+        if _bits_in(blocks.decode(kv.value if kv else None), bitmap, block):
+            return None
+        plan.compares.append(Compare.unchanged(kv, bitmap_key))
+    plan.compares.append(Compare.unchanged(held, key))
+    plan.ops.append(Delete(key))
+    return plan
+
+
+def _bitmap_starts(cidr: IPNetwork, block: IPNetwork) -> list[IPAddress]:
+    """The starts of the allocator's bitmaps (``blocks.BLOCK_SIZE`` addresses) that cover
+    ``block``: one, unless a host block is larger than a bitmap."""
+    first = blocks.block_of(cidr, block.network_address)
+    count = max(1, block.num_addresses // first.size)
+    return [first.address(i * first.size) for i in range(count)]
+
+
+def _bits_in(bits: int, bitmap: blocks.Block, block: IPNetwork) -> bool:
+    """Any bit of ``bitmap`` set for an address of ``block``."""
+    lo = max(0, bitmap.offset(block.network_address))
+    hi = min(bitmap.size - 1, bitmap.offset(block.broadcast_address))
+    if hi < lo:
+        return False
+    return bool(bits >> lo & ((1 << (hi - lo + 1)) - 1))
 
 
 def _vtep(block: IPNetwork) -> frozenset[IPAddress]:

@@ -17,7 +17,8 @@ front door's keys are here too:
                                                   BLOCK_SIZE addresses starting at START
     /plexus/ipam-cursor/CIDR                      last address handed out (a hint)
     /plexus/host-blocks/CIDR/BLOCK                the node holding a block of a spanning
-                                                  network's subnet (ipam.hostblocks)
+                                                  network's subnet (ipam.hostblocks); deleted
+                                                  by it when empty (services.blocks)
     /plexus/vnis/VNI                              the overlay network using a VXLAN id
     /plexus/endpoints/NODE/CONTAINER/IFNAME       Endpoint
     /plexus/ports/NODE/PROTO/PORT                 {host address or "*": endpoint store key}

@@ -201,6 +201,10 @@ class Endpoint:
     # namespace, its container end named ``peer_ifname``.
     peer_in_host: bool = False
     exposes: tuple[ExposedPort, ...] = ()
+    # Addresses taken from a block another host holds (a spanning network whose pool had no
+    # free block left: ipam.plans.claim_in_host_blocks): the one case where other hosts route
+    # a single address to this endpoint's node rather than a block to the block's holder.
+    borrowed: tuple[IPAddress, ...] = ()
 
     @property
     def key(self) -> str:
@@ -235,6 +239,7 @@ class Endpoint:
         d["gateways"] = [str(g) for g in self.gateways]
         d["ports"] = [p.to_dict() for p in self.ports]
         d["exposes"] = [asdict(x) for x in self.exposes]
+        d["borrowed"] = [str(a) for a in self.borrowed]
         return _dumps(d)
 
     @staticmethod
@@ -245,6 +250,7 @@ class Endpoint:
         d["ports"] = tuple(PortMapping.from_dict(p) for p in d["ports"])
         d["aliases"] = tuple(d["aliases"])
         d["exposes"] = tuple(ExposedPort(**x) for x in d.get("exposes", ()))
+        d["borrowed"] = tuple(ipaddress.ip_address(a) for a in d.get("borrowed", ()))
         d.pop("host_ifname", None)  # derived since layout 2
         return Endpoint(**d)
 

@@ -194,7 +194,7 @@ class EndpointService:
                                          self._next_free(p.net, p.spec.ips))
         else:
             plan = Plan()
-        ep = replace(p.ep, addresses=tuple(plan.addresses))
+        ep = replace(p.ep, addresses=tuple(plan.addresses), borrowed=tuple(plan.borrowed))
         ep = replace(ep, gateways=_gateways(p.net, ep) if p.route else ())
         change = ports.PortChange(self.ctx.node, owner, (), ep.ports)
         plan.extend(await ports.plan_ports(self.ctx.store, [change], self._who))

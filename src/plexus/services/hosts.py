@@ -194,8 +194,7 @@ async def _commit(store: Datastore, name: str, compares: Sequence[Compare],
 
 def held_blocks(cache: Cache, node: str) -> list[tuple[IPNetwork, IPNetwork]]:
     """(subnet, block) of every address block ``node`` holds."""
-    return sorted((subnet, block) for subnet, blocks in cache.blocks.items()
-                  for block, holder in blocks.items() if holder == node)
+    return cache.held_by(node)
 
 
 def views(cache: Cache) -> list[HostView]:

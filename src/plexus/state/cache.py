@@ -52,11 +52,17 @@ class Cache:
         default_factory=lambda: defaultdict(dict))
     _blocks_of: dict[tuple[IPNetwork, str], set[IPNetwork]] = field(
         default_factory=lambda: defaultdict(set))
+    _held: dict[str, set[tuple[IPNetwork, IPNetwork]]] = field(  # node -> (subnet, block)
+        default_factory=lambda: defaultdict(set))
     _by_network: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     _by_container: dict[tuple[str, str], dict[str, Endpoint]] = field(
         default_factory=lambda: defaultdict(dict))
     _containers_by_id: dict[str, str] = field(default_factory=dict)
     _local: set[str] = field(default_factory=set)  # store keys of this node's endpoints
+    # Endpoints with addresses borrowed from another host's block (``Endpoint.borrowed``), by
+    # network; and those just removed, until the overlay reconciler has been told.
+    _borrowing: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    _left: dict[str, str] = field(default_factory=dict)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -81,6 +87,22 @@ class Cache:
     def blocks_of(self, subnet: IPNetwork, node: str) -> list[IPNetwork]:
         """The blocks of ``subnet`` that ``node`` holds, in address order."""
         return sorted(self._blocks_of.get((subnet, node), ()))
+
+    def borrowed_on(self, network: str) -> list[Endpoint]:
+        """Every node's endpoints on ``network`` holding borrowed addresses: O(their number)."""
+        return [self.endpoints[k] for k in sorted(self._borrowing.get(network, ()))]
+
+    def borrowing_network(self, key: str) -> str | None:
+        """The network of the endpoint at ``key`` if it holds borrowed addresses or, just
+        removed, held some (told once): the network whose routes its change touches."""
+        ep = self.endpoints.get(key)
+        if ep is not None and ep.borrowed:
+            return ep.network
+        return self._left.pop(key, None)
+
+    def held_by(self, node: str) -> list[tuple[IPNetwork, IPNetwork]]:
+        """(subnet, block) of every block ``node`` holds, of any network: O(their number)."""
+        return sorted(self._held.get(node, ()))
 
     def local_endpoints(self) -> list[Endpoint]:
         return [self.endpoints[k] for k in self._local]
@@ -163,12 +185,23 @@ class Cache:
             ifaces.pop(old.ifname, None)
             if not ifaces:
                 del self._by_container[(old.node, old.container_id)]
+            if old.borrowed:
+                self._forget_borrowed(key, old)
+        if ep is not None and ep.borrowed:
+            self._borrowing[ep.network].add(key)
+            self._left.pop(key, None)
         if ep is not None:
             self.endpoints[key] = ep
             if ep.node == self.node:
                 self._local.add(key)
             self._by_network[ep.network].add(key)
             self._by_container[(ep.node, ep.container_id)][ep.ifname] = ep
+
+    def _forget_borrowed(self, key: str, old: Endpoint) -> None:
+        self._borrowing[old.network].discard(key)
+        if not self._borrowing[old.network]:
+            del self._borrowing[old.network]
+        self._left[key] = old.network
 
     def _set_container(self, name: str, value: str | None) -> None:
         old = self.containers.pop(name, None)
@@ -185,9 +218,13 @@ class Cache:
             self._blocks_of[(subnet, old)].discard(block)
             if not self._blocks_of[(subnet, old)]:
                 del self._blocks_of[(subnet, old)]
+            self._held[old].discard((subnet, block))
+            if not self._held[old]:
+                del self._held[old]
         if node is not None:
             self.blocks[subnet][block] = node
             self._blocks_of[(subnet, node)].add(block)
+            self._held[node].add((subnet, block))
         elif not self.blocks[subnet]:
             del self.blocks[subnet]
 

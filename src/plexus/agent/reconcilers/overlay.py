@@ -1,8 +1,9 @@
 """Overlay networks' other hosts: FDB entries, neighbours and routes towards their blocks.
 
 Objects are ``overlay:NAME``, queued when a network that spans hosts changes, when a host's
-record changes (its underlay address) and when a block of such a network is claimed or
-released (``objects``). For each, the network's driver (a ``SpanningDriver``) compares the
+record changes (its underlay address), when a block of such a network is claimed or released,
+and when an endpoint holding addresses borrowed from another host's block comes or goes
+(``objects``). For each, the network's driver (a ``SpanningDriver``) compares the
 hosts and blocks of the cache with what it last applied and changes only the entries of the
 hosts that changed, or synchronises the whole device when this host's own part changed or it
 has no record (start-up, ``invalidate`` from the full pass). The link reconciler makes and
@@ -45,6 +46,10 @@ def overlay_object(name: str) -> str:
 def objects(cache: Cache, change: Change) -> list[str]:
     """The ``overlay:NAME`` objects a datastore change touches (the cache already has it)."""
     key = change.key
+    if key.startswith(keys.ENDPOINTS):  # only one with borrowed addresses is routed on its own
+        name = cache.borrowing_network(key)
+        net = None if name is None else cache.network(name)
+        return [overlay_object(net.name)] if net is not None and _spans(net) else []
     if key.startswith(keys.NETWORKS):
         net = cache.network(key[len(keys.NETWORKS):])
         return [overlay_object(net.name)] if net is not None and _spans(net) else []
@@ -106,13 +111,16 @@ class CachePeers:
         return self._cache.network(name)
 
     def peers(self, net: Network) -> Peers:
-        """O(the network's blocks + hosts holding them)."""
+        """O(the network's blocks + hosts holding them + borrowed addresses)."""
         held: dict[str, list[IPNetwork]] = defaultdict(list)
         for subnet in net.subnets:
             for block, node in self._cache.blocks.get(subnet.cidr, {}).items():
                 held[node].append(block)
+        borrowed: dict[str, list[IPAddress]] = defaultdict(list)
+        for ep in self._cache.borrowed_on(net.name):
+            borrowed[ep.node] += ep.borrowed
         remotes: dict[str, RemoteHost] = {}
-        for node, blocks in held.items():
+        for node in held.keys() | borrowed.keys():
             host = self._cache.hosts.get(node)
             underlay = None if host is None else _address(host.address)
             if node == self._cache.node:
@@ -120,13 +128,19 @@ class CachePeers:
             if underlay is None:  # removed, or it never had an address: nowhere to send to
                 log.debug("overlay %s: host %s holds blocks but has no address", net.name, node)
                 continue
-            remotes[node] = RemoteHost(node, underlay, _ordered(blocks))
+            remotes[node] = RemoteHost(node, underlay, _ordered(held.get(node, [])),
+                                       tuple(sorted(borrowed.get(node, ()), key=_order)))
+        mine = tuple(sorted(borrowed.get(self._cache.node, ()), key=_order))
         return Peers(self._cache.node, self._underlay, _ordered(held.get(self._cache.node, [])),
-                     remotes)
+                     remotes, mine)
 
 
 def _ordered(blocks: list[IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(sorted(blocks, key=lambda b: (b.version, int(b.network_address))))
+
+
+def _order(ip: IPAddress) -> tuple[int, int]:
+    return (ip.version, int(ip))
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -87,6 +87,7 @@ class Peers:
     underlay: IPAddress | None  # this host's advertise address (None: it has none)
     blocks: tuple[IPNetwork, ...]  # this host's blocks of the network's subnets
     remotes: Mapping[str, RemoteHost] = field(default_factory=dict)  # other hosts with blocks
+    borrowed: tuple[IPAddress, ...] = ()  # this host's addresses of other hosts' blocks
 
 
 class OverlayPeers(Protocol):
@@ -97,7 +98,8 @@ class OverlayPeers(Protocol):
     def peers(self, net: Network) -> Peers: ...
 
 
-LocalKey = tuple[str, IPAddress | None, tuple[IPNetwork, ...]]  # this host: node, underlay, blocks
+# This host: node, underlay, blocks, borrowed addresses.
+LocalKey = tuple[str, IPAddress | None, tuple[IPNetwork, ...], tuple[IPAddress, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,14 +249,14 @@ class OverlayDriver(BridgeDriver):
             await links.delete_address(ipr, index, iface)
 
     def _spec(self, net: Network) -> OverlaySpec:
-        return OverlaySpec(net.name, net.id, net.vni, alias=self._alias(net))
+        return OverlaySpec(net.name, net.id, net.vni, alias=self._alias(net), bridge=net.bridge)
 
     async def _local(self, net: Network, peers: Peers) -> HostVtep:
         if peers.underlay is None:
             raise DataplaneError(f"overlay network {net.name} needs this host's "
                                  "--advertise-address")
         mtu = await self._applier.underlay_mtu(peers.underlay)
-        return HostVtep(peers.node, peers.underlay, mtu, peers.blocks)
+        return HostVtep(peers.node, peers.underlay, mtu, peers.blocks, peers.borrowed)
 
     async def close(self) -> None:
         self._applier.close()
@@ -266,7 +268,7 @@ def _link_mtu(net: Network, local: HostVtep) -> int:
 
 
 def _local_key(peers: Peers) -> LocalKey:
-    return (peers.node, peers.underlay, peers.blocks)
+    return (peers.node, peers.underlay, peers.blocks, peers.borrowed)
 
 
 def _as_configured(net: Network, ep: Endpoint) -> Endpoint:

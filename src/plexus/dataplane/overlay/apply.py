@@ -37,6 +37,7 @@ from plexus.dataplane.overlay.model import (
     FdbEntry,
     NeighEntry,
     OverlayKernelState,
+    OverlayRoute,
     VxlanDevice,
 )
 from plexus.dataplane.overlay.render import DeviceStep, OverlayDelta, diff
@@ -65,27 +66,42 @@ def read_link(sock: OverlaySocket, name: str = "", index: int = 0) -> wire.LinkR
     return wire.parse_link(answer.payload)
 
 
-def read_state(sock: OverlaySocket, name: str) -> Observed:
-    """The device ``name`` and every object plexus keeps on it, as the kernel holds them."""
+def read_routes(sock: OverlaySocket, index: int) -> frozenset[OverlayRoute]:
+    """plexus's routes through link ``index``, both families."""
+    return frozenset(route for family in (socket.AF_INET, socket.AF_INET6)
+                     for route in wire.parse_routes(iter(sock.dump(functools.partial(
+                         wire.route_dump_request, family=family, index=index))), index))
+
+
+def read_delivered(sock: OverlaySocket, bridge: str) -> frozenset[OverlayRoute]:
+    """plexus's routes through the bridge (to borrowed addresses; none if no bridge)."""
+    link = read_link(sock, bridge) if bridge else None
+    return frozenset() if link is None else read_routes(sock, link.index)
+
+
+def read_state(sock: OverlaySocket, name: str, bridge: str = "") -> Observed:
+    """The device ``name`` and every object plexus keeps on it, as the kernel holds them, and
+    plexus's routes through ``bridge``."""
+    delivered = read_delivered(sock, bridge)
     link = read_link(sock, name)
     if link is None or link.kind != "vxlan":
-        return Observed(link, OverlayKernelState())
+        return Observed(link, OverlayKernelState(bridge=bridge, delivered=delivered))
     device = link.device(ethtool.tx_checksum(sock.fileno(), name))
     index = link.index
     fdb = wire.parse_neighbours(iter(sock.dump(
         lambda seq: wire.neigh_dump_request(seq, wire.AF_BRIDGE, index))), index, wire.AF_BRIDGE)
     neigh = wire.parse_neighbours(iter(sock.dump(
         lambda seq: wire.neigh_dump_request(seq, socket.AF_UNSPEC, index))), index, 0)
-    routes = [route for family in (socket.AF_INET, socket.AF_INET6)
-              for route in wire.parse_routes(iter(sock.dump(
-                  functools.partial(wire.route_dump_request, family=family, index=index))), index)]
+    routes = read_routes(sock, index)
     return Observed(link, OverlayKernelState(
         device=device,
         addresses=wire.parse_addresses(iter(sock.dump(
             lambda seq: wire.addr_dump_request(seq, index))), index),
         fdb=frozenset(FdbEntry(mac, dst) for dst, mac in fdb),
         neigh=frozenset(NeighEntry(ip, mac) for ip, mac in neigh),
-        routes=frozenset(routes),
+        routes=routes,
+        bridge=bridge,
+        delivered=delivered,
     ))
 
 
@@ -126,7 +142,7 @@ def sync(sock: OverlaySocket, want: OverlayKernelState) -> tuple[OverlayDelta, i
     what was changed and the device's index."""
     if want.device is None:
         raise ValueError("sync() makes a device; remove() deletes one")
-    seen = read_state(sock, want.device.name)
+    seen = read_state(sock, want.device.name, want.bridge)
     check_owner(seen.link, want.device.name, want.device.alias)
     delta = diff(seen.state, want)
     return delta, apply_delta(sock, delta, seen.link)
@@ -163,9 +179,36 @@ def apply_delta(sock: OverlaySocket, delta: OverlayDelta, link: wire.LinkRead | 
     if delta.tx_checksum is not None:
         ethtool.set_tx_checksum(sock.fileno(), dev.name, delta.tx_checksum)
     builds, whats, fine = entry_requests(index, delta)
+    if delta.delivered:
+        _add(delivered_requests(sock, delta), builds, whats, fine)
     if builds:
         _check(sock.batch(builds), whats, fine)
     return index
+
+
+def delivered_requests(sock: OverlaySocket, delta: OverlayDelta) -> tuple[
+        list[Build], list[str], list[tuple[int, ...]]]:
+    """The bridge's routes to borrowed addresses, removed and added."""
+    bridge = read_link(sock, delta.bridge) if delta.bridge else None
+    if bridge is None:
+        raise DataplaneError(f"no bridge {delta.bridge or '(unnamed)'} to deliver borrowed "
+                             "addresses to")
+    index = bridge.index
+    steps: list[tuple[Build, str, tuple[int, ...]]] = []
+    for route in delta.delivered.remove:
+        steps.append((functools.partial(wire.delroute_request, index=index, route=route),
+                      f"cannot delete route {route.dst} dev {delta.bridge}", _GONE))
+    for route in delta.delivered.add:
+        steps.append((functools.partial(wire.link_route_request, index=index, route=route),
+                      f"cannot add route {route.dst} dev {delta.bridge}", ()))
+    return [s[0] for s in steps], [s[1] for s in steps], [s[2] for s in steps]
+
+
+def _add(more: tuple[list[Build], list[str], list[tuple[int, ...]]], builds: list[Build],
+         whats: list[str], fine: list[tuple[int, ...]]) -> None:
+    builds += more[0]
+    whats += more[1]
+    fine += more[2]
 
 
 def entry_requests(index: int, delta: OverlayDelta) -> tuple[

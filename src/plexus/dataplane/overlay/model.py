@@ -39,6 +39,7 @@ class OverlaySpec:
     offload: bool = False  # tx checksum offload on the VXLAN device (off: see render.py)
     mtu: int = 0  # 0: from the underlay (``overlay_mtu``)
     alias: str = ""  # IFLA_IFALIAS written on the device (links.tag(owner, "net:NAME"))
+    bridge: str = ""  # the network's bridge: where this host delivers addresses it borrowed
 
     def __post_init__(self) -> None:
         if not 1 <= self.vni <= VNI_MAX:
@@ -57,15 +58,17 @@ class HostVtep:
     underlay_ip: IPAddress
     underlay_mtu: int
     blocks: tuple[IPNetwork, ...] = ()
+    borrowed: tuple[IPAddress, ...] = ()  # its endpoints' addresses of other hosts' blocks
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteHost:
-    """Another host holding blocks of the network."""
+    """Another host holding blocks of the network (or addresses borrowed from others')."""
 
     node: str
     underlay_ip: IPAddress
     blocks: tuple[IPNetwork, ...] = ()
+    borrowed: tuple[IPAddress, ...] = ()  # its endpoints' addresses of other hosts' blocks
 
 
 # --- kernel objects -------------------------------------------------------------------------
@@ -123,10 +126,15 @@ class OverlayKernelState:
     fdb: frozenset[FdbEntry] = frozenset()
     neigh: frozenset[NeighEntry] = frozenset()
     routes: frozenset[OverlayRoute] = frozenset()
+    # Routes through ``bridge`` (via None) to this host's borrowed addresses: the other
+    # hosts' block routes would otherwise send them to the block's holder.
+    bridge: str = ""
+    delivered: frozenset[OverlayRoute] = frozenset()
 
     def counts(self) -> dict[str, int]:
         return {"addresses": len(self.addresses), "fdb": len(self.fdb),
-                "neigh": len(self.neigh), "routes": len(self.routes)}
+                "neigh": len(self.neigh), "routes": len(self.routes),
+                "delivered": len(self.delivered)}
 
 
 # --- derivations every host agrees on ---------------------------------------------------------
@@ -162,6 +170,11 @@ def vtep_addresses(blocks: Iterable[IPNetwork]) -> dict[int, IPAddress]:
     for block in sorted(blocks, key=lambda b: (b.version, b.network_address)):
         found.setdefault(block.version, block.network_address)
     return found
+
+
+def host_network(ip: IPAddress) -> IPNetwork:
+    """``ip`` alone as a prefix (/32, /128): the route of one borrowed address."""
+    return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
 
 
 def host_interface(ip: IPAddress) -> IPInterface:

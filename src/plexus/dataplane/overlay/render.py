@@ -9,6 +9,13 @@ neighbour per IP version (its VTEP address -> its VTEP MAC) and one route per bl
 via VTEP_ADDRESS dev pxvx-.. onlink``). Nothing per container: a host's kernel state grows with
 the number of hosts and blocks. A remote host's objects depend on nothing but that host, so
 adding or removing one changes only its own objects (``remote_objects``).
+
+Borrowed addresses (ipam.plans.borrow: an endpoint whose address comes from another host's
+block, when the pool had no free block left) are the exception, as in Calico: every other host,
+the block's holder included, routes that one address (/32, /128) to the borrower's VTEP, more
+specific than the block's route, and the borrower routes it to its bridge (``delivered``),
+where the block's route through the VXLAN device would otherwise take it. Only these grow
+with containers.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from plexus.dataplane.overlay.model import (
     VxlanDevice,
     device_name,
     host_interface,
+    host_network,
     overlay_mtu,
     vtep_addresses,
     vtep_mac,
@@ -70,15 +78,19 @@ def device(overlay: OverlaySpec, local: HostVtep) -> VxlanDevice:
 
 def remote_objects(vni: int, remote: RemoteHost) -> tuple[
         frozenset[FdbEntry], frozenset[NeighEntry], frozenset[OverlayRoute]]:
-    """One remote host's FDB entry, neighbours and routes (none if it holds no block)."""
+    """One remote host's FDB entry, neighbours and routes: one per block, one per borrowed
+    address (none if it holds no block: it has no VTEP address to route to)."""
     vteps = vtep_addresses(remote.blocks)
     if not vteps:
         return frozenset(), frozenset(), frozenset()
     mac = vtep_mac(remote.node, vni)
+    borrowed = (OverlayRoute(host_network(ip), vteps[ip.version])
+                for ip in remote.borrowed if ip.version in vteps)
     return (
         frozenset((FdbEntry(mac, remote.underlay_ip),)),
         frozenset(NeighEntry(ip, mac) for ip in vteps.values()),
-        frozenset(OverlayRoute(block, vteps[block.version]) for block in remote.blocks),
+        frozenset((*(OverlayRoute(block, vteps[block.version]) for block in remote.blocks),
+                   *borrowed)),
     )
 
 
@@ -103,6 +115,9 @@ def desired(overlay: OverlaySpec, local: HostVtep,
         fdb=frozenset(fdb),
         neigh=frozenset(neigh),
         routes=frozenset(routes),
+        bridge=overlay.bridge,
+        delivered=frozenset(OverlayRoute(host_network(ip), None) for ip in local.borrowed)
+        if overlay.bridge else frozenset(),
     )
 
 
@@ -180,12 +195,14 @@ class OverlayDelta:
     fdb: Changes[FdbEntry] = field(default_factory=Changes)
     neigh: Changes[NeighEntry] = field(default_factory=Changes)
     routes: Changes[OverlayRoute] = field(default_factory=Changes)
+    bridge: str = ""  # where ``delivered`` routes go
+    delivered: Changes[OverlayRoute] = field(default_factory=Changes)
 
     def __len__(self) -> int:
         """The number of kernel changes (one netlink request or ioctl each)."""
         steps = {DeviceStep.KEEP: 0, DeviceStep.RECREATE: 2}.get(self.step, 1)
         return (steps + (self.tx_checksum is not None) + len(self.addresses) + len(self.fdb)
-                + len(self.neigh) + len(self.routes))
+                + len(self.neigh) + len(self.routes) + len(self.delivered))
 
     @property
     def empty(self) -> bool:
@@ -198,8 +215,8 @@ def diff(current: OverlayKernelState, want: OverlayKernelState) -> OverlayDelta:
     step = _device_step(current.device, want.device)
     if step is DeviceStep.DELETE:
         return OverlayDelta(None, step)
-    if step in (DeviceStep.CREATE, DeviceStep.RECREATE):
-        current = OverlayKernelState()
+    if step in (DeviceStep.CREATE, DeviceStep.RECREATE):  # the bridge's routes stay
+        current = OverlayKernelState(bridge=current.bridge, delivered=current.delivered)
     return OverlayDelta(
         device=want.device,
         step=step,
@@ -208,6 +225,8 @@ def diff(current: OverlayKernelState, want: OverlayKernelState) -> OverlayDelta:
         fdb=changes(current.fdb, want.fdb, lambda f: f.mac),
         neigh=changes(current.neigh, want.neigh, lambda n: n.ip),
         routes=changes(current.routes, want.routes, lambda r: r.dst),
+        bridge=want.bridge,
+        delivered=changes(current.delivered, want.delivered, lambda r: r.dst),
     )
 
 

@@ -37,6 +37,7 @@ RTM_DELADDR, RTM_GETADDR = 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RT_TABLE_MAIN, RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE, RTN_UNICAST = 254, 0, 255, 1
+RT_SCOPE_LINK = 253
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 RTNH_F_ONLINK = 4
 # The protocol field of plexus's routes: 112 is ASCII "p", and unused by linux/rtnetlink.h and
@@ -343,6 +344,17 @@ def route_request(seq: int, index: int, route: OverlayRoute, replace: bool = Fal
     body += _u32(RTA_TABLE, RT_TABLE_MAIN)
     flags = NLM_F_ACK | NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
     return _request(RTM_NEWROUTE, flags, seq, body)
+
+
+def link_route_request(seq: int, index: int, route: OverlayRoute) -> bytes:
+    """RTM_NEWROUTE ``dst dev INDEX scope link proto plexus``: a directly connected address
+    (a borrowed one, on the bridge). No gateway, so no onlink either (the kernel refuses it)."""
+    family = _family(route.dst.network_address)
+    head = _RTMSG.pack(family, route.dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_PLEXUS,
+                       RT_SCOPE_LINK, RTN_UNICAST, 0)
+    body = head + _attr(RTA_DST, route.dst.network_address.packed) + _u32(RTA_OIF, index)
+    body += _u32(RTA_TABLE, RT_TABLE_MAIN)
+    return _request(RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 
 def delroute_request(seq: int, index: int, route: OverlayRoute) -> bytes:
