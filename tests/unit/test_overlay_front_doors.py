@@ -12,13 +12,15 @@ import pytest
 
 from plexus.agent.wiring import Agent
 from plexus.api.docker.ipam import GATEWAY_REQUEST, DockerIpam
+from plexus.cni.results import add_result
 from plexus.errors import InvalidArgument
 from plexus.model import keys
+from plexus.services.endpoints import AttachSpec
 from plexus.services.networks import NetworkSpec
 from plexus.store.base import Put
 from plexus.store.memory import MemoryStore
 from plexus.testing import FakeFirewall, FakeKernel
-from tests.unit.test_services import make_agent
+from tests.unit.test_services import NETNS, make_agent
 
 SUBNET = "10.50.0.0/24"
 
@@ -76,3 +78,21 @@ async def test_a_docker_sub_pool_of_an_overlay_is_refused(agent: Agent) -> None:
                                       "SubPool": "10.50.0.128/25"})
     with pytest.raises(InvalidArgument, match="SubPool"):
         await ipam.request_address({"PoolID": answer["PoolID"]})
+
+
+async def test_a_cni_result_never_claims_an_overlay_link_has_the_networks_mtu(
+    agent: Agent,
+) -> None:
+    """The links of an overlay get the underlay's MTU less VXLAN's 50 bytes (the dataplane's
+    business); a 1.1.0 result leaves its optional ``mtu`` out rather than say 1500."""
+    await _overlay_with_a_block_of_another_host(agent)
+    await agent.networks.create(NetworkSpec(name="br", subnets=["10.51.0.0/24"], mtu=1400))
+    for name, mtu in (("ov", None), ("br", 1400)):
+        ep = await agent.endpoints.attach(AttachSpec(container_id=f"c-{name}", network=name,
+                                                     netns=NETNS, owner="cni"))
+        net = agent.cache.network(name)
+        assert net is not None
+        [_, iface] = add_result("1.1.0", net, ep)["interfaces"]
+        assert iface.get("mtu") == mtu, name
+        assert add_result("1.1.0", net, ep)["ips"][0]["gateway"] == str(
+            net.subnets[0].gateway)
