@@ -1,0 +1,265 @@
+"""One overlay network, three container runtimes, three hosts: a Docker container on host1 (a
+dockerd in host1's namespaces, its network created with ``docker network create -d plexus
+--ipam-driver plexus --subnet SUBNET -o plexus.name=ov``), a Podman container on host2 (the
+plexus CNI plugin) and a ``plexus run`` container on host3, the three agents sharing one real
+etcd. Proven with TCP between every pair, each container's address read from its runtime and
+checked against the blocks etcd says its own host holds, names answered by the plexus DNS of
+the asking container's host, the links' MTU (the overlay's), and removal by each runtime's own
+command taking the address back on every host."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plexus.cni.install import install
+from plexus.model import keys
+from tests.harness.cluster import cluster
+from tests.harness.docker import INDEX_HTML, Dockerd
+from tests.harness.etcd import EtcdCluster
+from tests.harness.podman import Podman
+from tests.harness.probes import (
+    ANSWERED,
+    DROPPED,
+    UNREACHABLE,
+    http_probe,
+    tcp_probe,
+    wait_for_answer,
+)
+from tests.harness.world import Agent, World, nsexec
+
+from .helpers import wait_until
+
+pytestmark = [
+    pytest.mark.skipif(
+        not all(shutil.which(b) for b in ("dockerd", "podman", "etcd"))
+        or not Path("/bin/busybox").exists(),
+        reason="needs docker.io, podman, etcd-server and busybox-static (make deps)",
+    ),
+    # The first test also starts etcd, three agents, a dockerd and Podman on a shared 2-core
+    # machine: a bound, not a measure.
+    pytest.mark.timeout(300),
+]
+
+SUBNET = "10.78.0.0/24"
+GATEWAY = "10.78.0.1"
+BLOCK = 28  # /28 blocks: 16 addresses a host
+NET = "ov"
+OVERLAY_MTU = 1450  # the hosts' up0 (1500) less VXLAN's 50 bytes
+
+
+@dataclass
+class Env:
+    world: World
+    etcd: EtcdCluster
+    agents: list[Agent]
+    docker: Dockerd
+    podman: Podman
+
+    def at(self, host: str) -> Agent:
+        return next(a for a in self.agents if a.host == host)
+
+
+def _start_docker(env_tmp: Path, agent: Agent, etcd: EtcdCluster) -> Dockerd:
+    docker = Dockerd(env_tmp / "docker", netns=agent.host,
+                     plugins={"plexus": agent.docker_socket}, start_timeout=120)
+    agent.start(extra=["--store", etcd.url, "--docker-api", str(docker.socket)])
+    docker.start()
+    docker.import_busybox()
+    docker.network_create(NET, driver="plexus", ipam_driver="plexus", subnet=SUBNET,
+                          options={"plexus.name": NET}, timeout=120)
+    return docker
+
+
+def _start_podman(env_tmp: Path, agent: Agent) -> Podman:
+    bindir = env_tmp / "plexus-cni"
+    install([str(bindir)])
+    podman = Podman(env_tmp / "podman", netns=agent.host).setup()
+    podman.add_plugin(bindir / "plexus")
+    # The existing overlay by name only: the config describes no network to create.
+    podman.write_conflist(NET, [{"type": "plexus", "socket": str(agent.socket)}],
+                          cni_version="1.0.0")
+    return podman
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    with tempfile.TemporaryDirectory(prefix="plexus-ovrt-") as tmp:
+        w = World(Path(tmp) / "world")
+        docker: Dockerd | None = None
+        podman: Podman | None = None
+        try:
+            with cluster(w, Path(tmp), ["host1", "host2", "host3"],
+                         start=["host2", "host3"]) as (etcd, agents):
+                agents[2].cli("network", "create", NET, "--driver", "overlay", "--subnet",
+                              SUBNET, "--block-size", str(BLOCK))
+                # host3's container first: it holds the subnet's first block, so an address
+                # that were not taken from its own host's block would land there.
+                agents[2].run_echo("p3", NET)
+                docker = _start_docker(Path(tmp), agents[0], etcd)
+                docker.run_http("d1", NET)
+                podman = _start_podman(Path(tmp), agents[1])
+                podman.run_http("m2", NET)
+                yield Env(w, etcd, agents, docker, podman)
+        finally:
+            if docker is not None:
+                docker.stop(check=False)  # before the agent: a dead plugin slows Docker down
+            if podman is not None:
+                podman.close()
+            w.close()
+
+
+# -- what etcd and the runtimes say ------------------------------------------------------------
+
+
+def _blocks(etcd: EtcdCluster) -> dict[str, list[ipaddress.IPv4Network]]:
+    """host -> the blocks of the overlay it holds, read from etcd."""
+    out = etcd.etcdctl("get", "--prefix", keys.host_blocks(SUBNET)).split()
+    held: dict[str, list[ipaddress.IPv4Network]] = {}
+    for key, node in zip(out[::2], out[1::2], strict=True):
+        held.setdefault(node, []).append(
+            ipaddress.IPv4Network(keys.segment_cidr(key.rsplit("/", 1)[1])))
+    return held
+
+
+def _claimed(etcd: EtcdCluster, ip: str) -> str:
+    """Who holds ``ip`` in etcd ("" if nobody)."""
+    return etcd.etcdctl("get", "--print-value-only", keys.ipam_addr(SUBNET, ip)).strip()
+
+
+def _addresses(env: Env) -> dict[str, str]:
+    """Each container's address as its own runtime reports it."""
+    return {"d1": env.docker.ip("d1", NET), "m2": env.podman.ip("m2", NET),
+            "p3": env.at("host3").address("p3", NET)}
+
+
+def _inspect(agent: Agent) -> dict[str, Any]:
+    return dict(json.loads(agent.cli("network", "inspect", NET).stdout))
+
+
+def _ns(env: Env, name: str) -> str:
+    """A path to the container's network namespace, usable from anywhere in the sandbox."""
+    if name.startswith("d"):
+        return env.docker.netns_path(name)
+    if name.startswith("m"):
+        return env.podman.netns_path(name)
+    return env.at(f"host{name[-1]}").netns(name)
+
+
+def _counted(agent: Agent, want: int) -> bool:
+    return int(_inspect(agent)["endpoints"]) == want
+
+
+def _count(env: Env, want: int) -> None:
+    for agent in env.agents:
+        assert wait_until(partial(_counted, agent, want), timeout=20), (
+            agent.host, _inspect(agent))
+
+
+def test_each_container_has_an_address_of_its_own_hosts_block(env: Env) -> None:
+    held = _blocks(env.etcd)
+    assert sorted(held) == ["host1", "host2", "host3"], held
+    for name, ip in _addresses(env).items():
+        host = f"host{name[-1]}"
+        assert any(ipaddress.ip_address(ip) in b for b in held[host]), (name, ip, held)
+        assert _claimed(env.etcd, ip), (name, ip)  # and etcd has it claimed
+    _count(env, 3)  # every agent sees the three endpoints of the one network
+
+
+def test_every_container_reaches_every_other_over_tcp(env: Env) -> None:
+    ips = _addresses(env)
+    # plexus run's echo server names the client address it saw: no NAT between the hosts
+    for client in ("d1", "m2"):
+        runtime = env.docker if client == "d1" else env.podman
+        got = runtime.exec(client, "sh", "-c", f"echo | timeout 5 nc {ips['p3']} 80",
+                           check=False).stdout
+        assert got.splitlines()[:1] == [f"p3 {ips[client]}"], (client, got)
+    # busybox httpd in the Docker and Podman containers, fetched from the other two
+    assert INDEX_HTML.strip() in env.docker.fetch("d1", f"http://{ips['m2']}/")
+    assert INDEX_HTML.strip() in env.podman.fetch("m2", f"http://{ips['d1']}/")
+    p3 = _ns(env, "p3")
+    for server in ("d1", "m2"):
+        got = wait_for_answer(partial(http_probe, p3, ips[server], 80), timeout=15)
+        assert INDEX_HTML.strip() in got, (server, got)
+
+
+def test_links_have_the_overlay_mtu_and_route_via_the_anycast_gateway(env: Env) -> None:
+    for name in ("d1", "m2", "p3"):
+        ns = _ns(env, name)
+        [eth0] = json.loads(nsexec(ns, "ip", "-j", "link", "show", "dev", "eth0").stdout)
+        assert eth0["mtu"] == OVERLAY_MTU, name
+        [route] = json.loads(nsexec(ns, "ip", "-j", "route", "show", "default").stdout)
+        assert route["gateway"] == GATEWAY, name
+
+
+def _lookup(env: Env, client: str, name: str) -> str:
+    """``nslookup NAME GATEWAY`` in a Docker or Podman container: the plexus DNS server of the
+    container's own host (the anycast gateway is on every host's bridge)."""
+    runtime = env.docker if client.startswith("d") else env.podman
+    out = runtime.exec(client, "nslookup", name, GATEWAY, check=False).stdout
+    return out.split("Name:", 1)[1] if "Name:" in out else ""
+
+
+def _getent(env: Env, client: str, name: str) -> str:
+    """glibc's resolver in a plexus container, with the resolv.conf plexus wrote for it."""
+    ns = env.at("host3").container(client)["netns_name"]
+    out = nsexec("host3", "ip", "netns", "exec", ns, "getent", "ahostsv4", name,
+                 check=False).stdout
+    return " ".join(sorted({line.split()[0] for line in out.splitlines()}))
+
+
+def test_names_resolve_across_hosts(env: Env) -> None:
+    ips = _addresses(env)
+    # Docker's container name reaches plexus through dockerd's API, in the background
+    assert wait_until(lambda: _getent(env, "p3", "d1") == ips["d1"], timeout=20), (
+        _getent(env, "p3", "d1"))
+    assert _getent(env, "p3", "m2") == ips["m2"]
+    assert ips["p3"] in _lookup(env, "d1", "p3")
+    assert ips["m2"] in _lookup(env, "d1", "m2")
+    assert ips["d1"] in _lookup(env, "m2", "d1")
+    assert ips["p3"] in _lookup(env, "m2", "p3")
+    assert _getent(env, "p3", "nobody") == ""  # the control
+
+
+def _gone_everywhere(env: Env, ip: str, clients: list[str]) -> None:
+    """``ip`` is claimed by nobody in etcd, and unreachable from the other containers."""
+    assert wait_until(lambda: _claimed(env.etcd, ip) == "", timeout=15), _claimed(env.etcd, ip)
+    for client in clients:
+        p = tcp_probe(_ns(env, client), ip, 80, timeout=1)
+        assert p.outcome in (DROPPED, UNREACHABLE), (client, p)
+
+
+def test_each_runtime_removing_its_container_releases_the_address_cluster_wide(
+    env: Env,
+) -> None:
+    """Last in this module: it removes the containers (each after a second one, its
+    replacement, to show the address is not reused while held and is released after)."""
+    d, pm, a3 = env.docker, env.podman, env.at("host3")
+    d.run_http("d1b", NET)
+    pm.run_http("m2b", NET)
+    a3.run_echo("p3b", NET)
+    _count(env, 6)
+    ips = _addresses(env)
+    d.rm("d1")
+    _gone_everywhere(env, ips["d1"], ["m2", "p3"])
+    assert wait_until(lambda: _getent(env, "p3", "d1") == "")  # nor named on another host
+    pm.rm("m2")
+    _gone_everywhere(env, ips["m2"], ["d1b", "p3"])
+    assert wait_until(lambda: _getent(env, "p3", "m2") == "")
+    a3.cli("rm", "-f", "p3")
+    _gone_everywhere(env, ips["p3"], ["d1b", "m2b"])
+    assert wait_until(lambda: ips["p3"] not in _lookup(env, "m2b", "p3"))
+    _count(env, 3)
+    # the survivors still talk (the control for the probes above)
+    survivor = a3.address("p3b", NET)
+    assert tcp_probe(_ns(env, "m2b"), survivor, 80).outcome is ANSWERED
+    assert INDEX_HTML.strip() in d.fetch("d1b", f"http://{pm.ip('m2b', NET)}/")
