@@ -2,11 +2,12 @@
 dockerd in host1's namespaces, its network created with ``docker network create -d plexus
 --ipam-driver plexus --subnet SUBNET -o plexus.name=ov``), a Podman container on host2 (the
 plexus CNI plugin), a ``plexus run`` container on host3 and a ``plexus attach``-ed namespace on
-host2, the three agents sharing one real etcd. Proven with TCP between every pair, each
-container's address read from its runtime and checked against the blocks etcd (and every
-agent's ``network inspect``) says its own host holds, names answered by the plexus DNS of the
-asking container's host, the links' MTU (the overlay's), and removal by each runtime's own
-command taking the address back in etcd, on every agent and in DNS.
+host2 (and, in one test, a second dockerd on host3), the three agents sharing one real etcd.
+Proven with TCP between every pair, each container's address read from its runtime and checked
+against the blocks etcd (and every agent's ``network inspect``) says its own host holds, names
+answered by the plexus DNS of the asking container's host, the links' MTU (the overlay's), and
+removal by each runtime's own command taking the address back in etcd, on every agent and in
+DNS.
 
 ``--subnet`` is needed: dockerd asks the IPAM driver for its pool before the network driver
 sees ``-o plexus.name``, so without it Docker would pick another subnet (refused by name)."""
@@ -287,6 +288,48 @@ def test_plexus_attach_joins_the_same_overlay_on_the_podman_host(env: Env) -> No
         a2.cli("detach", "--id", "att2", "--network", NET, check=False)
         server.kill()
         server.wait(timeout=10)
+
+
+def _pool_refs(env: Env) -> int:
+    """How many Docker networks hold the overlay's IPAM pool, read from etcd."""
+    value = env.etcd.etcdctl("get", "--print-value-only", keys.pool(SUBNET))
+    return int(json.loads(value)["refs"])
+
+
+def _in_own_block(env: Env, host: str, ip: str) -> bool:
+    return any(ipaddress.ip_address(ip) in b for b in _blocks(env.etcd)[host])
+
+
+def test_docker_on_a_second_host_shares_the_overlay_and_its_pool(
+    env: Env, tmp_path: Path,
+) -> None:
+    """A second dockerd, on host3, with the same docker network create: its container gets an
+    address of host3's block and talks to host1's Docker container; removing its container and
+    its Docker network leaves host1's Docker network (the same IPAM pool, counted twice) as it
+    was."""
+    a3, d1 = env.at("host3"), env.docker
+    with Dockerd(tmp_path / "docker3", netns="host3", plugins={"plexus": a3.docker_socket},
+                 start_timeout=120) as d3:
+        d3.import_busybox()
+        d3.network_create(NET, driver="plexus", ipam_driver="plexus", subnet=SUBNET,
+                          options={"plexus.name": NET}, timeout=120)
+        assert _pool_refs(env) == 2  # one pool in etcd, held by both dockerds
+        d3.run_http("e3", NET)
+        ip, first = d3.ip("e3", NET), d1.ip("d1", NET)
+        assert _in_own_block(env, "host3", ip), ip
+        assert INDEX_HTML.strip() in d3.fetch("e3", f"http://{first}/")
+        assert INDEX_HTML.strip() in d1.fetch("d1", f"http://{ip}/")
+        d3.rm("e3")
+        d3.network_rm(NET)
+        _gone_everywhere(env, ip, ["d1", "p3"])
+        assert _pool_refs(env) == 1
+    d1.run_http("d1c", NET)  # host1's Docker network still hands out host1's addresses
+    try:
+        again = d1.ip("d1c", NET)
+        assert _in_own_block(env, "host1", again), again
+        assert INDEX_HTML.strip() in env.podman.fetch("m2", f"http://{again}/")
+    finally:
+        d1.rm("d1c")
 
 
 def test_each_runtime_removing_its_container_releases_the_address_cluster_wide(
