@@ -30,7 +30,9 @@ def add_result(
     if ep.has_links:
         iface_index = len(interfaces)
         entry: dict[str, Any] = {"name": ep.ifname, "mac": ep.mac, "sandbox": ep.netns}
-        if v >= (1, 1):
+        if v >= (1, 1) and not traits(net.driver).spans_hosts:
+            # A spanning network's links get the overlay's MTU, which depends on this host's
+            # underlay link: only the dataplane knows it, and the field is optional.
             entry["mtu"] = net.mtu
         interfaces.append(entry)
     ips = []

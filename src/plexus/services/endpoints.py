@@ -23,7 +23,6 @@ from plexus.ipam import hostblocks
 from plexus.ipam.plans import (
     NextFree,
     Plan,
-    claim_in_host_blocks,
     plan_allocation,
     plan_assigned,
     plan_release_many,
@@ -38,9 +37,8 @@ from plexus.model.types import (
     Network,
     Owner,
     PortMapping,
-    Subnet,
 )
-from plexus.services import namespaces, ports
+from plexus.services import namespaces, ports, spanning
 from plexus.services.context import Context, endpoint_object
 from plexus.services.leftovers import Leftovers
 from plexus.store.base import Compare, Delete, Put, TxnResult
@@ -204,21 +202,11 @@ class EndpointService:
 
     def _next_free(self, net: Network, static: Sequence[IPAddress]) -> NextFree | None:
         """A network that spans hosts hands out addresses from this host's blocks."""
-        if not traits(net.driver).spans_hosts:
-            return None
-        if static:
+        if static and spanning.spans_hosts(net):
             raise InvalidArgument("ip", str(static[0]),
                                   "a fixed address on a network that spans hosts is not "
                                   "supported yet")
-        cache, node = self.ctx.cache, self.ctx.node
-
-        async def claim(subnet: Subnet, owner: str) -> Plan:
-            prefix = hostblocks.block_prefix(net.block_size, subnet.version)
-            return await claim_in_host_blocks(
-                self.ctx.store, subnet, owner, node, cache.blocks_of(subnet.cidr, node),
-                cache.blocks.get(subnet.cidr, {}).keys(), prefix)
-
-        return claim
+        return spanning.next_free(self.ctx, net)
 
     async def _commit(self, planned: list[_Planned]) -> tuple[TxnResult, list[Endpoint]]:
         """Claim addresses and ports and write the endpoints in one transaction, planning again

@@ -18,6 +18,7 @@ from plexus.ipam import allocator
 from plexus.ipam.plans import Plan, claim_address, claim_next, plan_release
 from plexus.model import keys
 from plexus.model.types import IPInterface, IPNetwork, Network, Subnet
+from plexus.services import spanning
 from plexus.services.context import Context
 from plexus.services.networks import NetworkService
 from plexus.store.base import Compare, Delete, Op, Put
@@ -210,32 +211,46 @@ class PoolService:
         raise Conflict("could not record the gateway: too much contention")
 
     async def address(self, pid: str, want: str) -> IPInterface:
-        """An address of the pool: ``want`` exactly, or the next free one."""
+        """An address of the pool: ``want`` exactly, or the next free one (on a network that
+        spans hosts, of this host's blocks: ``services.spanning``)."""
         for _ in range(self.ctx.config.txn_retries):
             pool = await self.get(pid)
             subnet = self._subnet(pool)
-            plan = await self._plan_address(pool, subnet, want)
+            plan = await self._plan_address(pool, subnet, want, self._network_of(pool))
             guard = Compare(keys.pool(pool.id), "value", "==", pool.to_json())
             used = replace(pool, used=True)
             res = await self.ctx.commit([guard, *plan.compares],
                                         [*plan.ops, Put(keys.pool(pool.id), used.to_json())])
             if res.succeeded:
+                # The next request plans from the cache: it must see the block claimed here.
+                await self.ctx.seen(res.revision)
                 return plan.addresses[0]
         raise Conflict("could not allocate an address: too much contention")
 
-    async def _plan_address(self, pool: Pool, subnet: Subnet, want: str) -> Plan:
+    async def _plan_address(self, pool: Pool, subnet: Subnet, want: str,
+                            net: Network | None) -> Plan:
+        if spanning.spans_hosts(net) and pool.sub_pool:
+            raise InvalidArgument("SubPool", pool.sub_pool, "a network that spans hosts hands "
+                                  "out the addresses of each host's blocks")
         if not want:
+            claim = (net and spanning.next_free(self.ctx, net)) or self._claim_next
             try:
-                return await claim_next(self.ctx.store, subnet, pool.claim)
+                return await claim(subnet, pool.claim)
             except Exhausted:
                 raise Exhausted(f"no free address left in pool {pool.id}") from None
         address = ipaddress.ip_address(want)
         if address not in pool.network:
             raise InvalidArgument("Address", want, f"not in pool {pool.cidr}")
+        if spanning.spans_hosts(net) and not spanning.in_own_blocks(self.ctx, subnet, address):
+            raise InvalidArgument("Address", want, f"not in a block of {pool.cidr} this host "
+                                  "holds (network spans hosts)")
         try:
             return await claim_address(self.ctx.store, subnet, address, pool.claim)
         except (InvalidArgument, Conflict):
             raise Conflict(f"address {want} is not available in pool {pool.cidr}") from None
+
+    async def _claim_next(self, subnet: Subnet, owner: str) -> Plan:
+        return await claim_next(self.ctx.store, subnet, owner)
 
     async def release_address(self, pid: str, address: str) -> None:
         try:
