@@ -388,8 +388,10 @@ def _cells(ev: Evaluator, direction: Direction, me: Party, peer: Party, ids: tup
     src, dst = (me, peer) if direction is Direction.EGRESS else (peer, me)
     p = PREFIX[direction]
 
+    memo: dict[int, bool] = {}  # which rules' peers match this peer: the same for every port
+
     def decide(proto: str, port: int) -> Decision | None:
-        d = ev.decide(direction, workload, peer, Flow(src, dst, proto, port))
+        d = ev.decide(direction, workload, peer, Flow(src, dst, proto, port), row.policies, memo)
         return None if d == ALLOW_DEFAULT else d
 
     out: list[Cell] = []

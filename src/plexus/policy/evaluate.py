@@ -105,6 +105,8 @@ class Evaluator:
                  namespaces: Mapping[str, Mapping[str, str]]) -> None:
         self._policies = sorted(policies, key=lambda p: (p.tier, p.priority, p.ref))
         self._namespaces = namespaces
+        self._ns_labels: dict[str, Mapping[str, str]] = {}
+        self._memo: dict[int, bool] | None = None
 
     @property
     def policies(self) -> list[Policy]:
@@ -112,7 +114,10 @@ class Evaluator:
         return self._policies
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
-        return {**self._namespaces.get(name, {}), NS_NAME_LABEL: name}
+        found = self._ns_labels.get(name)
+        if found is None:
+            found = self._ns_labels[name] = {**self._namespaces.get(name, {}), NS_NAME_LABEL: name}
+        return found
 
     def verdict(self, flow: Flow) -> Verdict:
         if flow.src.local_host and flow.dst.workload is not None:
@@ -127,27 +132,36 @@ class Evaluator:
     def _sides(self, flow: Flow, audit: bool) -> tuple[bool, tuple[Step, ...]]:
         steps: list[Step] = []
         allowed = True
-        if flow.src.workload is not None:
-            allowed = self._side(Direction.EGRESS, flow.src.workload, flow.dst, flow, audit, steps)
-        if allowed and flow.dst.workload is not None:
-            allowed = self._side(Direction.INGRESS, flow.dst.workload, flow.src, flow, audit, steps)
+        for direction, subject, peer in ((Direction.EGRESS, flow.src, flow.dst),
+                                         (Direction.INGRESS, flow.dst, flow.src)):
+            if allowed and subject.workload is not None:
+                mine = [p for p in self._policies if (audit or not p.audit)
+                        and self.selects(p, subject.workload)]
+                allowed = self._side(direction, mine, peer, flow, steps)
         return allowed, tuple(steps)
 
-    def decide(self, direction: Direction, subject: Workload, peer: Party,
-               flow: Flow) -> Decision:
+    def decide(self, direction: Direction, subject: Workload, peer: Party, flow: Flow,
+               selecting: Sequence[Policy] | None = None,
+               memo: dict[int, bool] | None = None) -> Decision:
         """The ``direction`` side of ``flow`` for ``subject`` (its source for egress, its
-        destination for ingress), ``peer`` being the other end."""
+        destination for ingress), ``peer`` being the other end. The compiler, which asks for
+        one subject and peer many times, passes the policies that select the subject
+        (``selecting``, in evaluation order) and a ``memo`` of which rules' peers match."""
+        mine = list(selecting) if selecting is not None else \
+            [p for p in self._policies if self.selects(p, subject)]
         steps: list[Step] = []
-        allowed = self._side(direction, subject, peer, flow, False, steps)
-        if allowed:
+        enforcing = [p for p in mine if not p.audit]
+        allowed = self._side(direction, enforcing, peer, flow, steps, memo)
+        if allowed and len(enforcing) < len(mine):
             audit_steps: list[Step] = []
-            if not self._side(direction, subject, peer, flow, True, audit_steps):
+            if not self._side(direction, mine, peer, flow, audit_steps, memo):
                 return Decision(True, audit_steps[-1].policy if audit_steps else "", True)
         return Decision(allowed, _decider(steps))
 
-    def _side(self, direction: Direction, subject: Workload, peer: Party, flow: Flow,
-              audit: bool, steps: list[Step]) -> bool:
-        mine = [p for p in self._policies if (audit or not p.audit) and self.selects(p, subject)]
+    def _side(self, direction: Direction, mine: list[Policy], peer: Party, flow: Flow,
+              steps: list[Step], memo: dict[int, bool] | None = None) -> bool:
+        """One side through the tiers, ``mine`` being the policies that select its subject."""
+        self._memo = memo
         decided = self._first_match(Tier.ADMIN, mine, direction, peer, flow, steps)
         if decided is not None:
             return decided
@@ -202,7 +216,15 @@ class Evaluator:
         return sel.pods.matches(workload.labels)
 
     def rule_matches(self, rule: Rule, peer: Party, flow: Flow) -> bool:
-        peers_ok = not rule.peers or any(self.peer_matches(p, peer) for p in rule.peers)
+        memo = self._memo
+        if memo is None:
+            peers_ok = not rule.peers or any(self.peer_matches(p, peer) for p in rule.peers)
+        else:
+            found = memo.get(id(rule))
+            if found is None:
+                found = not rule.peers or any(self.peer_matches(p, peer) for p in rule.peers)
+                memo[id(rule)] = found
+            peers_ok = found
         return peers_ok and (not rule.ports or any(_port_matches(m, flow) for m in rule.ports))
 
     def peer_matches(self, peer: Peer, party: Party) -> bool:
