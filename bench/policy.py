@@ -11,14 +11,15 @@ Apply (simulated endpoints, real compiler, renderer and kernel). A cluster in re
 namespace, NetworkPolicy and CiliumNetworkPolicy, selectors across namespaces, named ports,
 port ranges, ipBlocks with excepts), its endpoints spread over --nodes hosts, this host being
 one of them. What the policy reconciler does on each change, timed step by step: compile
-(``Compiler.compile`` + ``nft.policy.elements``: the reconciler's ``desired()``), render (the
-JSON batch: the whole table, or the element delta), and the nft batch (libnftables, in a
-namespace of its own). Changes, one after the other: one policy changed (a port), one endpoint
+(the compiler's answer to the change: ``Compiler.compile`` for the first, then
+``Compiler.policies`` / ``Compiler.endpoint`` and their element deltas), render (the JSON
+batch: the whole table, or the delta), and the nft batch (libnftables, in a namespace of its
+own). Changes, one after the other: one policy changed (a port), one endpoint
 added that 100 policies select (the first monitoring pod: a new identity), one label change
 to an existing identity and one to a new identity. Compiles are bounded by --budget seconds in
 all; one that runs out is reported as such and the rest skipped. Where the time goes: cProfile
-of one change's compile at a tenth of the size (cProfile multiplies the time by ~10), and of
-the full render.
+of a full compile at a tenth of the size (cProfile multiplies the time by ~10), and of the
+full render.
 
 Traffic (bench/_policy_traffic.py): a real agent, containers started with ``plexus run``,
 policies with ``plexus policy apply``; TCP connect latency and iperf3 single-stream throughput
@@ -50,6 +51,7 @@ from plexus.dataplane.nft.libnft import LibNft
 from plexus.model.types import Endpoint
 from plexus.policy.compile import Compiler, Inputs
 from plexus.policy.evaluate import Evaluator, Workload
+from plexus.policy.journal import Delta, Sets
 from plexus.policy.model import EndpointSelector, Policy
 
 NETNS = "polbench"
@@ -98,7 +100,8 @@ class Step:
 
 
 class Bench:
-    """The reconciler's work, step by step, against a real table in NETNS."""
+    """The reconciler's work, change by change, against a real table in NETNS: the compiler's
+    answer to each change (its element delta) rendered and sent as one batch."""
 
     def __init__(self, shape: gen.Shape, nft: LibNft, seconds: float) -> None:
         self.shape = shape
@@ -106,14 +109,15 @@ class Bench:
         self.left = seconds
         self.compiler = Compiler()
         self.policies = gen.policies(shape)
-        self.endpoints = gen.endpoints(shape)
+        self.endpoints = {ep.store_key: ep for ep in gen.endpoints(shape)}
         self.namespaces = gen.namespaces(shape)
-        self.applied: render.Elements | None = None
+        self.chains: dict[str, str] | None = None  # None: no table yet
 
     def inputs(self) -> Inputs:
         return Inputs(self.policies, self.namespaces, self.endpoints, NODE)
 
-    def step(self, name: str, target: float) -> Step:
+    def step(self, name: str, target: float, change: Callable[[], Delta] | None = None) -> Step:
+        """``change``: the compiler call for one change; None: compile everything."""
         s = Step(name, target)
         if self.left <= 0:
             s.note = "skipped: compile budget spent"
@@ -121,26 +125,26 @@ class Bench:
         t0 = time.perf_counter()
         try:
             with budget(self.left):
-                compiled = self.compiler.compile(self.inputs())
-                elements = render.elements(compiled)
+                delta = self.compiler.compile(self.inputs()) if change is None else change()
         except OutOfBudget:
             s.note = f"compile not done after {self.left:.0f} s (--budget)"
             self.left = 0
             return s
         t1 = time.perf_counter()
         self.left -= t1 - t0
-        old = self.applied
-        cmds = render.render_table(elements) if old is None else render.render_delta(old,
-                                                                                    elements)
+        if self.chains is None:
+            cmds = render.render_table(self.compiler.sets, self.compiler.chains)
+        else:
+            cmds = render.render_delta([delta], self.chains, self.compiler.chains)
         t2 = time.perf_counter()
         if cmds:
             self.nft.run_sync(cmds)
         t3 = time.perf_counter()
         s.compile_ms, s.render_ms, s.nft_ms = 1000 * (t1 - t0), 1000 * (t2 - t1), 1000 * (t3 - t2)
-        s.total_elements = sum(len(e) for e in elements.sets.values())
-        s.changed = s.total_elements if old is None else sum(
-            len(elements.sets[n] ^ old.sets.get(n, frozenset())) for n in elements.sets)
-        self.applied = elements
+        s.total_elements = sum(len(e) for e in self.compiler.sets.values())
+        s.changed = s.total_elements if self.chains is None else sum(
+            len(v) for part in (delta.added, delta.removed) for v in part.values())
+        self.chains = dict(self.compiler.chains)
         return s
 
 
@@ -158,18 +162,22 @@ def run_changes(b: Bench) -> list[Step]:
     steps = [b.step("full compile and apply", TARGETS["full"])]
     i = next(n for n, p in enumerate(b.policies) if p.name.startswith("allow-app"))
     b.policies[i] = gen.changed_policy(b.policies[i])
-    steps.append(b.step(f"one policy changed ({b.policies[i].ref})", TARGETS["change"]))
+    steps.append(b.step(f"one policy changed ({b.policies[i].ref})", TARGETS["change"],
+                        lambda: b.compiler.policies(b.policies)))
     new = gen.monitoring_endpoint(len(b.endpoints) + 1)
-    b.endpoints.append(new)
+    b.endpoints[new.store_key] = new
     n = selecting(b.policies, b.namespaces, new)
-    steps.append(b.step(f"one endpoint added, {n} policies select it", TARGETS["change"]))
-    k = next(n for n, e in enumerate(b.endpoints) if e.node == NODE)
-    ep = b.endpoints[k]
+    steps.append(b.step(f"one endpoint added, {n} policies select it", TARGETS["change"],
+                        lambda: b.compiler.endpoint(new.store_key, new)))
+    key = next(k for k, e in b.endpoints.items() if e.node == NODE)
+    ep = b.endpoints[key]
     other = f"app-{(int(ep.labels['app'][4:]) + 1) % b.shape.apps:02}"
-    b.endpoints[k] = gen.relabelled(ep, app=other)
-    steps.append(b.step("one label change (to an existing identity)", TARGETS["change"]))
-    b.endpoints[k] = gen.relabelled(b.endpoints[k], version="canary")
-    steps.append(b.step("one label change (to a new identity)", TARGETS["change"]))
+    b.endpoints[key] = gen.relabelled(ep, app=other)
+    steps.append(b.step("one label change (to an existing identity)", TARGETS["change"],
+                        lambda: b.compiler.endpoint(key, b.endpoints[key])))
+    b.endpoints[key] = gen.relabelled(b.endpoints[key], version="canary")
+    steps.append(b.step("one label change (to a new identity)", TARGETS["change"],
+                        lambda: b.compiler.endpoint(key, b.endpoints[key])))
     return steps
 
 
@@ -219,14 +227,14 @@ def apply_part(shape: gen.Shape, seconds: float) -> None:
                f"{shape.namespaces} namespaces x {shape.apps} apps x {shape.replicas} replicas, "
                f"{shape.per_ns} policies per namespace; this host is {NODE}",
                f"real Compiler + nft.policy renderer + libnftables batch in netns {NETNS}",
-               "compile = Compiler.compile + elements (the reconciler's desired(), which "
-               "recompiles the whole state on each change today)",
+               "compile = the compiler's answer to the change (Compiler.compile for the first, "
+               "then its answer to each change)",
            ])
     netns_batch("add", [NETNS])
     nft = LibNft(NETNS)
     try:
         b = Bench(shape, nft, seconds)
-        local = sum(1 for e in b.endpoints if e.node == NODE)
+        local = sum(1 for e in b.endpoints.values() if e.node == NODE)
         print(f"  endpoints on this host: {local}; compile budget {seconds:.0f} s")
         steps = run_changes(b)
         rows = [[s.name, _ms(s.compile_ms), _ms(s.render_ms), _ms(s.nft_ms), _ms(s.total),
@@ -239,9 +247,9 @@ def apply_part(shape: gen.Shape, seconds: float) -> None:
         print("\n  anchors (their published figures, not measured here):")
         for a in ANCHORS:
             print(f"    {a}")
-        if b.applied is not None:
-            elements_report(b.applied)
-            render_profile(b.applied)
+        if b.chains is not None:
+            elements_report(b.compiler.sets, b.chains)
+            render_profile(b.compiler.sets, b.chains)
     finally:
         with contextlib.suppress(Exception):
             nft.run_sync(render.render_teardown())
@@ -250,18 +258,18 @@ def apply_part(shape: gen.Shape, seconds: float) -> None:
     compile_profile(shape)
 
 
-def elements_report(applied: render.Elements) -> None:
+def elements_report(sets: Sets, chains: dict[str, str]) -> None:
     kernel = kernel_elements()
     rows = [[name, f"{len(e):,}", f"{kernel.get(name, -1):,}"]
-            for name, e in sorted(applied.sets.items()) if e or kernel.get(name)]
-    rows.append(["total", f"{sum(len(e) for e in applied.sets.values()):,}",
+            for name, e in sorted(sets.items()) if e or kernel.get(name)]
+    rows.append(["total", f"{sum(len(e) for e in sets.values()):,}",
                  f"{sum(kernel.values()):,}"])
     print_table(["set / map", "compiled", "in the kernel (nft -j list)"], rows,
-                f"elements after the last change ({len(applied.chains)} policies with chains)")
+                f"elements after the last change ({len(chains)} policies with chains)")
 
 
-def render_profile(applied: render.Elements) -> None:
-    rows = profile(lambda: render.render_table(applied), top=5)
+def render_profile(sets: Sets, chains: dict[str, str]) -> None:
+    rows = profile(lambda: render.render_table(sets, chains), top=5)
     print_table(["render_table (whole table): function", "calls", "own s", "share", "cum s"],
                 rows, "where the render time goes (cProfile)", align="lrrrr")
 
@@ -269,13 +277,12 @@ def render_profile(applied: render.Elements) -> None:
 def compile_profile(shape: gen.Shape) -> None:
     small = replace(shape, endpoints=max(200, shape.endpoints // 10),
                     policies=max(20, shape.policies // 10), nodes=max(1, shape.nodes // 10))
-    policies, endpoints = gen.policies(small), gen.endpoints(small)
+    policies = gen.policies(small)
+    endpoints = {ep.store_key: ep for ep in gen.endpoints(small)}
     namespaces = gen.namespaces(small)
     compiler = Compiler()
-    compiler.compile(Inputs(policies, namespaces, endpoints, NODE))
-    policies[2] = gen.changed_policy(policies[2])
     rows = profile(lambda: compiler.compile(Inputs(policies, namespaces, endpoints, NODE)))
-    print_table(["one policy changed, compile: function", "calls", "own s", "share", "cum s"],
+    print_table(["full compile: function", "calls", "own s", "share", "cum s"],
                 rows, f"where the compile time goes (cProfile, {small.endpoints:,} endpoints, "
                 f"{small.policies:,} policies, {small.nodes} host(s))", align="lrrrr")
 

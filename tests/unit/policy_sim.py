@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from plexus.model.types import IPAddress
-from plexus.policy.compile import PORT_PROTOCOLS, PREFIX, RETURN, PortRange, Sets
+from plexus.policy.cells import PORT_PROTOCOLS, PortRange
+from plexus.policy.compile import PREFIX, RETURN
+from plexus.policy.journal import Sets
 from plexus.policy.model import Direction
 
 
@@ -37,6 +39,19 @@ def lookup(sets: Sets, direction: Direction, src: Any, dst: Any, proto: str, por
     if found:
         return str(found)
     mine = src if direction is Direction.EGRESS else dst
+    if proto in PORT_PROTOCOLS:
+        found = sets[f"{p}_wport"].get((mine, proto, port))
+        if found:
+            return str(found)
+        for k, t in sets[f"{p}_wrange"].items():
+            assert isinstance(k, tuple)
+            rng = k[2]
+            assert isinstance(rng, PortRange)
+            if k[:2] == (mine, proto) and rng.first <= port <= rng.last:
+                return str(t)
+        found = sets[f"{p}_wproto"].get((mine, proto))
+        if found:
+            return str(found)
     return str(sets[f"{p}_default"].get(mine, RETURN))
 
 

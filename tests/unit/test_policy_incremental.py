@@ -10,8 +10,9 @@ import pytest
 
 from plexus.model.types import Endpoint
 from plexus.policy import documents
-from plexus.policy.compile import Compiler, Delta, Inputs, Sets
+from plexus.policy.compile import Compiler, Inputs
 from plexus.policy.identity import Key
+from plexus.policy.journal import Delta, Sets
 from plexus.policy.model import Policy
 from tests.policy_cases import ALL, CASES
 from tests.unit.test_policy_truth import _addresses, _endpoint
@@ -33,6 +34,9 @@ def _canonical(c: Compiler) -> dict[str, set[object]]:
             if name.endswith(("_port", "_range", "_proto", "_any")):
                 assert isinstance(k, tuple)
                 k = (ident(k[0]), ident(k[1]), *k[2:])
+            elif name.endswith(("_wport", "_wrange", "_wproto")):
+                assert isinstance(k, tuple)
+                k = (ident(k[0]), *k[1:])
             elif name.endswith("_default"):
                 k = ident(k)
             if name.startswith(("ep", "world")):

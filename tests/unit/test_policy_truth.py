@@ -13,8 +13,9 @@ import pytest
 
 from plexus.model.types import Endpoint, ExposedPort
 from plexus.policy import documents
-from plexus.policy.compile import Compiler, Inputs, Sets
+from plexus.policy.compile import Compiler, Inputs
 from plexus.policy.evaluate import Evaluator, Flow, Party, Workload
+from plexus.policy.journal import Sets
 from plexus.policy.model import Action
 from tests.policy_cases import ALL, CASES, NAMESPACES, PODS, Case, Expect
 from tests.unit import policy_sim

@@ -24,29 +24,24 @@ What a change costs:
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from plexus.model.types import Endpoint, IPAddress
-from plexus.policy import identity
-from plexus.policy.evaluate import Decision, Evaluator, Flow, Party
+from plexus.policy import cells, identity
+from plexus.policy.cells import PORT_PROTOCOLS, Decisions
+from plexus.policy.evaluate import Decision, Evaluator, Party, Workload
 from plexus.policy.identity import Key, Numbers
-from plexus.policy.model import Direction, Policy, Tier
+from plexus.policy.journal import Delta, Journal, diff
+from plexus.policy.matches import Matches
+from plexus.policy.model import Direction, Entity, EntityPeer, Policy, Rule, Tier
 
-PORT_PROTOCOLS = ("tcp", "udp", "sctp")
-OTHER = "icmp"  # stands for every protocol without ports
-ALLOW_DEFAULT = Decision(True)
 RETURN = "return"  # the target of "allowed, and no policy to count it"
-MAPS = ("port", "range", "proto", "any", "default")
+# The verdict maps in lookup order (``cells``): per (source, destination) identities, then per
+# local identity.
+MAPS = ("port", "range", "proto", "any", "wport", "wrange", "wproto", "default")
 PREFIX = {Direction.EGRESS: "eg", Direction.INGRESS: "in"}
-
-
-@dataclass(frozen=True, slots=True)
-class PortRange:
-    first: int
-    last: int
 
 
 @dataclass(frozen=True)
@@ -56,19 +51,6 @@ class Inputs:
     endpoints: Mapping[str, Endpoint]  # every host's, by store key
     node: str
     hosts: Sequence[IPAddress] = ()  # the other hosts' addresses
-
-
-Elem = tuple[object, ...] | object
-Sets = dict[str, dict[object, object]]  # set name -> element -> data (None for a plain set)
-
-
-@dataclass
-class Delta:
-    removed: Sets = field(default_factory=dict)
-    added: Sets = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return any(self.removed.values()) or any(self.added.values())
 
 
 def chain_base(policy: str) -> str:
@@ -88,23 +70,31 @@ def set_names() -> list[str]:
     return names + [f"{PREFIX[d]}_{m}" for d in Direction for m in MAPS]
 
 
-Cell = tuple[str, tuple[object, ...], str]  # (set name, key, target)
+Cell = tuple[str, object, str]  # (set name, key, target)
 
 
 @dataclass
 class Row:
-    """One local identity's verdicts in one direction."""
+    """One local identity's verdicts in one direction: its own elements (the wildcard and
+    default), and those of the peers that some rule's peers match."""
 
     policies: list[Policy]
     default: Decision | None
-    bounds: dict[str, set[int]]
+    cuts: dict[str, set[int]]
+    peered: list[Rule]  # rules whose peers must be asked, in evaluation order
+    everyone: list[Rule]  # rules whose peers match every identity (entity all)
+    names: frozenset[str]  # egress: port names the rules use (a peer's named ports matter)
+    wild: Decisions | None = None
+    own: list[Cell] = field(default_factory=list)
     cells: dict[Key, list[Cell]] = field(default_factory=dict)
+    patterns: dict[tuple[object, ...], list[tuple[str, tuple[object, ...], str]]] = field(
+        default_factory=dict)  # (which rules' peers match, named ports) -> key tails
 
 
-class Compiler:
+class Compiler(Journal):
     def __init__(self) -> None:
+        super().__init__(set_names())
         self.numbers = Numbers()
-        self.sets: Sets = {name: {} for name in set_names()}
         self.chains: dict[str, str] = {}  # chain base -> "Kind ref", for every policy
         self._inputs = Inputs([], {}, {}, "")
         self._reset_state()
@@ -118,7 +108,9 @@ class Compiler:
         self._reps: dict[Key, Party] = {}
         self._local: dict[Key, set[IPAddress]] = {}
         self._rows: dict[tuple[Key, Direction], Row] = {}
+        self._matches = Matches(self._ev)
         self._local_eps: set[str] = set()  # store keys of this host's endpoints
+        self._deferring = False  # compile: rows are made once every identity is known
         self._delta = Delta()
 
     # -- whole states ----------------------------------------------------------------------
@@ -133,13 +125,20 @@ class Compiler:
         for version, c in self._cuts.items():
             for piece in c.pieces:
                 self._world_piece(version, piece)
+        # Every identity first, then the rows: a row then asks only for the peers its rules
+        # match, where rows made first would each be offered every identity that comes after.
+        self._deferring = True
         for address in inputs.hosts:
             self._add_address(address, identity.REMOTE_HOST, local=False)
         for key, ep in inputs.endpoints.items():
             self._set_endpoint(key, ep)
+        self._deferring = False
+        for ident in self._local:
+            for direction in Direction:
+                self._make_row(ident, direction)
         self._delta = Delta()
         self.numbers.retain(self._count)
-        return _diff(old, self.sets)
+        return diff(old, self.sets)
 
     @property
     def hosts(self) -> list[IPAddress]:
@@ -166,6 +165,7 @@ class Compiler:
                   [p for k, p in new.items() if old.get(k) != p]
         self._inputs = inputs
         self._ev = Evaluator(inputs.policies, inputs.namespaces)
+        self._matches.evaluator = self._ev
         self.chains = _chains(policies)
         self._delta = Delta()
         for key in self._local:
@@ -209,6 +209,8 @@ class Compiler:
         if local:
             mine = self._local.setdefault(key, set())
             mine.add(address)
+            if self._deferring:
+                return
             if len(mine) == 1:
                 for direction in Direction:
                     self._make_row(key, direction)
@@ -248,21 +250,41 @@ class Compiler:
     # -- rows and cells --------------------------------------------------------------------
 
     def _make_row(self, key: Key, direction: Direction) -> None:
-        rep = self._reps[key]
-        assert rep.workload is not None
-        mine = [p for p in self._ev.policies if self._ev.selects(p, rep.workload)
+        me = self._reps[key]
+        assert me.workload is not None
+        mine = [p for p in self._ev.policies if self._ev.selects(p, me.workload)
                 and (p.rules(direction) or direction in p.isolates)]
         if not mine:
             return
-        row = Row(mine, _default(mine, direction), _bounds(mine, direction))
+        rules = [r for p in mine for r in p.rules(direction) if r.peers]
+        everyone = [r for r in rules if EntityPeer(Entity.ALL) in r.peers]
+        names = frozenset(m.name for p in mine for r in p.rules(direction) for m in r.ports
+                          if m.name) if direction is Direction.EGRESS else frozenset()
+        cuts = _bounds(mine, direction)
+        if direction is Direction.INGRESS:
+            for proto, more in _named(me, mine, direction).items():
+                cuts[proto] |= more
+        row = Row(mine, _default(mine, direction), cuts,
+                  [r for r in rules if r not in everyone], everyone, names)
+        memo = {**{id(r): False for r in row.peered}, **{id(r): True for r in everyone}}
+        row.wild = cells.decisions(self._ev, direction, me, Party(me.address), mine, cuts, memo)
         self._rows[(key, direction)] = row
+        mine_id = self.numbers.number(key)
         for address in self._local.get(key, ()):
             self._put(f"{PREFIX[direction]}{address.version}", address, None)
-        if row.default is not None:
-            self._put(f"{PREFIX[direction]}_default", self.numbers.number(key),
-                      target(row.default))
-        for peer in self._reps:
+        row.own = [(f"{PREFIX[direction]}_{kind}", k, target(d))
+                   for kind, k, d in cells.wildcard((mine_id,), row.wild, row.default)]
+        for name, elem, verdict in row.own:
+            self._put(name, _flat(elem), verdict)
+        for peer in self._relevant(row):
             self._make_cell(key, direction, row, peer)
+
+    def _relevant(self, row: Row) -> set[Key]:
+        found: set[Key] = set()
+        for rule in row.peered:
+            for peer in rule.peers:
+                found |= self._matches.of(peer)
+        return found | self._matches.named(row.names)
 
     def _drop_row(self, key: Key, direction: Direction) -> None:
         row = self._rows.pop((key, direction), None)
@@ -270,79 +292,58 @@ class Compiler:
             return
         for address in self._local.get(key, ()):
             self._drop(f"{PREFIX[direction]}{address.version}", address)
-        self._drop(f"{PREFIX[direction]}_default", self.numbers.number(key))
-        for cells in row.cells.values():
-            for name, elem, _ in cells:
+        for name, elem, _ in row.own:
+            self._drop(name, _flat(elem))
+        for found in row.cells.values():
+            for name, elem, _ in found:
                 self._drop(name, elem)
 
     def _add_column(self, peer: Key) -> None:
+        self._matches.add(peer, self._reps[peer])
         for (key, direction), row in self._rows.items():
             self._make_cell(key, direction, row, peer)
 
     def _drop_column(self, peer: Key) -> None:
+        self._matches.remove(peer)
         for row in self._rows.values():
             for name, elem, _ in row.cells.pop(peer, []):
                 self._drop(name, elem)
 
     def _make_cell(self, key: Key, direction: Direction, row: Row, peer: Key) -> None:
-        me, other = self._reps[key], self._reps[peer]
+        """The peer's elements in ``row``, from the row's cache of patterns: what a peer gets
+        depends only on which rules' peers match it (and, egress, its named ports)."""
+        sig = tuple(any(peer in self._matches.of(p) for p in r.peers) for r in row.peered)
+        ports = tuple(sorted(x for x in peer.ports if x[0] in row.names))
+        if not any(sig) and not ports:
+            return
+        pattern = row.patterns.get((sig, ports))
+        if pattern is None:
+            pattern = row.patterns[(sig, ports)] = self._pattern(key, direction, row, sig, ports)
         mine, theirs = self.numbers.number(key), self.numbers.number(peer)
         ids = (mine, theirs) if direction is Direction.EGRESS else (theirs, mine)
-        named = _named(other if direction is Direction.EGRESS else me, row.policies, direction)
-        cells = _cells(self._ev, direction, me, other, ids, row, named)
-        row.cells[peer] = cells
-        for name, elem, verdict in cells:
+        found: list[Cell] = [(name, (*ids, *rest), verdict) for name, rest, verdict in pattern]
+        row.cells[peer] = found
+        for name, elem, verdict in found:
             self._put(name, elem, verdict)
 
-    # -- the element journal ---------------------------------------------------------------
-
-    def _put(self, name: str, elem: object, data: object) -> None:
-        s = self.sets[name]
-        if elem in s:
-            if s[elem] == data:
-                return
-            self._drop(name, elem)
-        s[elem] = data
-        removed = self._delta.removed.get(name, {})
-        if removed.get(elem, _MISSING) == data:
-            del removed[elem]  # put back as it was: no change at all
-        else:
-            self._delta.added.setdefault(name, {})[elem] = data
-
-    def _drop(self, name: str, elem: object) -> None:
-        s = self.sets[name]
-        if elem not in s:
-            return
-        data = s.pop(elem)
-        added = self._delta.added.get(name, {})
-        if elem in added:
-            del added[elem]  # added in this same change: it never reached the kernel
-        else:
-            self._delta.removed.setdefault(name, {})[elem] = data
-
-    def _take(self) -> Delta:
-        delta, self._delta = self._delta, Delta()
-        return delta
-
-
-_MISSING = object()
-
+    def _pattern(self, key: Key, direction: Direction, row: Row, sig: tuple[bool, ...],
+                 ports: tuple[tuple[str, str, int], ...]) -> list[tuple[str, tuple[object, ...],
+                                                                    str]]:
+        me = self._reps[key]
+        memo = {**{id(r): m for r, m in zip(row.peered, sig, strict=True)},
+                **{id(r): True for r in row.everyone}}
+        named = {(n, proto): num for n, proto, num in ports}
+        peer = Party(me.address, Workload("peer", "", {}, named))
+        cuts = {proto: set(c) for proto, c in row.cuts.items()}
+        for _, proto, num in ports:
+            cuts[proto] |= {num, num + 1}
+        v = cells.decisions(self._ev, direction, me, peer, row.policies, cuts, memo)
+        assert row.wild is not None
+        return [(f"{PREFIX[direction]}_{kind}", k[2:], target(d))
+                for kind, k, d in cells.specific((0, 0), v, row.wild)]
 
 def _chains(policies: Iterable[Policy]) -> dict[str, str]:
     return {chain_base(f"{p.kind} {p.ref}"): f"{p.kind} {p.ref}" for p in policies}
-
-
-def _diff(old: Sets, new: Sets) -> Delta:
-    delta = Delta()
-    for name in set(old) | set(new):
-        a, b = old.get(name, {}), new.get(name, {})
-        gone = {k: v for k, v in a.items() if b.get(k, _MISSING) != v}
-        came = {k: v for k, v in b.items() if a.get(k, _MISSING) != v}
-        if gone:
-            delta.removed[name] = gone
-        if came:
-            delta.added[name] = came
-    return delta
 
 
 def _default(mine: list[Policy], direction: Direction) -> Decision | None:
@@ -381,43 +382,6 @@ def _named(dst: Party, mine: list[Policy], direction: Direction) -> dict[str, se
     return out
 
 
-def _cells(ev: Evaluator, direction: Direction, me: Party, peer: Party, ids: tuple[int, int],
-           row: Row, named: dict[str, set[int]]) -> list[Cell]:
-    assert me.workload is not None
-    workload = me.workload
-    src, dst = (me, peer) if direction is Direction.EGRESS else (peer, me)
-    p = PREFIX[direction]
-
-    memo: dict[int, bool] = {}  # which rules' peers match this peer: the same for every port
-
-    def decide(proto: str, port: int) -> Decision | None:
-        d = ev.decide(direction, workload, peer, Flow(src, dst, proto, port), row.policies, memo)
-        return None if d == ALLOW_DEFAULT else d
-
-    out: list[Cell] = []
-    fallback = row.default
-    other = decide(OTHER, 0)
-    if other != fallback:
-        out.append((f"{p}_any", ids, target(other)))
-        fallback = other
-    for proto in PORT_PROTOCOLS:
-        verdicts = [(a, b, decide(proto, a)) for a, b in _segments(row.bounds[proto]
-                                                                   | named[proto])]
-        common = Counter(v for _, _, v in verdicts).most_common(1)[0][0]
-        level = fallback
-        if common != fallback:
-            out.append((f"{p}_proto", (*ids, proto), target(common)))
-            level = common
-        for a, b, v in verdicts:
-            if v == level:
-                continue
-            if a == b:
-                out.append((f"{p}_port", (*ids, proto, a), target(v)))
-            else:
-                out.append((f"{p}_range", (*ids, proto, PortRange(a, b)), target(v)))
-    return out
-
-
-def _segments(cuts: Iterable[int]) -> list[tuple[int, int]]:
-    points = sorted({1, 65536, *(c for c in cuts if 1 <= c <= 65536)})
-    return [(a, b - 1) for a, b in itertools.pairwise(points)]
+def _flat(elem: object) -> object:
+    """A one-field key as the kernel has it (not a 1-tuple)."""
+    return elem[0] if isinstance(elem, tuple) and len(elem) == 1 else elem

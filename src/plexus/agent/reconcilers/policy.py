@@ -22,7 +22,8 @@ import logging
 from plexus.dataplane.nft.policy_table import Counters, PolicyKernel
 from plexus.errors import DataplaneError
 from plexus.model.types import IPAddress
-from plexus.policy.compile import Compiler, Delta, Inputs
+from plexus.policy.compile import Compiler, Inputs
+from plexus.policy.journal import Delta
 from plexus.state.cache import Cache
 from plexus.state.work import Reconciler
 

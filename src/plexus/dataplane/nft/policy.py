@@ -27,7 +27,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from plexus.dataplane.nft._json import Json, concat, ct, match, meta, payload
-from plexus.policy.compile import MAPS, PREFIX, RETURN, Delta, PortRange, Sets
+from plexus.policy.cells import PortRange
+from plexus.policy.compile import MAPS, PREFIX, RETURN
+from plexus.policy.journal import Delta, Sets
 from plexus.policy.model import Direction
 
 TABLE = "plexus_policy"
@@ -36,7 +38,10 @@ PRIORITY = -5
 OUTCOMES = ("allow", "deny", "audit")
 _KEYS = {"port": ("mark", "mark", "inet_proto", "inet_service"),
          "range": ("mark", "mark", "inet_proto", "inet_service"),
-         "proto": ("mark", "mark", "inet_proto"), "any": ("mark", "mark"), "default": "mark"}
+         "proto": ("mark", "mark", "inet_proto"), "any": ("mark", "mark"),
+         "wport": ("mark", "inet_proto", "inet_service"),
+         "wrange": ("mark", "inet_proto", "inet_service"),
+         "wproto": ("mark", "inet_proto"), "default": "mark"}
 
 def obj(kind: str, **fields: Any) -> Json:
     head = {"family": FAMILY, "name": TABLE} if kind == "table" else \
@@ -59,7 +64,7 @@ def _declared() -> dict[str, Json]:
             key = _KEYS[kind]
             fields: dict[str, Any] = {"name": name, "type": list(key) if isinstance(key, tuple)
                                       else key, "map": "verdict"}
-            if kind == "range":
+            if kind in ("range", "wrange"):
                 fields["flags"] = ["interval"]
             decls[name] = obj("map", **fields)
     return decls
@@ -140,12 +145,16 @@ def _rules() -> Iterator[tuple[str, list[Json]]]:
     src, dst, proto, dport = ct("mark"), meta("mark"), meta("l4proto"), payload("th", "dport")
     for d, chain in ((Direction.EGRESS, "egress"), (Direction.INGRESS, "ingress")):
         p = PREFIX[d]
+        mine = src if d is Direction.EGRESS else dst
         for kind in ("port", "range"):
             yield chain, [ports, {"vmap": {"key": concat(src, dst, proto, dport),
                                            "data": f"@{p}_{kind}"}}]
         yield chain, [{"vmap": {"key": concat(src, dst, proto), "data": f"@{p}_proto"}}]
         yield chain, [{"vmap": {"key": concat(src, dst), "data": f"@{p}_any"}}]
-        mine = src if d is Direction.EGRESS else dst
+        for kind in ("wport", "wrange"):
+            yield chain, [ports, {"vmap": {"key": concat(mine, proto, dport),
+                                           "data": f"@{p}_{kind}"}}]
+        yield chain, [{"vmap": {"key": concat(mine, proto), "data": f"@{p}_wproto"}}]
         yield chain, [{"vmap": {"key": mine, "data": f"@{p}_default"}}]
 
 

@@ -10,7 +10,7 @@ from typing import Protocol
 from plexus.dataplane.nft import policy as render
 from plexus.dataplane.nft.libnft import Nft
 from plexus.errors import DataplaneError
-from plexus.policy.compile import Delta, Sets
+from plexus.policy.journal import Delta, Sets
 
 log = logging.getLogger(__name__)
 
