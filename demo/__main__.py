@@ -1,4 +1,5 @@
-"""`make demo`: python -m demo (inside tests/sandbox). The acts are in acts.py and control.py."""
+"""`make demo`: python -m demo (inside tests/sandbox). The acts are in acts.py, control.py,
+policy.py and multihost.py."""
 
 import sys
 import tempfile
@@ -7,6 +8,7 @@ from pathlib import Path
 from demo.acts import build, checks, console, report, teardown, verdicts
 from demo.control import restart_and_repair
 from demo.multihost import multi_host
+from demo.policy import policy_act
 from tests.harness.world import World, in_sandbox
 
 
@@ -21,6 +23,8 @@ def main() -> int:
         build(world)
         ok = report(world, checks(world))
         ok = verdicts("control plane", restart_and_repair(world, console)) and ok
+        console.rule("network policy")
+        ok = verdicts("network policy", policy_act(world, Path(tmp), console)) and ok
         clean = teardown(world)
     with tempfile.TemporaryDirectory(prefix="plexus-demo-hosts-") as tmp:
         console.rule("several hosts")

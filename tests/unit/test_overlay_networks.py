@@ -64,6 +64,11 @@ async def test_an_automatic_overlay_subnet_has_room_for_many_hosts(agent: Agent)
     # a gateway that is a block's VXLAN endpoint address, or an IPv6 block's own gateway
     (overlay("x", subnets=["10.0.0.0/16"], gateways=["10.0.0.64"]), "gateway"),
     (overlay("x", subnets=["fd00:1::/64"], gateways=["fd00:1::7f"]), "gateway"),
+    # tx checksum offload: on or off, and only an overlay has a VXLAN device
+    (overlay("x", subnets=["10.0.0.0/16"], options={"vxlan-offload": "yes"}),
+     "opt vxlan-offload"),
+    (NetworkSpec(name="x", subnets=["10.0.0.0/16"], options={"vxlan-offload": "on"}),
+     "opt vxlan-offload"),
 ])
 async def test_overlay_input_that_cannot_work_is_refused(
     agent: Agent, spec: NetworkSpec, field: str

@@ -67,3 +67,8 @@ def traits(name: str) -> DriverTraits:
     if found is None:
         raise InvalidArgument("driver", name, f"one of {', '.join(DRIVERS)}")
     return found
+
+
+# An overlay network's option (-o): tx checksum offload of its VXLAN devices, "on" or "off"
+# (the default; dataplane/overlay/render.py says why).
+OFFLOAD_OPTION = "vxlan-offload"

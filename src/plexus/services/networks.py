@@ -13,7 +13,7 @@ from plexus.dns import OPTION_UPSTREAMS, format_upstreams, parse_upstreams
 from plexus.errors import AlreadyExists, Conflict, InUse, InvalidArgument, NotFound, PlexusError
 from plexus.ipam import allocator, hostblocks
 from plexus.model import keys, parse
-from plexus.model.drivers import traits
+from plexus.model.drivers import OFFLOAD_OPTION, traits
 from plexus.model.types import Endpoint, IPNetwork, Network, Subnet
 from plexus.services.context import Context, network_object
 from plexus.store.base import Compare, Delete, Op, Put
@@ -78,6 +78,10 @@ def _explicit_subnets(spec: NetworkSpec) -> list[Subnet]:
 
 def _options(spec: NetworkSpec) -> dict[str, str]:
     options = dict(spec.options)
+    offload = options.get(OFFLOAD_OPTION)
+    if offload is not None and (offload not in ("on", "off") or spec.driver != "overlay"):
+        raise InvalidArgument(f"opt {OFFLOAD_OPTION}", offload,
+                              "on or off, on an overlay network")
     if spec.dns_upstreams:
         options[OPTION_UPSTREAMS] = format_upstreams(parse_upstreams(spec.dns_upstreams))
     return options

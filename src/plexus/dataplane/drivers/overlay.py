@@ -73,7 +73,7 @@ from plexus.dataplane.overlay.model import (
 from plexus.dataplane.overlay.render import desired, host_delta
 from plexus.errors import DataplaneError, PlexusError
 from plexus.ipam import hostblocks
-from plexus.model.drivers import DRIVERS
+from plexus.model.drivers import DRIVERS, OFFLOAD_OPTION
 from plexus.model.types import Endpoint, IPAddress, IPInterface, IPNetwork, Network
 
 log = logging.getLogger("plexus.dataplane")
@@ -249,7 +249,9 @@ class OverlayDriver(BridgeDriver):
             await links.delete_address(ipr, index, iface)
 
     def _spec(self, net: Network) -> OverlaySpec:
-        return OverlaySpec(net.name, net.id, net.vni, alias=self._alias(net), bridge=net.bridge)
+        offload = net.options.get(OFFLOAD_OPTION, "off") == "on"
+        return OverlaySpec(net.name, net.id, net.vni, offload=offload, alias=self._alias(net),
+                           bridge=net.bridge)
 
     async def _local(self, net: Network, peers: Peers) -> HostVtep:
         if peers.underlay is None:
