@@ -27,7 +27,16 @@ from plexus.model import keys
 from tests.harness.cluster import cluster
 from tests.harness.etcd import EtcdCluster
 from tests.harness.probes import ANSWERED, DROPPED, UNREACHABLE, Probe, tcp_probe, udp_probe
-from tests.harness.world import ECHO, INTERNET_ADDR, Agent, World, nsexec, ping, sh
+from tests.harness.world import (
+    ECHO,
+    INTERNET_ADDR,
+    OUTSIDE_ADDR,
+    Agent,
+    World,
+    nsexec,
+    ping,
+    sh,
+)
 
 from .helpers import wait_until
 
@@ -128,6 +137,22 @@ def test_traffic_to_the_outside_is_masqueraded_and_between_hosts_it_is_not(
     assert got.answer == "internet 203.0.113.1"  # host1's underlay address, not 10.78.0.x
     got = tcp_probe(three.ns("c1"), three.ip("c3"), 80)
     assert got.answer == f"c3 {three.ip('c1')}"
+
+
+def test_a_port_published_on_any_host_answers_from_the_outside_and_other_hosts(
+    three: Cluster,
+) -> None:
+    a2 = three.at("host2")
+    a2.run_echo("p2", "ov", "-p", "8082:80")
+    a2.wait_listening("p2")
+    try:
+        got = tcp_probe("outside", "203.0.113.2", 8082)  # host2's underlay address
+        assert got.answer == f"p2 {OUTSIDE_ADDR}", got  # the client's own address, kept
+        # The container it answers is on the overlay: c1 on host1 reaches it directly too.
+        got = _answered(lambda: tcp_probe(three.ns("c1"), three.ip("p2"), 80))
+        assert got.answer == f"p2 {three.ip('c1')}"
+    finally:
+        a2.cli("rm", "-f", "p2")
 
 
 def test_two_overlay_networks_are_isolated_across_hosts(three: Cluster) -> None:

@@ -17,6 +17,8 @@ and deletions of networks stay on pyroute2: they are not per endpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -24,6 +26,8 @@ from collections.abc import Mapping
 
 from plexus.dataplane import links, netns, rawnl
 from plexus.dataplane.host import HostNetlink, container_netlink, kernel_errors
+from plexus.dataplane.overlay import wire
+from plexus.dataplane.overlay.model import NeighEntry
 from plexus.dataplane.rawnl import Channel
 from plexus.errors import AlreadyExists, DataplaneError, NotFound
 from plexus.model.drivers import DRIVERS
@@ -39,6 +43,17 @@ def endpoint_alias(ep: Endpoint) -> str:
 
 def network_alias(net: Network) -> str:
     return f"net:{net.name}"
+
+
+def forget_neighbours(host: Channel, bridge: int, ep: Endpoint) -> None:
+    """The host forgets what its neighbour cache on the bridge says of the endpoint's
+    addresses: an address given again to a new container (a new MAC) would otherwise stay bound
+    to the old container's MAC until the entry fails its probes, and the new container be
+    unreachable meanwhile (seen on overlays, where a released address comes back at once)."""
+    rawnl.run_steps(host, [
+        (functools.partial(wire.neigh_request, index=bridge, entry=NeighEntry(a.ip, ""),
+                           delete=True), f"cannot forget neighbour {a.ip}", (errno.ENOENT,))
+        for a in ep.addresses])
 
 
 def quiet_port(name: str) -> None:
@@ -109,6 +124,7 @@ class BridgeDriver:
             self._make_veth(host, ctr, net, ep)
             quiet_port(ep.host_ifname)
             bridge = self._join_bridge(host, net, ep, bridge)
+            forget_neighbours(host, bridge, ep)
             index = rawnl.link_index(ctr, ep.ifname)
             if index is None:
                 raise DataplaneError(f"{ep.ifname} missing in {ep.netns} after creation")
