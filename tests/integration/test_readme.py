@@ -49,7 +49,8 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
-RUN = ("", "Service discovery")  # "": the section's own blocks, before any subsection
+# "": the section's own blocks, before any subsection
+RUN = ("", "Service discovery", "Network policy")
 SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
            "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
@@ -350,6 +351,17 @@ def dns_answer(session: Session, args: list[str], out: str) -> None:
     assert wanted and all(a in out for a in wanted), (wanted, out)
 
 
+def policy_denied(session: Session, args: list[str], out: str) -> None:
+    """`policy explain --from 203.0.113.9 --to api`: api (app=api in shop) is isolated by
+    api-from-front, which allows only namespaces labelled team=front."""
+    assert "DENIED" in out and "NetworkPolicy shop/api-from-front" in out, out
+
+
+def policy_applied(session: Session, args: list[str], out: str) -> None:
+    assert out.splitlines() == ["NetworkPolicy shop/api-from-front created",
+                                "CiliumNetworkPolicy shop/no-test-net created"], out
+
+
 def cmd(*prefix: str, has: tuple[str, ...] = (), lacks: str = "") -> Callable[[list[str]], bool]:
     """A `plexus PREFIX...` command line with every word of ``has`` and without ``lacks``."""
 
@@ -375,4 +387,6 @@ CHECKS = [
     Check("attach --ip", cmd("attach", has=("--ip",)), attached),
     Check("detach", cmd("detach"), detached),
     Check("dns lookup", cmd("dns", "lookup"), dns_answer),
+    Check("policy apply", cmd("policy", "apply"), policy_applied),
+    Check("policy explain", cmd("policy", "explain"), policy_denied),
 ]
