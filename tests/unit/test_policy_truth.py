@@ -152,3 +152,17 @@ def test_explain_names_the_rule_that_allowed(port: int) -> None:
     assert verdict.allowed == (port == 80)
     assert [(s.policy, s.rule) for s in verdict.steps] == [
         ("NetworkPolicy x/web", "ingress[0]" if port == 80 else "isolated, no rule allows")]
+
+
+def test_sctp_rules_never_open_tcp_or_udp() -> None:
+    """This kernel has no SCTP sockets: SCTP is checked on the evaluator and the compiled
+    elements only. A policy allowing only SCTP still isolates the pod for TCP and UDP."""
+    _check("""
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: sctp-only, namespace: x}
+        spec:
+          podSelector: {matchLabels: {pod: a}}
+          ingress: [{ports: [{port: 80, protocol: SCTP}]}]
+        """, lambda s, d, p, pr: d != "x/a" or (p, pr) == (80, "sctp"),
+        protocols=("tcp", "udp", "sctp"))
