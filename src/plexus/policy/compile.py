@@ -140,6 +140,23 @@ class Compiler(Journal):
         self.numbers.retain(self._count)
         return diff(old, self.sets)
 
+    def judged(self, delta: Delta) -> dict[Direction, set[IPAddress]]:
+        """The local addresses whose verdicts ``delta`` changes, by the direction they are
+        judged in (egress: as sources, ingress: as destinations)."""
+        of: dict[object, Key] = {self.numbers.number(k): k for k in self._local}
+        out: dict[Direction, set[IPAddress]] = {d: set() for d in Direction}
+        for part in (delta.removed, delta.added):
+            for name, elems in part.items():
+                direction = next((d for d in Direction if name.startswith(PREFIX[d] + "_")),
+                                 None)
+                if direction is None:
+                    continue
+                for elem in elems:
+                    key = of.get(_local_id(name, direction, elem))
+                    if key is not None:
+                        out[direction] |= self._local.get(key, set())
+        return out
+
     @property
     def hosts(self) -> list[IPAddress]:
         """The other hosts' addresses it was compiled with."""
@@ -385,3 +402,13 @@ def _named(dst: Party, mine: list[Policy], direction: Direction) -> dict[str, se
 def _flat(elem: object) -> object:
     """A one-field key as the kernel has it (not a 1-tuple)."""
     return elem[0] if isinstance(elem, tuple) and len(elem) == 1 else elem
+
+
+def _local_id(name: str, direction: Direction, elem: object) -> object:
+    """The local identity an element of a verdict map is about: the source of an egress pair,
+    the destination of an ingress pair, or the only identity of a row's own elements."""
+    if not isinstance(elem, tuple):
+        return elem  # a row's default
+    if name.endswith(("_wport", "_wrange", "_wproto")):
+        return elem[0]
+    return elem[0] if direction is Direction.EGRESS else elem[1]

@@ -24,6 +24,7 @@ from plexus.errors import DataplaneError
 from plexus.model.types import IPAddress
 from plexus.policy.compile import Compiler, Inputs
 from plexus.policy.journal import Delta
+from plexus.policy.model import Direction
 from plexus.state.cache import Cache
 from plexus.state.work import Reconciler
 
@@ -49,6 +50,7 @@ class PolicyReconciler(Reconciler):
         self._compiler = Compiler()
         self._active = False  # the compiler holds the state and the kernel holds the table
         self._chains: dict[str, str] = {}
+        self._started = False  # the first table is written (start-up is behind)
         self.repairs = 0
 
     def _inputs(self) -> Inputs:
@@ -90,14 +92,30 @@ class PolicyReconciler(Reconciler):
             await self._everything()
             return {}
         self._chains = dict(self._compiler.chains)
+        await self._judge_again(deltas)
         return {}
 
+    async def _judge_again(self, deltas: list[Delta]) -> None:
+        """Connections of the endpoints whose verdicts changed are judged again."""
+        sources: set[IPAddress] = set()
+        destinations: set[IPAddress] = set()
+        for delta in deltas:
+            judged = self._compiler.judged(delta)
+            sources |= judged[Direction.EGRESS]
+            destinations |= judged[Direction.INGRESS]
+        if sources or destinations:
+            await self._kernel.forget_connections(sorted(sources, key=str),
+                                                  sorted(destinations, key=str))
+
     async def _everything(self) -> None:
-        self._compiler.compile(self._inputs())
+        delta = self._compiler.compile(self._inputs())
         self._active = False
         await self._kernel.replace(self._compiler.sets, self._compiler.chains)
         self._chains = dict(self._compiler.chains)
         self._active = True
+        if self._started:  # at start-up the kernel already judged what runs: leave it be
+            await self._judge_again([delta])
+        self._started = True
 
     async def _in_step(self) -> bool:
         """The kernel's table has what was applied (element counts: a flushed set, a deleted

@@ -3,17 +3,21 @@ or the whole table; counters read back for ``plexus policy ls``."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from plexus.dataplane.nft import policy as render
 from plexus.dataplane.nft.libnft import Nft
 from plexus.errors import DataplaneError
+from plexus.model.types import IPAddress
 from plexus.policy.journal import Delta, Sets
 
 log = logging.getLogger(__name__)
 
+CONNTRACK_TIMEOUT = 5.0  # seconds one `conntrack -D` may take
 Counters = dict[str, tuple[int, int]]  # counter name ("PID-allow") -> (packets, bytes)
 
 
@@ -29,6 +33,10 @@ class PolicyKernel(Protocol):
         """No table (no policies)."""
 
     async def counters(self) -> Counters: ...
+
+    async def forget_connections(self, sources: Iterable[IPAddress],
+                                 destinations: Iterable[IPAddress]) -> None:
+        """Delete the conntrack entries from ``sources`` and to ``destinations``."""
 
     async def sizes(self) -> dict[str, int] | None:
         """Elements per set as the kernel holds them (None: no table): a cheap check."""
@@ -49,6 +57,23 @@ class PolicyTable:
 
     async def remove(self) -> None:
         await self._nft.run(render.render_teardown())
+
+    async def forget_connections(self, sources: Iterable[IPAddress],
+                                 destinations: Iterable[IPAddress]) -> None:
+        """Established connections are judged again: their conntrack entries are deleted, and
+        the next packet of each (conntrack picks up connections mid-stream) is a new
+        connection for the policy chain, which lets it on or drops it. So a changed policy
+        cuts the connections it no longer allows and keeps the others."""
+        jobs = [("-s", str(a)) for a in sources] + [("-d", str(a)) for a in destinations]
+        for flag, address in jobs:
+            proc = await asyncio.create_subprocess_exec(
+                "conntrack", "-D", flag, address, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), CONNTRACK_TIMEOUT)
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
     async def _list(self, what: str) -> list[dict[str, object]]:
         try:
