@@ -179,3 +179,26 @@ def wait_for_answer(probe: Callable[[], Probe], timeout: float = 10.0) -> str:
         if got.outcome is ANSWERED or time.monotonic() > deadline:
             return got.answer
         time.sleep(0.1)
+
+
+def answered(probe: Callable[[], Probe], timeout: float = 15.0) -> Probe:
+    """``probe`` again (bounded) until it is answered: state another host or a reconciler
+    programs within moments of the request that caused it (routes to another host, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = probe()
+        if p.outcome is ANSWERED or time.monotonic() > deadline:
+            return p
+        time.sleep(0.1)
+
+
+def connect(ns: str, ip: str, port: int = 80, timeout: float = 3.0) -> socket.socket:
+    """A TCP connection opened inside ``ns``, the server's greeting read; the socket stays in
+    that namespace for life (an established connection a test keeps using)."""
+
+    def go() -> socket.socket:
+        s = socket.create_connection((ip, port), timeout=timeout)
+        s.recv(100)
+        return s
+
+    return run_in_netns(netns_path(ns), go)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -32,12 +31,11 @@ from typing import Any
 import pytest
 
 from plexus.cni.install import install
-from plexus.dataplane.netns import run_in_netns
 from plexus.model import keys
 from tests.harness.cluster import cluster
 from tests.harness.cni import CniResult, exec_plugin
 from tests.harness.etcd import EtcdCluster, Member
-from tests.harness.probes import ANSWERED, Probe, tcp_probe
+from tests.harness.probes import ANSWERED, answered, connect, tcp_probe
 from tests.harness.world import ECHO, Agent, World, nsexec, sh
 
 from .helpers import global_addresses, wait_until
@@ -88,32 +86,11 @@ def _has_network(agent: Agent, name: str) -> bool:
 # -- what a user observes -----------------------------------------------------------------------
 
 
-def _answered(probe: Callable[[], Probe], timeout: float = 15.0) -> Probe:
-    """The probe until it is answered (routes to another host follow within moments)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        p = probe()
-        if p.outcome is ANSWERED or time.monotonic() > deadline:
-            return p
-        time.sleep(0.1)
-
-
 def _resolve(agent: Agent, container: str, name: str) -> str:
     """glibc's resolver in the container (its resolv.conf names its own host's DNS server)."""
     ns = agent.container(container)["netns_name"]
     out = sh("ip", "netns", "exec", ns, "getent", "ahostsv4", name, check=False).stdout
     return " ".join(sorted({line.split()[0] for line in out.splitlines()}))
-
-
-def _connect(ns: str, ip: str, port: int = 80) -> socket.socket:
-    """A TCP connection opened inside ``ns`` (the socket stays in that namespace)."""
-
-    def go() -> socket.socket:
-        s = socket.create_connection((ip, port), timeout=3)
-        s.recv(100)
-        return s
-
-    return run_in_netns(ns, go)
 
 
 def _leader(etcd: EtcdCluster) -> Member:
@@ -168,9 +145,9 @@ def test_a_cluster_with_its_leader_down_works_and_its_return_changes_nothing(
         a1.run_echo("m1", "ov2")
         a2.run_echo("m2", "ov2")
         m1, m2 = a1.address("m1", "ov2"), a2.address("m2", "ov2")
-        got = _answered(lambda: tcp_probe(a1.netns("m1"), m2, 80))
+        got = answered(lambda: tcp_probe(a1.netns("m1"), m2, 80))
         assert (got.outcome, got.answer) == (ANSWERED, f"m2 {m1}"), got
-        got = _answered(lambda: tcp_probe(a2.netns("m2"), m1, 80))
+        got = answered(lambda: tcp_probe(a2.netns("m2"), m1, 80))
         assert (got.outcome, got.answer) == (ANSWERED, f"m1 {m2}"), got
         assert _resolve(a1, "m1", "m2") == m2 and _resolve(a2, "m2", "m1") == m1
         assert _hosts_alive(a1) == _hosts_alive(a2) == {"host1": True, "host2": True}
@@ -239,7 +216,7 @@ def test_with_etcd_unreachable_new_work_fails_fast_and_running_containers_keep_w
 ) -> None:
     a1, a2 = pair.agents
     c1, c2 = a1.address("c1"), a2.address("c2")
-    conn = _connect(a1.netns("c1"), c2)
+    conn = connect(a1.netns("c1"), c2)
     pids = [a.proc.pid for a in pair.agents if a.proc is not None]
     veths, spaces = (_host_veths("host1"), _host_veths("host2")), _plexus_namespaces()
     sh("ip", "netns", "add", "pod-down")
@@ -272,7 +249,7 @@ def test_with_etcd_unreachable_new_work_fails_fast_and_running_containers_keep_w
     assert [a.proc.pid for a in pair.agents if a.proc is not None] == pids
     a1.run_echo("x1", "ov")
     x1 = a1.address("x1")
-    got = _answered(lambda: tcp_probe(a2.netns("c2"), x1, 80))
+    got = answered(lambda: tcp_probe(a2.netns("c2"), x1, 80))
     assert (got.outcome, got.answer) == (ANSWERED, f"x1 {c2}"), got
     assert wait_until(lambda: _resolve(a2, "c2", "x1") == x1, 10)
     added = _cni(pair, "host2", "ADD", "pod-down", "/run/netns/pod-down")

@@ -6,7 +6,6 @@ of an agent from before owners (``plexus:KIND:NAME``) are adopted and re-tagged.
 from __future__ import annotations
 
 import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from plexus.api.client import ApiError, Client
-from plexus.dataplane.netns import run_in_netns
+from tests.harness.probes import connect
 from tests.harness.world import Agent, World, nsexec, tcp_request
 
 from .helpers import addresses, link_owner, links, wait_until
@@ -134,20 +133,11 @@ def test_another_agents_links_do_not_move_the_kernel_watcher(
     assert addresses("host1", bridge_a) == []
 
 
-def _connect(ns: str, ip: str) -> socket.socket:
-    def go() -> socket.socket:
-        s = socket.create_connection((ip, 80), timeout=3)
-        s.recv(100)
-        return s
-
-    return run_in_netns(ns, go)
-
-
 def test_links_of_an_agent_before_owners_are_adopted_and_re_tagged(agent: Agent) -> None:
     agent.cli("network", "create", "web", "--subnet", "10.76.0.0/24")
     agent.run_echo("a", "web")
     agent.wait_listening("a")
-    conn = _connect(agent.netns("a"), agent.address("a"))
+    conn = connect(agent.netns("a"), agent.address("a"))
     owner = link_owner(agent)
     first = tagged("host1", owner)
     agent.kill(signal.SIGTERM)

@@ -13,7 +13,7 @@ import ipaddress
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import pytest
 from plexus.model import keys
 from tests.harness.cluster import cluster
 from tests.harness.etcd import EtcdCluster
-from tests.harness.probes import ANSWERED, Probe, tcp_probe
+from tests.harness.probes import ANSWERED, answered, tcp_probe
 from tests.harness.world import Agent, World, nsexec, ping
 
 from .helpers import wait_until
@@ -96,15 +96,6 @@ def bridge_macs(host: str) -> tuple[str, set[str]]:
     [bridge] = [link for link in found if link["ifname"].startswith("pxbr-")]
     ports = {link["address"] for link in found if link.get("master") == bridge["ifname"]}
     return bridge["address"], ports
-
-
-def answered(probe: Callable[[], Probe], timeout: float = 15.0) -> Probe:
-    deadline = time.monotonic() + timeout
-    while True:
-        p = probe()
-        if p.outcome is ANSWERED or time.monotonic() > deadline:
-            return p
-        time.sleep(0.1)
 
 
 def in_block(address: str, block: str) -> bool:

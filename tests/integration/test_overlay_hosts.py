@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from plexus.dataplane.netns import run_in_netns
 from plexus.model import keys
 from tests.harness.cluster import cluster
 from tests.harness.etcd import EtcdCluster
-from tests.harness.probes import ANSWERED, DROPPED, UNREACHABLE, Probe, tcp_probe, udp_probe
+from tests.harness.probes import (
+    ANSWERED,
+    DROPPED,
+    UNREACHABLE,
+    answered,
+    connect,
+    tcp_probe,
+    udp_probe,
+)
 from tests.harness.world import (
     ECHO,
     INTERNET_ADDR,
@@ -70,16 +75,6 @@ def _wait_network(agents: list[Agent], name: str) -> None:
                                   for a in agents), timeout=20)
 
 
-def _answered(probe: Callable[[], Probe], timeout: float = 15.0) -> Probe:
-    """The probe until it is answered (another host's routes follow within moments)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        p = probe()
-        if p.outcome is ANSWERED or time.monotonic() > deadline:
-            return p
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def three() -> Iterator[Cluster]:
     with tempfile.TemporaryDirectory(prefix="plexus-overlay-") as tmp:
@@ -107,13 +102,12 @@ def test_containers_on_different_hosts_talk_tcp_udp_and_ping(
     three: Cluster, client: str, server: str,
 ) -> None:
     ns, ip, mine = three.ns(client), three.ip(server), three.ip(client)
-    got = _answered(lambda: tcp_probe(ns, ip, 80))
+    got = answered(lambda: tcp_probe(ns, ip, 80))
     assert got.outcome is ANSWERED, got
     assert got.answer == f"{server} {mine}"  # the server sees the container's own address
     got = udp_probe(ns, ip, 80)
     assert (got.outcome, got.answer) == (ANSWERED, f"{server} {mine}")
     assert ping(ns, ip)
-
 
 
 def _resolve(agent: Agent, container: str, name: str) -> str:
@@ -133,7 +127,7 @@ def test_names_resolve_to_containers_of_other_hosts(three: Cluster) -> None:
 def test_traffic_to_the_outside_is_masqueraded_and_between_hosts_it_is_not(
     three: Cluster,
 ) -> None:
-    got = _answered(lambda: tcp_probe(three.ns("c1"), INTERNET_ADDR, 80))
+    got = answered(lambda: tcp_probe(three.ns("c1"), INTERNET_ADDR, 80))
     assert got.answer == "internet 203.0.113.1"  # host1's underlay address, not 10.78.0.x
     got = tcp_probe(three.ns("c1"), three.ip("c3"), 80)
     assert got.answer == f"c3 {three.ip('c1')}"
@@ -149,7 +143,7 @@ def test_a_port_published_on_any_host_answers_from_the_outside_and_other_hosts(
         got = tcp_probe("outside", "203.0.113.2", 8082)  # host2's underlay address
         assert got.answer == f"p2 {OUTSIDE_ADDR}", got  # the client's own address, kept
         # The container it answers is on the overlay: c1 on host1 reaches it directly too.
-        got = _answered(lambda: tcp_probe(three.ns("c1"), three.ip("p2"), 80))
+        got = answered(lambda: tcp_probe(three.ns("c1"), three.ip("p2"), 80))
         assert got.answer == f"p2 {three.ip('c1')}"
     finally:
         a2.cli("rm", "-f", "p2")
@@ -163,7 +157,7 @@ def test_two_overlay_networks_are_isolated_across_hosts(three: Cluster) -> None:
     a2.run_echo("d2", "ov2")
     a3.run_echo("d3", "ov2")
     d2 = three.ip("d2", "ov2")
-    control = _answered(lambda: tcp_probe(three.ns("d3"), d2, 80))  # ov2 across hosts
+    control = answered(lambda: tcp_probe(three.ns("d3"), d2, 80))  # ov2 across hosts
     assert control.outcome is ANSWERED, control
     for client in ("c1", "c3"):  # ov on another host, ov on d2's own
         blocked = tcp_probe(three.ns(client), d2, 80, timeout=1)
@@ -181,7 +175,7 @@ def test_an_overlay_and_a_bridge_network_are_isolated(three: Cluster) -> None:
     assert (blocked.outcome, control.outcome) == (DROPPED, ANSWERED), (blocked, control)
     b1 = a1.address("b1", "br")
     blocked = tcp_probe(three.ns("c1"), b1, 80, timeout=1)
-    control = _answered(lambda: tcp_probe("host1", b1, 80))
+    control = answered(lambda: tcp_probe("host1", b1, 80))
     assert (blocked.outcome, control.outcome) == (DROPPED, ANSWERED), (blocked, control)
 
 
@@ -190,7 +184,7 @@ def test_a_removed_container_is_unreachable_from_every_host(three: Cluster) -> N
     a2.run_echo("g2", "ov")
     gone = three.ip("g2")
     for client in ("c1", "c3"):
-        assert _answered(lambda c=client: tcp_probe(three.ns(c), gone, 80)).outcome is ANSWERED
+        assert answered(lambda c=client: tcp_probe(three.ns(c), gone, 80)).outcome is ANSWERED
     a2.cli("rm", "-f", "g2")
     for client in ("c1", "c3"):
         p = tcp_probe(three.ns(client), gone, 80, timeout=1)
@@ -301,17 +295,6 @@ def test_each_host_holds_one_entry_per_other_host_and_one_route_per_block(
         a2.cli("rm", "-f", name)
 
 
-def _connect(ns: str, ip: str, port: int = 80) -> socket.socket:
-    """A TCP connection opened inside ``ns``; the socket stays in that namespace for life."""
-
-    def go() -> socket.socket:
-        s = socket.create_connection((ip, port), timeout=3)
-        s.recv(100)
-        return s
-
-    return run_in_netns(ns, go)
-
-
 def _kernel(three: Cluster, vni: int) -> dict[str, tuple[Overlay, list[Any]]]:
     """Every host's overlay entries and its plexus routes (proto 112), as the kernel has them."""
     return {a.host: (_overlay(a.host, _vxlan(a.host)[vni]["ifname"]),
@@ -334,7 +317,7 @@ def test_a_deleted_device_comes_back_at_once_and_a_deleted_entry_with_the_full_p
     nsexec("host1", "ip", "link", "del", device)  # a kernel event: repaired without a pass
     assert wait_until(lambda: vni in _vxlan("host1")
                       and replace(_overlay("host1", device), ifindex=0) == before)
-    assert _answered(lambda: tcp_probe(three.ns("c1"), three.ip("c2"), 80)).outcome is ANSWERED
+    assert answered(lambda: tcp_probe(three.ns("c1"), three.ip("c2"), 80)).outcome is ANSWERED
     (mac, dst), route = before.fdb[0], before.routes[0]
     nsexec("host1", "bridge", "fdb", "del", mac, "dev", device, "dst", dst)
     nsexec("host1", "ip", "route", "del", route[0], "dev", device)
@@ -351,7 +334,7 @@ def test_a_killed_agent_leaves_its_containers_reachable_and_changes_nothing_on_r
     vni = _vni(a1)
     before = _kernel(three, vni)
     c2, clients = three.ip("c2"), [three.ns(c) for c in ("c1", "c3")]
-    conns = [_connect(ns, c2) for ns in clients]
+    conns = [connect(ns, c2) for ns in clients]
     a2.kill()  # SIGKILL: its lease runs out, the other hosts see it down
     down = wait_until(lambda: not {h["name"]: h for h in a1.json("host", "ls")}["host2"]["alive"],
                       timeout=30)

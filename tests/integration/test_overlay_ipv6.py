@@ -12,8 +12,7 @@ import ipaddress
 import json
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 from plexus.model import keys
 from tests.harness.cluster import cluster
 from tests.harness.etcd import EtcdCluster
-from tests.harness.probes import ANSWERED, DROPPED, Probe, tcp_probe, udp_probe
+from tests.harness.probes import ANSWERED, DROPPED, answered, tcp_probe, udp_probe
 from tests.harness.world import Agent, World, nsexec, ping, sh
 
 from .helpers import wait_until
@@ -52,16 +51,6 @@ class Cluster:
 def _wait_network(agents: list[Agent], name: str) -> None:
     assert wait_until(lambda: all(name in {n["name"] for n in a.json("network", "ls")}
                                   for a in agents), timeout=20)
-
-
-def _answered(probe: Callable[[], Probe], timeout: float = 15.0) -> Probe:
-    """The probe until it is answered (another host's routes follow within moments)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        p = probe()
-        if p.outcome is ANSWERED or time.monotonic() > deadline:
-            return p
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +82,7 @@ def test_dual_stack_containers_of_different_hosts_talk_ipv6(
     three: Cluster, client: str, server: str,
 ) -> None:
     ns, ip, mine = three.ns(client), three.ip6(server), three.ip6(client)
-    got = _answered(lambda: tcp_probe(ns, ip, 80))
+    got = answered(lambda: tcp_probe(ns, ip, 80))
     assert (got.outcome, got.answer) == (ANSWERED, f"{server} {mine}"), got  # routed, not NATed
     got = udp_probe(ns, ip, 80)
     assert (got.outcome, got.answer) == (ANSWERED, f"{server} {mine}")
@@ -104,7 +93,7 @@ def test_dual_stack_containers_of_different_hosts_talk_ipv6(
 
 def test_an_ipv6_only_overlay_carries_traffic_and_names_across_hosts(three: Cluster) -> None:
     s1, s3 = three.ip6("s1", "only6"), three.ip6("s3", "only6")
-    got = _answered(lambda: tcp_probe(three.ns("s1"), s3, 80))
+    got = answered(lambda: tcp_probe(three.ns("s1"), s3, 80))
     assert (got.outcome, got.answer) == (ANSWERED, f"s3 {s1}"), got
     assert ping(three.ns("s3"), s1)
     # resolv.conf names the subnet's gateway (on every host's bridge): an IPv6 server
@@ -142,7 +131,7 @@ def test_names_resolve_to_ipv6_addresses_of_other_hosts(three: Cluster) -> None:
 
 def test_two_ipv6_overlays_are_isolated_across_hosts(three: Cluster) -> None:
     s3 = three.ip6("s3", "only6")
-    control = _answered(lambda: tcp_probe(three.ns("s1"), s3, 80))
+    control = answered(lambda: tcp_probe(three.ns("s1"), s3, 80))
     assert control.outcome is ANSWERED, control
     for client in ("c1", "c3"):  # ov6 on another host, ov6 on s3's own
         blocked = tcp_probe(three.ns(client), s3, 80, timeout=1)
@@ -259,9 +248,9 @@ def test_kernel_state_grows_with_hosts_and_blocks_not_containers(three: Cluster)
     first_ip, last_ip = three.ip6(first), three.ip6(last)
     assert ipaddress.ip_network(f"{first_ip}/125", strict=False) != ipaddress.ip_network(
         f"{last_ip}/125", strict=False)
-    got = _answered(lambda: tcp_probe(three.ns(first), last_ip, 80))
+    got = answered(lambda: tcp_probe(three.ns(first), last_ip, 80))
     assert (got.outcome, got.answer) == (ANSWERED, f"{last} {first_ip}"), got
-    got = _answered(lambda: tcp_probe(three.ns(last), three.ip6("c3"), 80))
+    got = answered(lambda: tcp_probe(three.ns(last), three.ip6("c3"), 80))
     assert (got.outcome, got.answer) == (ANSWERED, f"c3 {last_ip}"), got
     for name in ("x2", "y2", "z2"):
         a2.cli("rm", "-f", name)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plexus.dataplane.netns import run_in_netns
-from tests.harness.probes import ANSWERED, DROPPED, Probe, tcp_probe, udp_probe
+from tests.harness.probes import ANSWERED, DROPPED, Probe, connect, tcp_probe, udp_probe
 from tests.harness.world import Agent, World, sh
 from tests.policy_cases import ALL, CASES, NAMESPACES, Expect
 
@@ -152,19 +151,6 @@ def test_counters_audit_and_explain_agree_with_the_traffic(
         agent.cli("policy", "delete", "--all")
 
 
-
-
-def _connect(ns: str, ip: str) -> socket.socket:
-    """A TCP connection opened inside ``ns``, its greeting read."""
-
-    def go() -> socket.socket:
-        s = socket.create_connection((ip, 80), timeout=2)
-        s.recv(100)
-        return s
-
-    return run_in_netns(ns, go)
-
-
 def _still_talks(conn: socket.socket) -> bool:
     try:
         conn.sendall(b"still there?\n")
@@ -177,8 +163,8 @@ def test_a_new_policy_cuts_the_connections_it_no_longer_allows_and_keeps_the_oth
         lab: tuple[Agent, dict[str, str]], tmp_path: Path) -> None:
     agent, addresses = lab
     case = next(c for c in CASES if c.name == "pod_selector")  # x/a only from pod=b
-    kept = _connect(agent.netns("x-b"), addresses["x/a"])
-    cut = _connect(agent.netns("x-c"), addresses["x/a"])
+    kept = connect(agent.netns("x-b"), addresses["x/a"])
+    cut = connect(agent.netns("x-c"), addresses["x/a"])
     try:
         assert _still_talks(kept) and _still_talks(cut)  # both established
         _apply(agent, case.text(_placeholders(addresses)), tmp_path)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import signal
-import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pytest
 
-from plexus.dataplane.netns import run_in_netns
+from tests.harness.probes import connect
 from tests.harness.world import Agent, World, nsexec, sh
 
 from .helpers import (
@@ -26,17 +25,6 @@ from .helpers import (
 )
 
 
-def _connect(ns: str, ip: str, port: int) -> socket.socket:
-    """A TCP connection opened inside ``ns``; the socket stays in that namespace for life."""
-
-    def go() -> socket.socket:
-        s = socket.create_connection((ip, port), timeout=3)
-        s.recv(100)
-        return s
-
-    return run_in_netns(ns, go)
-
-
 def _ifindexes(ns: str) -> dict[str, int]:
     return {l["ifname"]: l["ifindex"] for l in links(ns) if l["ifname"].startswith("px")}
 
@@ -47,7 +35,7 @@ def test_restart_keeps_connections_and_links(agent: Agent, sig: int) -> None:
     agent.run_echo("a", "n")
     agent.run_echo("b", "n", "-p", "8080:80")
     agent.wait_listening("b")
-    conn = _connect(agent.netns("a"), agent.address("b"), 80)
+    conn = connect(agent.netns("a"), agent.address("b"), 80)
     before = (_ifindexes("host1"), nft_elements("host1"))
     agent.kill(sig)
     agent.start()
