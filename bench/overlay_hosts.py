@@ -3,7 +3,7 @@ host1 returning to (a) host2's kernel holding the route to the container's block
 first TCP connection from a container on host2 reaching it (a RST from the container's kernel:
 nothing listens, so no process start-up is timed).
 
-    tests/sandbox .venv/bin/python bench/overlay_hosts.py [--runs 12]
+    tests/sandbox .venv/bin/python bench/overlay_hosts.py [--runs 100]
 
 Two simulated hosts whose agents share one real etcd (tests/harness/cluster.py). Blocks are /30
 (``--block-size 30``: three container addresses each), so every few containers claim a new
