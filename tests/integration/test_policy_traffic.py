@@ -174,3 +174,22 @@ def test_a_new_policy_cuts_the_connections_it_no_longer_allows_and_keeps_the_oth
         kept.close()
         cut.close()
         agent.cli("policy", "delete", "--all")
+
+
+def test_a_namespace_label_change_moves_its_pods_in_and_out_of_selectors_at_once(
+        lab: tuple[Agent, dict[str, str]], tmp_path: Path) -> None:
+    """x/a admits every namespace but those labelled ns=y: relabelling y lets its pods in,
+    relabelling z to ns=y keeps z's out; the matrix is probed again after each step."""
+    agent, addresses = lab
+    case = next(c for c in CASES if c.name == "namespace_not_in")
+    _apply(agent, case.text(_placeholders(addresses)), tmp_path)
+    try:
+        assert matrix(agent, addresses, case.expect) == []
+        agent.cli("namespace", "label", "y", "ns=moved")
+        agent.cli("namespace", "label", "z", "ns=y")
+        assert matrix(agent, addresses,
+                      lambda s, d, p, pr: d != "x/a" or not s.startswith("z/")) == []
+    finally:
+        agent.cli("namespace", "label", "y", "ns=y")
+        agent.cli("namespace", "label", "z", "ns=z")
+        agent.cli("policy", "delete", "--all")
