@@ -129,12 +129,8 @@ def _peer(field: str, suffix: str, raw: Any, namespace: str) -> Peer:
 
 
 def _cidr_set(field: str, raw: Any) -> CidrPeer:
-    if not isinstance(raw, dict) or "cidr" not in raw:
-        raise InvalidArgument(f"{field}.cidr", None, "required (cidrGroupRef is not supported)")
-    outer = fields.cidr(f"{field}.cidr", raw["cidr"])
-    excepts = tuple(fields.cidr_except(f"{field}.except[{i}]", e, outer)
-                    for i, e in enumerate(fields.listof(f"{field}.except", raw.get("except"))))
-    return CidrPeer(outer, excepts, endpoints=False)
+    return fields.cidr_block(field, raw, endpoints=False,
+                             missing="required (cidrGroupRef is not supported)")
 
 
 def _entity(field: str, raw: Any) -> EntityPeer:
@@ -164,21 +160,9 @@ def _port(field: str, raw: Any) -> PortMatch:
         raise InvalidArgument(field, raw, "a port is a mapping (port, endPort, protocol)")
     proto = fields.protocol(f"{field}.protocol", raw.get("protocol"), "ANY", allow_any=True)
     port, end = raw.get("port"), raw.get("endPort")
-    if port is None or str(port) == "0":
-        if end:
-            raise InvalidArgument(f"{field}.endPort", end, "needs a numeric port")
-        return PortMatch(proto)
-    if not str(port).isdigit():
-        if end:
-            raise InvalidArgument(f"{field}.endPort", end, "not allowed with a named port")
-        return PortMatch(proto, name=fields.port_name(f"{field}.port", str(port)))
-    first = fields.number(f"{field}.port", int(port))
-    if not end:
-        return PortMatch(proto, first)
-    last = fields.number(f"{field}.endPort", end)
-    if last < first:
-        raise InvalidArgument(f"{field}.endPort", end, f"below port {first}")
-    return PortMatch(proto, first, last if last > first else 0)
+    # Cilium writes "every port" as no port or "0", and no range as no endPort or 0.
+    every = port is None or str(port) == "0"
+    return fields.port_match(field, proto, None if every else port, end or None)
 
 
 def endpoint_selector(field: str, raw: Any, namespace: str) -> EndpointSelector:

@@ -9,7 +9,7 @@ from typing import Any
 from plexus.errors import InvalidArgument
 from plexus.model import parse
 from plexus.model.types import IPNetwork
-from plexus.policy.model import PROTOCOLS, PortMatch
+from plexus.policy.model import PROTOCOLS, CidrPeer, PortMatch
 
 
 def protocol(field: str, raw: Any, default: str = "TCP", allow_any: bool = False) -> str:
@@ -38,7 +38,12 @@ def k8s_port(field: str, raw: Any) -> PortMatch:
     if not isinstance(raw, dict):
         raise InvalidArgument(field, raw, "a port entry is a mapping (protocol, port, endPort)")
     proto = protocol(f"{field}.protocol", raw.get("protocol"))
-    port, end = raw.get("port"), raw.get("endPort")
+    return port_match(field, proto, raw.get("port"), raw.get("endPort"))
+
+
+def port_match(field: str, proto: str, port: Any, end: Any) -> PortMatch:
+    """A port entry's port (None: every port; a number; a name) and ``end`` (None: none),
+    checked as NetworkPolicy's and Cilium's validation check them."""
     if isinstance(port, str) and not port.isdigit():
         if end is not None:
             raise InvalidArgument(f"{field}.endPort", end, "not allowed with a named port")
@@ -54,6 +59,16 @@ def k8s_port(field: str, raw: Any) -> PortMatch:
     if last < first:
         raise InvalidArgument(f"{field}.endPort", end, f"below port {first}")
     return PortMatch(proto, first, last if last > first else 0)
+
+
+def cidr_block(field: str, raw: Any, endpoints: bool, missing: str = "required") -> CidrPeer:
+    """An ipBlock / CIDRSet: ``{cidr, except}``, every except strictly inside the cidr."""
+    if not isinstance(raw, dict) or "cidr" not in raw:
+        raise InvalidArgument(f"{field}.cidr", None, missing)
+    outer = cidr(f"{field}.cidr", raw["cidr"])
+    excepts = tuple(cidr_except(f"{field}.except[{i}]", e, outer)
+                    for i, e in enumerate(listof(f"{field}.except", raw.get("except"))))
+    return CidrPeer(outer, excepts, endpoints=endpoints)
 
 
 def cidr(field: str, raw: Any) -> IPNetwork:

@@ -92,9 +92,4 @@ def _peer(field: str, raw: Any, namespace: str) -> Peer:
 
 
 def _ip_block(field: str, raw: Any) -> CidrPeer:
-    if not isinstance(raw, dict) or "cidr" not in raw:
-        raise InvalidArgument(f"{field}.cidr", None, "required")
-    outer = fields.cidr(f"{field}.cidr", raw["cidr"])
-    excepts = tuple(fields.cidr_except(f"{field}.except[{i}]", e, outer)
-                    for i, e in enumerate(fields.listof(f"{field}.except", raw.get("except"))))
-    return CidrPeer(outer, excepts, endpoints=True)
+    return fields.cidr_block(field, raw, endpoints=True)
