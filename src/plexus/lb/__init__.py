@@ -1,0 +1,1 @@
+"""Services and load balancing: stable virtual IPs and names in front of changing containers."""
