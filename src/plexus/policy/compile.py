@@ -87,8 +87,8 @@ class Row:
     wild: Decisions | None = None
     own: list[Cell] = field(default_factory=list)
     cells: dict[Key, list[Cell]] = field(default_factory=dict)
-    patterns: dict[tuple[object, ...], list[tuple[str, tuple[object, ...], str]]] = field(
-        default_factory=dict)  # (which rules' peers match, named ports) -> key tails
+    patterns: dict[tuple[int, tuple[object, ...]], list[tuple[str, tuple[object, ...], str]]] = \
+        field(default_factory=dict)  # (which rules' peers match, named ports) -> key tails
 
 
 class Compiler(Journal):
@@ -293,15 +293,28 @@ class Compiler(Journal):
                    for kind, k, d in cells.wildcard((mine_id,), row.wild, row.default)]
         for name, elem, verdict in row.own:
             self._put(name, _flat(elem), verdict)
-        for peer in self._relevant(row):
-            self._make_cell(key, direction, row, peer)
+        for peer, sig in self._signatures(row).items():
+            self._make_cell(key, direction, row, peer, sig)
 
-    def _relevant(self, row: Row) -> set[Key]:
-        found: set[Key] = set()
-        for rule in row.peered:
+    def _signatures(self, row: Row) -> dict[Key, int]:
+        """The peers some rule of ``row`` matches (or whose named ports it uses), each with the
+        bit mask of the rules whose peers match it: one pass over the match sets."""
+        sigs: dict[Key, int] = {}
+        for i, rule in enumerate(row.peered):
+            bit = 1 << i
             for peer in rule.peers:
-                found |= self._matches.of(peer)
-        return found | self._matches.named(row.names)
+                for k in self._matches.of(peer):
+                    sigs[k] = sigs.get(k, 0) | bit
+        for k in self._matches.named(row.names):
+            sigs.setdefault(k, 0)
+        return sigs
+
+    def _signature(self, row: Row, peer: Key) -> int:
+        sig = 0
+        for i, rule in enumerate(row.peered):
+            if any(peer in self._matches.of(p) for p in rule.peers):
+                sig |= 1 << i
+        return sig
 
     def _drop_row(self, key: Key, direction: Direction) -> None:
         row = self._rows.pop((key, direction), None)
@@ -318,7 +331,7 @@ class Compiler(Journal):
     def _add_column(self, peer: Key) -> None:
         self._matches.add(peer, self._reps[peer])
         for (key, direction), row in self._rows.items():
-            self._make_cell(key, direction, row, peer)
+            self._make_cell(key, direction, row, peer, self._signature(row, peer))
 
     def _drop_column(self, peer: Key) -> None:
         self._matches.remove(peer)
@@ -326,12 +339,12 @@ class Compiler(Journal):
             for name, elem, _ in row.cells.pop(peer, []):
                 self._drop(name, elem)
 
-    def _make_cell(self, key: Key, direction: Direction, row: Row, peer: Key) -> None:
+    def _make_cell(self, key: Key, direction: Direction, row: Row, peer: Key, sig: int) -> None:
         """The peer's elements in ``row``, from the row's cache of patterns: what a peer gets
-        depends only on which rules' peers match it (and, egress, its named ports)."""
-        sig = tuple(any(peer in self._matches.of(p) for p in r.peers) for r in row.peered)
-        ports = tuple(sorted(x for x in peer.ports if x[0] in row.names))
-        if not any(sig) and not ports:
+        depends only on which rules' peers match it (``sig``, a bit per rule of
+        ``row.peered``) and, egress, its named ports."""
+        ports = tuple(sorted(x for x in peer.ports if x[0] in row.names)) if row.names else ()
+        if not sig and not ports:
             return
         pattern = row.patterns.get((sig, ports))
         if pattern is None:
@@ -343,11 +356,11 @@ class Compiler(Journal):
         for name, elem, verdict in found:
             self._put(name, elem, verdict)
 
-    def _pattern(self, key: Key, direction: Direction, row: Row, sig: tuple[bool, ...],
+    def _pattern(self, key: Key, direction: Direction, row: Row, sig: int,
                  ports: tuple[tuple[str, str, int], ...]) -> list[tuple[str, tuple[object, ...],
                                                                     str]]:
         me = self._reps[key]
-        memo = {**{id(r): m for r, m in zip(row.peered, sig, strict=True)},
+        memo = {**{id(r): bool(sig >> i & 1) for i, r in enumerate(row.peered)},
                 **{id(r): True for r in row.everyone}}
         named = {(n, proto): num for n, proto, num in ports}
         peer = Party(me.address, Workload("peer", "", {}, named))
