@@ -7,7 +7,7 @@ from typing import Any
 
 from plexus.model.types import IPAddress
 from plexus.policy.cells import PORT_PROTOCOLS, PortRange
-from plexus.policy.compile import PREFIX, RETURN
+from plexus.policy.compile import OUTCOMES, PREFIX, RETURN
 from plexus.policy.journal import Sets
 from plexus.policy.model import Direction
 
@@ -24,35 +24,41 @@ def lookup(sets: Sets, direction: Direction, src: Any, dst: Any, proto: str, por
     p, key = PREFIX[direction], (src, dst)
     if proto in PORT_PROTOCOLS:
         found = sets[f"{p}_port"].get((*key, proto, port))
-        if found:
-            return str(found)
+        if found is not None:
+            return _verdict(sets, found)
         for k, t in sets[f"{p}_range"].items():
             assert isinstance(k, tuple)
             rng = k[3]
             assert isinstance(rng, PortRange)
             if k[:3] == (*key, proto) and rng.first <= port <= rng.last:
-                return str(t)
+                return _verdict(sets, t)
         found = sets[f"{p}_proto"].get((*key, proto))
-        if found:
-            return str(found)
+        if found is not None:
+            return _verdict(sets, found)
     found = sets[f"{p}_any"].get(key)
-    if found:
-        return str(found)
+    if found is not None:
+        return _verdict(sets, found)
     mine = src if direction is Direction.EGRESS else dst
     if proto in PORT_PROTOCOLS:
         found = sets[f"{p}_wport"].get((mine, proto, port))
-        if found:
-            return str(found)
+        if found is not None:
+            return _verdict(sets, found)
         for k, t in sets[f"{p}_wrange"].items():
             assert isinstance(k, tuple)
             rng = k[2]
             assert isinstance(rng, PortRange)
             if k[:2] == (mine, proto) and rng.first <= port <= rng.last:
-                return str(t)
+                return _verdict(sets, t)
         found = sets[f"{p}_wproto"].get((mine, proto))
-        if found:
-            return str(found)
-    return str(sets[f"{p}_default"].get(mine, RETURN))
+        if found is not None:
+            return _verdict(sets, found)
+    found = sets[f"{p}_default"].get(mine)
+    return RETURN if found is None else _verdict(sets, found)
+
+
+def _verdict(sets: Sets, number: object) -> str:
+    """The verdict a decision's number stands for (the ``outcomes`` map)."""
+    return str(sets[OUTCOMES][number])
 
 
 def passes(sets: Sets, src: IPAddress, dst: IPAddress, proto: str, port: int) -> bool:

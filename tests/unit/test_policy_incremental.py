@@ -10,7 +10,7 @@ import pytest
 
 from plexus.model.types import Endpoint
 from plexus.policy import documents
-from plexus.policy.compile import Compiler, Inputs
+from plexus.policy.compile import OUTCOMES, Compiler, Inputs
 from plexus.policy.identity import Key
 from plexus.policy.journal import Delta, Sets
 from plexus.policy.model import Policy
@@ -21,8 +21,9 @@ NAMESPACES = {ns: {"ns": ns} for ns in ("x", "y", "z")}
 
 
 def _canonical(c: Compiler) -> dict[str, set[object]]:
-    """The sets with identity numbers replaced by what they stand for."""
+    """The sets with identity and outcome numbers replaced by what they stand for."""
     of: dict[int, Key] = {n: k for k, n in c.numbers._of.items()}
+    verdicts = c.sets[OUTCOMES]
 
     def ident(v: object) -> object:
         return of.get(v, v) if isinstance(v, int) else v
@@ -41,6 +42,10 @@ def _canonical(c: Compiler) -> dict[str, set[object]]:
                 k = ident(k)
             if name.startswith(("ep", "world")):
                 d = ident(d)
+            elif name.startswith(("eg_", "in_")):
+                d = verdicts[d]
+            elif name == OUTCOMES:
+                k = None
             found.add((repr(k), repr(d)))
         out[name] = found
     return out

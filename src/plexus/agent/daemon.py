@@ -26,6 +26,7 @@ from plexus.dataplane.host import HostNetlink
 from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
 from plexus.dataplane.nft.policy_table import PolicyTable
+from plexus.dataplane.nft.setelem import ElementChannel
 from plexus.errors import InvalidArgument
 from plexus.model import parse
 from plexus.services import hosts
@@ -76,7 +77,7 @@ async def run_agent(config: AgentConfig) -> None:
         config, store, drivers, NftFirewall(nft), host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
         kernel_events=KernelEvents(None), link_state=host.link_state, cache=cache,
-        policy_kernel=PolicyTable(nft),
+        policy_kernel=PolicyTable(nft, ElementChannel()),
     )
     runners: list[web.AppRunner] = []
     made: dict[Path, tuple[int, int] | None] = {}

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from plexus.dataplane.nft import policy as render
 from plexus.dataplane.nft.libnft import Nft
+from plexus.dataplane.nft.setelem import ElementChannel
 from plexus.errors import DataplaneError
 from plexus.model.types import IPAddress
 from plexus.policy.journal import Delta, Sets
@@ -43,17 +44,59 @@ class PolicyKernel(Protocol):
 
 
 class PolicyTable:
-    def __init__(self, nft: Nft) -> None:
+    """``elements``: the netlink channel element deltas go through (``setelem`` says why);
+    None sends them through libnftables with the rest."""
+
+    def __init__(self, nft: Nft, elements: ElementChannel | None = None) -> None:
         self._nft = nft
+        self._elements = elements
 
     async def replace(self, sets: Sets, chains: Mapping[str, str]) -> None:
-        await self._nft.run(render.render_table(sets, chains))
+        await asyncio.to_thread(self.replace_sync, sets, chains)
+
+    def replace_sync(self, sets: Sets, chains: Mapping[str, str]) -> None:
+        """A table in place is replaced in one batch, so that enforcement never pauses. A new
+        one is built in three (libnftables for its body, then its elements over netlink: at
+        60,000 elements, 0.8 s through libnftables against 0.1 s), with its base chain last:
+        until then it enforces nothing, as before it existed."""
+        if self._elements is None or self._exists():
+            self._nft.run_sync(render.render_table(sets, chains))
+            return
+        self._nft.run_sync(render.render_table(sets, chains, hooked=False))
+        self._elements.send(render.FAMILY, render.TABLE, render.writable_elements(sets))
+        self._nft.run_sync(render.render_hook())
+
+    def _exists(self) -> bool:
+        try:
+            out = self._nft.run_sync([{"list": {"tables": {"family": render.FAMILY}}}])
+        except DataplaneError:
+            return False
+        return any(isinstance(o.get("table"), dict) and o["table"].get("name") == render.TABLE
+                   for o in out.get("nftables", []))
 
     async def change(self, deltas: list[Delta], old_chains: Mapping[str, str],
                      new_chains: Mapping[str, str]) -> None:
-        cmds = render.render_delta(deltas, old_chains, new_chains)
-        if cmds:
-            await self._nft.run(cmds)
+        await asyncio.to_thread(self.change_sync, deltas, old_chains, new_chains)
+
+    def change_sync(self, deltas: list[Delta], old_chains: Mapping[str, str],
+                    new_chains: Mapping[str, str]) -> None:
+        """A new policy's chains first, then the elements in one transaction, then a gone
+        policy's chains: each step leaves a table that enforces the old or the new state."""
+        elements = render.element_changes(deltas) if self._elements else None
+        if elements is None or self._elements is None:
+            cmds = render.render_delta(deltas, old_chains, new_chains)
+            if cmds:
+                self._nft.run_sync(cmds)
+            return
+        added = render.render_delta([], {}, {k: v for k, v in new_chains.items()
+                                             if k not in old_chains})
+        if added:
+            self._nft.run_sync(added)
+        self._elements.send(render.FAMILY, render.TABLE, elements)
+        gone = render.render_delta([], {k: v for k, v in old_chains.items()
+                                        if k not in new_chains}, {})
+        if gone:
+            self._nft.run_sync(gone)
 
     async def remove(self) -> None:
         await self._nft.run(render.render_teardown())
