@@ -193,3 +193,37 @@ def test_a_namespace_label_change_moves_its_pods_in_and_out_of_selectors_at_once
         agent.cli("namespace", "label", "y", "ns=y")
         agent.cli("namespace", "label", "z", "ns=z")
         agent.cli("policy", "delete", "--all")
+
+
+def test_policy_judges_a_published_port_after_dnat_and_lets_the_host_in(
+        lab: tuple[Agent, dict[str, str]], tmp_path: Path) -> None:
+    """A published port is DNATed before the policy looks: the outside's connection to the
+    host's port is judged as one to the container's port 80, from the client's own address;
+    the host's own connections to its containers stay allowed (health checks)."""
+    agent, _ = lab
+    agent.run_echo("x-pub", "net", "--namespace", "x", "--label", "pod=pub", "-p", "8080:80")
+    agent.wait_listening("x-pub", 80)
+    pub = agent.address("x-pub")
+    host = "203.0.113.1"  # host1 on the outside's segment
+    only_b = """
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: pub, namespace: x}
+        spec:
+          podSelector: {matchLabels: {pod: pub}}
+          ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}%s], ports: [{port: 80}]}]
+        """
+    try:
+        assert tcp_probe("outside", host, 8080, TIMEOUT).outcome is ANSWERED  # no policy yet
+        _apply(agent, textwrap.dedent(only_b % ""), tmp_path)
+        assert tcp_probe("outside", host, 8080, TIMEOUT).outcome is DROPPED
+        assert tcp_probe(agent.netns("x-b"), pub, 80, TIMEOUT).outcome is ANSWERED
+        assert tcp_probe(agent.netns("x-c"), pub, 80, TIMEOUT).outcome is DROPPED
+        assert tcp_probe("host1", pub, 80, TIMEOUT).outcome is ANSWERED  # the host itself
+        _apply(agent, textwrap.dedent(only_b % ", {ipBlock: {cidr: 203.0.113.100/32}}"),
+               tmp_path)
+        assert tcp_probe("outside", host, 8080, TIMEOUT).outcome is ANSWERED
+        assert tcp_probe(agent.netns("x-c"), pub, 80, TIMEOUT).outcome is DROPPED
+    finally:
+        agent.cli("policy", "delete", "--all")
+        agent.cli("rm", "-f", "x-pub")
