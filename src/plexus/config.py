@@ -42,4 +42,8 @@ class AgentConfig:
     dns_upstreams: tuple[str, ...] = ()  # empty: follow the host's /etc/resolv.conf
     dns_workers: int = 1
     txn_retries: int = 50
+    flows: bool = True  # the flow log (observe.flows): conntrack events and logged drops
+    flow_capacity: int = 10000  # records the ring holds
+    flow_rate: int = 5000  # records made a second at most
+    flow_export: Path | None = None  # JSON lines appended here too
     link_workers: int = 16  # endpoints whose links are programmed at once

@@ -50,13 +50,13 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
 # "": the section's own blocks, before any subsection
-RUN = ("", "Service discovery", "Network policy")
+RUN = ("", "Service discovery", "Network policy", "Flows")
 SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
            "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
 READ_ONLY = {
     ("network", "ls"), ("network", "inspect"), ("ps",), ("inspect",), ("status",),
-    ("dns", "lookup"), ("dns", "stats"), ("logs",),
+    ("dns", "lookup"), ("dns", "stats"), ("logs",), ("flows",),
 }
 SANDBOXED = {"--state-dir", "--socket", "--docker-api", "--docker-plugin-socket"}
 
@@ -357,6 +357,17 @@ def policy_denied(session: Session, args: list[str], out: str) -> None:
     assert "DENIED" in out and "NetworkPolicy shop/api-from-front" in out, out
 
 
+def flows_listed(session: Session, args: list[str], out: str) -> None:
+    """`plexus flows`: the connection the published-port check made from the outside to api
+    (through the host's port 8080) is there, as a connection to api's port 80."""
+    if "--json" in args:
+        found = json.loads(out)
+        assert found and all(f["dst"]["name"] == "api" for f in found), out
+        assert any(f["dst"]["port"] == 80 and f["verdict"] == "forwarded" for f in found), out
+    else:
+        assert "shop/api (" in out and "forwarded" in out, out
+
+
 def policy_applied(session: Session, args: list[str], out: str) -> None:
     assert out.splitlines() == ["NetworkPolicy shop/api-from-front created",
                                 "CiliumNetworkPolicy shop/no-test-net created"], out
@@ -388,5 +399,6 @@ CHECKS = [
     Check("detach", cmd("detach"), detached),
     Check("dns lookup", cmd("dns", "lookup"), dns_answer),
     Check("policy apply", cmd("policy", "apply"), policy_applied),
+    Check("flows", cmd("flows"), flows_listed),
     Check("policy explain", cmd("policy", "explain"), policy_denied),
 ]

@@ -27,8 +27,10 @@ from plexus.dataplane.nft.firewall import NftFirewall
 from plexus.dataplane.nft.libnft import open_nft
 from plexus.dataplane.nft.policy_table import PolicyTable
 from plexus.dataplane.nft.setelem import ElementChannel
-from plexus.errors import InvalidArgument
+from plexus.errors import DataplaneError, InvalidArgument
 from plexus.model import parse
+from plexus.observe.flows import FlowLog
+from plexus.observe.kernel import KernelFlows
 from plexus.services import hosts
 from plexus.state.cache import Cache
 from plexus.store import open_store
@@ -84,6 +86,7 @@ async def run_agent(config: AgentConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    flows: KernelFlows | None = None
     try:
         # The API answers "starting" while the agent recovers (the CNI shim maps it to 11).
         runners.append(await serve(agent.api().app(), config.socket))
@@ -94,10 +97,13 @@ async def run_agent(config: AgentConfig) -> None:
             made[config.docker_plugin_socket] = exclusive.inode(config.docker_plugin_socket)
             log.info("docker plugin on %s", config.docker_plugin_socket)
         agent.run_periodic()
+        flows = _start_flows(agent.flows)
         log.info("agent ready on %s (node %s, links tagged %s)", config.socket, config.node,
                  owner)
         await stop.wait()
     finally:
+        if flows is not None:
+            flows.stop()
         for runner in runners:
             await runner.cleanup()
         await agent.close()
@@ -110,6 +116,19 @@ async def run_agent(config: AgentConfig) -> None:
         lock.close()
         if agent.ctx.ready:  # a refused start says why in one line, and nothing else
             log.info("agent stopped")
+
+
+def _start_flows(flows: FlowLog | None) -> KernelFlows | None:
+    """The flow log's kernel sources; without them the agent runs on, and says why."""
+    if flows is None:
+        return None
+    source = KernelFlows(flows)
+    try:
+        source.start()
+    except (DataplaneError, OSError) as exc:
+        log.error("flow log off: %s", exc)
+        return None
+    return source
 
 
 def main(config: AgentConfig, verbose: bool = False) -> None:

@@ -49,6 +49,7 @@ from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.model import keys
 from plexus.model.types import Host
+from plexus.observe.flows import Directory, FlowLog
 from plexus.runtime.containers import ContainerRuntime
 from plexus.services import blocks, hosts
 from plexus.services.context import Context, HostView
@@ -115,6 +116,7 @@ class Agent:
     docker: DockerPlugin | None = None
     kernel: KernelWatcher | None = None
     kernel_events: KernelEvents | None = None
+    flows: FlowLog | None = None
     _periodic: asyncio.Task[None] | None = None
     _block_gc: asyncio.Task[None] | None = None
     _keepalive: asyncio.Task[None] | None = None
@@ -153,6 +155,9 @@ class Agent:
 
     async def policy_counters(self) -> dict[str, dict[str, int]]:
         return await self.policy.counters() if self.policy is not None else {}
+
+    def flow_log(self) -> FlowLog | None:
+        return self.flows
 
     def status(self) -> dict[str, Any]:
         return {
@@ -308,6 +313,11 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
         block_releaser=blocks.BlockReleaser(store, cache, config.block_release_after),
     )
     holder.append(agent)
+    if config.flows:
+        agent.flows = FlowLog(Directory(lambda: cache.endpoints.values(), config.node),
+                              capacity=config.flow_capacity, rate=config.flow_rate,
+                              reason_of=policies.reason if policies else None,
+                              export=config.flow_export)
     if kernel_events is not None and link_state is not None:
         agent.kernel = KernelWatcher(cache, links, agent.fullpass.run, link_state, host.owner)
         agent.kernel_events = kernel_events

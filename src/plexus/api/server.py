@@ -23,6 +23,7 @@ from plexus.api.body import get as _get
 from plexus.api.body import labels as _labels
 from plexus.api.body import read as _body
 from plexus.api.body import strings as _strings
+from plexus.api.flows import FlowsApi
 from plexus.api.policy import PolicyApi
 from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
@@ -30,6 +31,7 @@ from plexus.dns import DnsService
 from plexus.errors import Conflict, NotFound, PlexusError
 from plexus.model import parse
 from plexus.model.types import Container, Endpoint
+from plexus.observe.flows import FlowLog
 from plexus.runtime.containers import ContainerRuntime, RunSpec
 from plexus.services import hosts, labels
 from plexus.services.endpoints import AttachSpec, EndpointService
@@ -63,6 +65,8 @@ class Admin(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     async def reconcile(self) -> dict[str, Any]: ...
+
+    def flow_log(self) -> FlowLog | None: ...
 
     async def policy_counters(self) -> dict[str, dict[str, int]]:
         """Packets per policy ("Kind ref") and outcome (allow, deny, audit)."""
@@ -108,6 +112,7 @@ class Api:
         r.add_patch("/v1/containers/{name}/labels", self.container_label)
         PolicyApi(self.ctx, lambda ref: self._find(ref)[2],
                   self.admin.policy_counters).add_routes(r)
+        FlowsApi(self.admin.flow_log).add_routes(r)
         return app
 
     def _require_ready(self) -> None:

@@ -12,7 +12,7 @@ import click
 
 from plexus import __version__
 from plexus.api.client import DEFAULT_SOCKET
-from plexus.cli import containers, hosts, policies
+from plexus.cli import containers, flows, hosts, policies
 from plexus.cli.common import (
     EXIT_FAILED,
     Group,
@@ -46,7 +46,7 @@ def cli(ctx: click.Context, socket: str) -> None:
     ctx.obj["socket"] = socket
 
 
-for _command in [*containers.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS]:
+for _command in [*containers.COMMANDS, *flows.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS]:
     cli.add_command(_command)
 
 
@@ -125,6 +125,12 @@ for _command in [*containers.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS]:
     show_default=True,
     help="serve the Docker network+IPAM plugin here ('' to disable)",
 )
+@click.option("--no-flows", is_flag=True,
+              help="run without the flow log (conntrack events and logged drops)")
+@click.option("--flow-export", default="", metavar="PATH",
+              help="append every flow record to PATH as JSON lines (for log shippers)")
+@click.option("--flow-rate", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="flow records made a second at most (the rest are counted, not kept)")
 @click.option("-v", "--verbose", is_flag=True, help="log at debug level")
 @click.pass_context
 def agent(
@@ -149,6 +155,9 @@ def agent(
     no_dns: bool,
     docker_api: str,
     docker_plugin_socket: str,
+    no_flows: bool,
+    flow_export: str,
+    flow_rate: int,
     verbose: bool,
 ) -> None:
     """Run the agent (the daemon) in the foreground."""
@@ -183,6 +192,9 @@ def agent(
             dns_ttl=dns_ttl,
             dns_upstreams=dns_upstream,
             dns_workers=dns_workers,
+            flows=not no_flows,
+            flow_rate=flow_rate,
+            flow_export=Path(flow_export) if flow_export else None,
         )
         daemon.main(config, verbose)
     except PlexusError as exc:

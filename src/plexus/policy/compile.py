@@ -81,8 +81,13 @@ class Outcomes:
 
     def __init__(self) -> None:
         self._slots: dict[str, int] = {}  # chain base -> slot
+        self._bases: dict[int, str] = {}  # slot -> chain base
         self._free: list[int] = []
         self._next = 1
+
+    def base_of(self, number: int) -> str | None:
+        """The chain base a decision's number belongs to (None: return, or unknown)."""
+        return self._bases.get(number // 4)
 
     def number(self, verdict: str) -> int:
         if verdict == RETURN:
@@ -97,10 +102,12 @@ class Outcomes:
     def add(self, base: str) -> None:
         if base not in self._slots:
             self._slots[base] = self._free.pop() if self._free else self._take()
+            self._bases[self._slots[base]] = base
 
     def remove(self, base: str) -> None:
         slot = self._slots.pop(base, None)
         if slot is not None:
+            del self._bases[slot]
             self._free.append(slot)
 
     def _take(self) -> int:

@@ -64,6 +64,15 @@ class PolicyReconciler(Reconciler):
         self._started = False  # the first table is written (start-up is behind)
         self.repairs = 0
 
+    def reason(self, prefix: str, mark: int) -> str:
+        """What a logged packet's prefix and ``meta mark`` (a decision's number) say dropped
+        it: "policy Kind ns/name" for a policy's deny or audit."""
+        if prefix not in ("deny", "audit"):
+            return prefix
+        base = self._compiler.outcomes.base_of(mark)
+        what = self._compiler.chains.get(base) if base else None
+        return f"policy {what}" if what else "policy"
+
     def _inputs(self) -> Inputs:
         cache = self._cache
         hosts: list[IPAddress] = [ipaddress.ip_address(h.address)

@@ -15,8 +15,9 @@ Design notes (checked on kernel 6.18, nft 1.0.6; docs/policy.md)
   policies, endpoints or hosts. ``meta mark`` is set back to 0 afterwards; the source identity
   stays on the connection's conntrack entry (flow logs read it).
 - The verdicts are chains per policy: ``PID-allow`` counts and returns (the packet goes on to
-  the next check), ``PID-deny`` counts and drops, ``PID-audit`` counts, logs and returns. Their
-  named counters are what ``plexus policy ls`` shows.
+  the next check), ``PID-deny`` counts and drops, ``PID-audit`` counts and returns. Their named
+  counters are what ``plexus policy ls`` shows. Denied and audited packets are logged to the
+  flow log's nfnetlink_log group on the way (``_log_chains``).
 - The verdict maps hold numbers, not verdicts: a hit puts the number in ``meta mark`` and the
   ``outcomes`` map turns it into the chain to go to (``policy.compile.Outcomes``). The kernel
   checks the whole table for loops when an element that jumps to a chain is committed: 5-15 ms
@@ -34,6 +35,7 @@ from typing import Any
 
 from plexus.dataplane.nft._json import Json, concat, ct, match, meta, payload
 from plexus.dataplane.nft.setelem import Change, SetType
+from plexus.observe.flows import LOG_GROUP, LOG_RATE
 from plexus.policy.cells import PortRange
 from plexus.policy.compile import MAPS, OUTCOMES, PREFIX, RETURN
 from plexus.policy.compile import OUTCOME_CODES as _CODES
@@ -149,16 +151,30 @@ def _elem_cmds(verb: str, sets: Mapping[str, Mapping[object, object]]) -> Iterat
 # -- chains ----------------------------------------------------------------------------------
 
 
-def _policy_chains(base: str, what: str) -> Iterator[Json]:
+def _policy_chains(base: str) -> Iterator[Json]:
     """The three chains (and counters) of one policy."""
     for outcome in OUTCOME_NAMES:
         name = f"{base}-{outcome}"
         yield {"add": obj("counter", name=name)}
         yield {"add": obj("chain", name=name)}
-        last: list[Json] = [{"drop": None}] if outcome == "deny" else [{"return": None}]
-        if outcome == "audit":
-            last = [{"log": {"prefix": f"plexus audit {what[:100]}: "}}, *last]
-        yield {"add": obj("rule", chain=name, expr=[{"counter": name}, *last])}
+        then = {"return": None} if outcome == "allow" else {"goto": {"target": _LOGS[outcome]}}
+        yield {"add": obj("rule", chain=name, expr=[{"counter": name}, then])}
+
+
+_LOGS = {"deny": "denied", "audit": "audited"}  # outcome -> the chain that logs and ends it
+
+
+def _log_chains() -> Iterator[Json]:
+    """Where every policy's deny and audit go: the packet is logged to the flow log's group
+    (at most ``LOG_RATE`` a second in all, so a flood cannot swamp the agent; its ``meta mark``,
+    the decision's number, tells the agent which policy), then dropped or let on."""
+    for outcome, chain in _LOGS.items():
+        yield {"add": obj("chain", name=chain)}
+        yield {"add": obj("rule", chain=chain, expr=[
+            {"limit": {"rate": LOG_RATE, "per": "second"}},
+            {"log": {"prefix": outcome, "group": LOG_GROUP}}])}
+        last = {"drop": None} if outcome == "deny" else {"return": None}
+        yield {"add": obj("rule", chain=chain, expr=[last])}
 
 
 def _delete_policy_chains(base: str) -> Iterator[Json]:
@@ -222,8 +238,9 @@ def render_table(sets: Sets, chains: Mapping[str, str], *, hooked: bool = True) 
         cmds += render_hook()[:1]
     for name in ("check", "v4", "v6", "egress", "ingress"):
         cmds.append({"add": obj("chain", name=name)})
-    for base, what in sorted(chains.items()):
-        cmds += _policy_chains(base, what)
+    cmds += _log_chains()
+    for base in sorted(chains):
+        cmds += _policy_chains(base)
     cmds += [{"add": obj("rule", chain=c, expr=x)} for c, x in _rules() if c != "forward"]
     if hooked:
         cmds += render_hook()[1:]
@@ -252,7 +269,7 @@ def render_delta(deltas: list[Delta], old_chains: Mapping[str, str],
     a gone policy's after the elements that used them are gone."""
     cmds: list[Json] = []
     for base in sorted(set(new_chains) - set(old_chains)):
-        cmds += _policy_chains(base, new_chains[base])
+        cmds += _policy_chains(base)
     for delta in deltas:
         cmds += _elem_cmds("delete", delta.removed)
         cmds += _elem_cmds("add", delta.added)

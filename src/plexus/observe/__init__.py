@@ -1,0 +1,1 @@
+"""Observability: flow log, metrics, web view, verify."""
