@@ -16,6 +16,7 @@ import logging
 import socket
 from pathlib import Path
 
+from plexus.dataplane.nft import setelem
 from plexus.errors import DataplaneError
 from plexus.observe import nfwire as w
 from plexus.observe.flows import LOG_GROUP, FlowLog
@@ -95,7 +96,7 @@ def _bind_log(sock: socket.socket, group: int) -> None:
     sock.settimeout(2.0)
     sock.send(w.bind_group(1, group))
     try:
-        for seq, code in w.ack_errors(sock.recv(1 << 16)):
+        for seq, code in setelem.answers(sock.recv(1 << 16)):
             if seq == 1 and code:
                 raise DataplaneError(f"cannot receive logged packets (nfnetlink_log group "
                                      f"{group}): {errno.errorcode.get(code, code)}")

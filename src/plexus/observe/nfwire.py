@@ -17,8 +17,6 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# Acknowledgements are read as the element batches' are.
-from plexus.dataplane.nft.setelem import answers as ack_errors  # noqa: F401
 from plexus.model.types import IPAddress
 
 NETLINK_NETFILTER = 12
