@@ -125,6 +125,9 @@ for _command in [*containers.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS]:
     show_default=True,
     help="serve the Docker network+IPAM plugin here ('' to disable)",
 )
+@click.option("--metrics-address", default="",
+              help="serve Prometheus metrics at http://HOST:PORT/metrics "
+              "(PORT or :PORT: on 127.0.0.1; default: off)")
 @click.option("-v", "--verbose", is_flag=True, help="log at debug level")
 @click.pass_context
 def agent(
@@ -149,6 +152,7 @@ def agent(
     no_dns: bool,
     docker_api: str,
     docker_plugin_socket: str,
+    metrics_address: str,
     verbose: bool,
 ) -> None:
     """Run the agent (the daemon) in the foreground."""
@@ -156,8 +160,11 @@ def agent(
     from plexus.config import AgentConfig
     from plexus.errors import PlexusError
     from plexus.model import parse
+    from plexus.observe.server import parse_address
 
     try:
+        if metrics_address:
+            parse_address(metrics_address)  # a typo fails here, before anything starts
         p4, l4 = parse.pool("--pool", pool, version=4)
         p6, l6 = parse.pool("--pool6", pool6, version=6)
         config = AgentConfig(
@@ -183,6 +190,7 @@ def agent(
             dns_ttl=dns_ttl,
             dns_upstreams=dns_upstream,
             dns_workers=dns_workers,
+            metrics_address=metrics_address,
         )
         daemon.main(config, verbose)
     except PlexusError as exc:
