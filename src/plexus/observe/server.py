@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -63,6 +64,14 @@ async def _not_found(request: web.Request, handler: Handler) -> web.StreamRespon
         return web.Response(status=404, text=f"404: no page at {request.path} (try /metrics)\n")
 
 
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "is already in use"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "is not an address of this host"
+    return f"cannot be listened on: {os.strerror(exc.errno or 0)}"
+
+
 async def start(address: str, metrics: Metrics) -> web.AppRunner:
     """Listen on ``address``; a port already taken or an address this host lacks: one
     ``InvalidArgument`` line (the agent exits with it before it starts)."""
@@ -75,7 +84,7 @@ async def start(address: str, metrics: Metrics) -> web.AppRunner:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
-        why = "is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise InvalidArgument("metrics-address", address, f"{host}:{port} {why}") from None
+        raise InvalidArgument("metrics-address", address,
+                              f"{host}:{port} {_why(exc)}") from None
     log.info("metrics on http://%s:%d/metrics", host, port)
     return runner

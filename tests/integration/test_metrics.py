@@ -1,0 +1,170 @@
+"""Prometheus metrics (``plexus agent --metrics-address``) read back the way users read them: a
+real Prometheus scrapes the agent, real traffic flows between containers, and the values come
+back through Prometheus's HTTP API; plus the listener's bad input, and the Grafana dashboard
+against the agent's real output."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.probes import DROPPED, tcp_probe
+from tests.harness.prometheus import Prometheus, http_get
+from tests.harness.world import VENV_BIN, Agent, World, nsexec
+
+METRICS_PORT = 9100
+DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "plexus.json"
+LOCK = """apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: lock, namespace: default}
+spec:
+  podSelector: {matchLabels: {role: locked}}
+  policyTypes: [Ingress]
+"""
+
+
+@pytest.fixture
+def lab(world: World, tmp_path: Path) -> Iterator[Agent]:
+    """host1's agent with metrics on its loopback; front: web, client, locked; back: stranger."""
+    agent = world.add_host("host1", start_agent=False)
+    agent.start(extra=["--metrics-address", f":{METRICS_PORT}"])
+    agent.cli("network", "create", "front")
+    agent.cli("network", "create", "back")
+    for name in ("web", "client"):
+        agent.run_echo(name, "front")
+    agent.run_echo("locked", "front", "--label", "role=locked")
+    agent.run_echo("stranger", "back")
+    for name in ("web", "locked", "stranger"):
+        agent.wait_listening(name)
+    policy = tmp_path / "lock.yaml"
+    policy.write_text(LOCK)
+    agent.cli("policy", "apply", "-f", str(policy))
+    yield agent
+
+
+def _metrics(agent: Agent, path: str = "/metrics") -> tuple[int, str]:
+    return http_get(agent.host, "127.0.0.1", METRICS_PORT, path)
+
+
+@pytest.mark.timeout(180)
+def test_prometheus_scrapes_the_agent_and_sees_real_traffic(lab: Agent, tmp_path: Path) -> None:
+    agent = lab
+    web = agent.address("web")
+    with Prometheus(tmp_path / "prom", agent.host, [f"127.0.0.1:{METRICS_PORT}"]) as prom:
+        received = 'plexus_container_network_receive_bytes_total{container="web"}'
+        before = prom.wait_for(received, lambda v: v >= 0)
+        # 200 kB from client to web, through the bridge (the echo server answers its name).
+        payload = b"x" * 200_000
+        answer = tcp_probe(agent.netns("client"), web, 80, 5.0, payload)
+        assert answer.answer.startswith("web"), answer
+        prom.wait_for(received, lambda v: v >= before + len(payload))
+        # Isolation between networks, and a policy, both drop; the kernel counts, we read.
+        assert tcp_probe(agent.netns("stranger"), web, 80, 0.5).outcome is DROPPED
+        assert tcp_probe(agent.netns("client"), agent.address("locked"), 80,
+                         0.5).outcome is DROPPED
+        prom.wait_for('plexus_dropped_packets_total{reason="isolation"}', lambda v: v >= 1)
+        prom.wait_for('sum(plexus_dropped_packets_total{reason="policy",policy=~".*lock.*"})',
+                      lambda v: v >= 1)
+        assert prom.value("up") == 1
+        assert prom.value("sum(plexus_endpoints)") == 4
+        assert prom.value('plexus_endpoints{network="front",front_door="plexus"}') == 3
+        assert prom.value('plexus_ipam_addresses_used{network="back"}') == 1
+        assert prom.value('plexus_networks{driver="bridge"}') == 2
+        sent = prom.value('plexus_container_network_transmit_bytes_total{container="client"}')
+        assert sent is not None and sent >= len(payload)
+        packets = prom.value('plexus_container_network_receive_packets_total{container="web"}')
+        assert packets is not None and packets > len(payload) / 65536
+        assert (prom.value('sum(plexus_api_request_duration_seconds_count'
+                           '{route="/v1/containers"})') or 0) >= 4
+        assert (prom.value('sum(plexus_datastore_request_duration_seconds_count'
+                           '{engine="sqlite",operation="txn"})') or 0) >= 4
+        assert (prom.value('sum(plexus_reconcile_duration_seconds_count{reconciler="links"})')
+                or 0) >= 4
+
+
+def _queried_metrics(dashboard: dict[str, object]) -> set[str]:
+    text = json.dumps(dashboard)
+    exprs = re.findall(r'"expr": "((?:[^"\\]|\\.)*)"', text)
+    exprs += re.findall(r'"definition": "((?:[^"\\]|\\.)*)"', text)
+    return {m for e in exprs for m in re.findall(r"\bplexus_[a-z0-9_]+", e)}
+
+
+def _declared(output: str) -> set[str]:
+    """Every name a query may use: the families (# TYPE, a histogram's with its series'
+    suffixes, which it has even before its first observation) and their samples' names."""
+    names = set(re.findall(r"^(plexus_[a-z0-9_]+)[{ ]", output, re.M))
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)", output, re.M):
+        names.add(name)
+        if kind == "histogram":
+            names.update(f"{name}_{s}" for s in ("bucket", "count", "sum"))
+    return names
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_in_the_agents_output(
+        lab: Agent) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    status, output = _metrics(lab)
+    assert status == 200
+    queried = _queried_metrics(dashboard)
+    assert len(queried) >= 25  # the parser found the queries at all
+    assert queried - _declared(output) == set()
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert all(p["targets"] and p["datasource"]["type"] == "prometheus" for p in panels)
+
+
+def test_an_unknown_path_is_404_and_the_agent_keeps_serving(lab: Agent) -> None:
+    status, body = _metrics(lab, "/nothing/here")
+    assert status == 404 and "/metrics" in body
+    assert _metrics(lab)[0] == 200
+    assert lab.json("status")["ready"]
+
+
+def _agent_exits(world: World, name: str, address: str) -> subprocess.CompletedProcess[str]:
+    agent = world.agents[name]
+    argv = ["nsenter", f"--net=/run/netns/{name}", "--", str(VENV_BIN / "plexus"), "--socket",
+            str(agent.socket), "agent", "--state-dir", str(agent.state_dir), "--node", name,
+            "--docker-plugin-socket", "", "--docker-api", "", "--metrics-address", address]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("address", "says"), [
+    ("nine", "invalid metrics-address 'nine': expected HOST:PORT or PORT"),
+    (":70000", "the port must be 1 to 65535"),
+    ("192.0.2.9:9100", "192.0.2.9:9100 is not an address of this host"),
+])
+def test_a_bad_metrics_address_stops_the_agent_with_one_line(
+        world: World, address: str, says: str) -> None:
+    world.add_host("host1", start_agent=False)
+    r = _agent_exits(world, "host1", address)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("plexus:")]
+    assert len(lines) == 1 and says in lines[0], r.stderr
+
+
+def test_a_taken_metrics_port_stops_the_agent_before_it_starts(world: World) -> None:
+    world.add_host("host1", start_agent=False)
+    squatter = subprocess.Popen(
+        ["ip", "netns", "exec", "host1", "python3", "-c",
+         "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 9100)); s.listen();"
+         " print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "up"
+        started = time.monotonic()
+        r = _agent_exits(world, "host1", ":9100")
+        assert r.returncode == 2, r.stderr
+        assert "127.0.0.1:9100 is already in use" in r.stderr
+        assert time.monotonic() - started < 20
+        # Nothing was started: no API socket answers.
+        assert not world.agents["host1"].socket.exists()
+        assert nsexec("host1", "ip", "-j", "link", "show", "type", "bridge").stdout.strip() in (
+            "", "[]")
+    finally:
+        squatter.kill()
+        squatter.wait(timeout=5)
