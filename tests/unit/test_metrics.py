@@ -176,6 +176,7 @@ async def test_drops_by_reason_and_policy_and_a_failed_source_is_left_out() -> N
     s = await _scrape(metrics)
     assert _v(s, "plexus_dropped_packets_total", reason="isolation", policy="") is None
     assert _v(s, "plexus_scrape_errors_total", source="drops") == 1
+    assert (_v(s, "plexus_scrape_source_duration_seconds", source="drops") or -1) >= 0
     assert _v(s, "plexus_networks", driver="bridge") == 1  # the others are still served
 
 
