@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.cluster import cluster
 from tests.harness.probes import DROPPED, tcp_probe
 from tests.harness.prometheus import Prometheus, http_get
 from tests.harness.world import VENV_BIN, Agent, World, nsexec
@@ -168,3 +169,31 @@ def test_a_taken_metrics_port_stops_the_agent_before_it_starts(world: World) -> 
     finally:
         squatter.kill()
         squatter.wait(timeout=5)
+
+
+def _sample(output: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples that carry ``labels`` (0 when there is none)."""
+    total = 0.0
+    for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", output, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@pytest.mark.timeout(120)
+def test_etcd_round_trips_and_failures_are_counted(world: World, tmp_path: Path) -> None:
+    with cluster(world, tmp_path, ["host1"], start=[]) as (etcd, (agent,)):
+        agent.start(extra=["--store", etcd.url, "--metrics-address", f":{METRICS_PORT}"])
+        agent.cli("network", "create", "front")
+        output = _metrics(agent)[1]
+        assert _sample(output, "plexus_datastore_request_duration_seconds_count",
+                       engine="etcd", operation="txn") >= 1
+        assert _sample(output, "plexus_datastore_request_duration_seconds_count",
+                       engine="sqlite") == 0
+        assert _sample(output, "plexus_datastore_errors_total", engine="etcd") == 0
+        etcd.members[0].stop()
+        failed = agent.cli("network", "create", "back", check=False, timeout=60)
+        assert failed.returncode != 0
+        output = _metrics(agent)[1]
+        assert _sample(output, "plexus_datastore_errors_total", engine="etcd") >= 1
