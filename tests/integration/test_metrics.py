@@ -12,10 +12,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.message
+import dns.query
+import dns.rcode
 import pytest
 
+from plexus.api.client import Client
+from plexus.dataplane.netns import run_in_netns
 from tests.harness.cluster import cluster
-from tests.harness.probes import DROPPED, tcp_probe
+from tests.harness.probes import DROPPED, netns_path, tcp_probe
 from tests.harness.prometheus import Prometheus, http_get
 from tests.harness.world import VENV_BIN, Agent, World, nsexec
 
@@ -49,6 +54,13 @@ def lab(world: World, tmp_path: Path) -> Iterator[Agent]:
     yield agent
 
 
+def _ask(ns: str, server: str, name: str) -> str:
+    """An A query from namespace ``ns`` to ``server``: the answer's rcode."""
+    query = dns.message.make_query(name, "A")
+    answer = run_in_netns(netns_path(ns), lambda: dns.query.udp(query, server, timeout=2))
+    return dns.rcode.to_text(answer.rcode())
+
+
 def _metrics(agent: Agent, path: str = "/metrics") -> tuple[int, str]:
     return http_get(agent.host, "127.0.0.1", METRICS_PORT, path)
 
@@ -72,6 +84,20 @@ def test_prometheus_scrapes_the_agent_and_sees_real_traffic(lab: Agent, tmp_path
         prom.wait_for('plexus_dropped_packets_total{reason="isolation"}', lambda v: v >= 1)
         prom.wait_for('sum(plexus_dropped_packets_total{reason="policy",policy=~".*lock.*"})',
                       lambda v: v >= 1)
+        # DNS from a container to its gateway, and a CNI call: by type and result, by command.
+        gateway = agent.container("client")["endpoints"][0]["gateways"][0]
+        assert _ask(agent.netns("client"), gateway, "web") == "NOERROR"
+        assert _ask(agent.netns("client"), gateway, "nosuch.plexus.internal") == "NXDOMAIN"
+        config = {"cniVersion": "1.1.0", "name": "front", "type": "plexus"}
+        Client(str(agent.socket)).post("/v1/cni", {"env": {"CNI_COMMAND": "STATUS"},
+                                                   "stdin": json.dumps(config)})
+        Client(str(agent.socket)).post("/v1/cni", {"env": {"CNI_COMMAND": "ADD"}, "stdin": ""})
+        prom.wait_for('plexus_dns_responses_total{type="A",rcode="NXDOMAIN"}', lambda v: v >= 1)
+        assert (prom.value('plexus_dns_responses_total{type="A",rcode="NOERROR"}') or 0) >= 1
+        prom.wait_for('plexus_cni_request_duration_seconds_count{command="ADD",result="error"}',
+                      lambda v: v == 1)
+        assert prom.value('plexus_cni_request_duration_seconds_count'
+                          '{command="STATUS",result="ok"}') == 1
         assert prom.value("up") == 1
         assert prom.value("sum(plexus_endpoints)") == 4
         assert prom.value('plexus_endpoints{network="front",front_door="plexus"}') == 3
