@@ -223,3 +223,27 @@ def test_etcd_round_trips_and_failures_are_counted(world: World, tmp_path: Path)
         assert failed.returncode != 0
         output = _metrics(agent)[1]
         assert _sample(output, "plexus_datastore_errors_total", engine="etcd") >= 1
+
+
+def test_drift_the_agent_corrects_is_counted_per_reconciler(lab: Agent) -> None:
+    """A container's host-side veth deleted behind the agent's back (a kernel event), and the
+    whole nftables table deleted (found by `plexus reconcile`): both come back, and the
+    metrics count them under the reconciler that put them back."""
+    def drift(reconciler: str) -> float:
+        return _sample(_metrics(lab)[1], "plexus_reconcile_drift_corrected_total",
+                       reconciler=reconciler)
+
+    before = {r: drift(r) for r in ("links", "firewall")}
+    veths = [link["ifname"] for link in json.loads(nsexec(lab.host, "ip", "-j", "link").stdout)
+             if link["ifname"].startswith("pxv")]
+    assert len(veths) == 4
+    nsexec(lab.host, "ip", "link", "del", veths[0])
+    deadline = time.monotonic() + 20
+    while drift("links") <= before["links"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert drift("links") >= before["links"] + 1
+    nsexec(lab.host, "nft", "delete", "table", "inet", "plexus")
+    lab.cli("reconcile")
+    assert drift("firewall") >= before["firewall"] + 1
+    assert "drop_isolation" in nsexec(lab.host, "nft", "list", "counters").stdout
+    assert veths[0] in nsexec(lab.host, "ip", "-j", "link").stdout  # put back
