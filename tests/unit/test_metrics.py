@@ -19,7 +19,7 @@ from plexus.model.types import Endpoint, Network, Subnet
 from plexus.observe.agent import AgentCollector, RequestTimings
 from plexus.observe.dns import DnsCollector
 from plexus.observe.drops import DropCollector
-from plexus.observe.http import api_timer
+from plexus.observe.http import api_timer, docker_timer
 from plexus.observe.metrics import Metrics
 from plexus.observe.model import ModelCollector, capacity
 from plexus.observe.server import parse_address
@@ -330,3 +330,18 @@ async def test_front_door_requests_are_timed_by_route_template_and_cni_command()
     await _through(app, timer, "POST", "/v1/cni", b'{"env": {"CNI_COMMAND": "x' * 9 + b'"}}')
     assert set(timings.api.histograms) == {("GET", "/v1/containers/{name}", "500")}
     assert set(timings.cni.histograms) == {("ADD", "error"), ("other", "error")}
+
+
+async def test_docker_plugin_calls_are_timed_by_call() -> None:
+    async def join(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/NetworkDriver.Join", join)
+    timings = RequestTimings()
+    timer = docker_timer(timings.docker)
+    await _through(app, timer, "POST", "/NetworkDriver.Join")
+    with pytest.raises(web.HTTPNotFound):
+        await _through(app, timer, "POST", "/NetworkDriver.Nothing")
+    assert set(timings.docker.histograms) == {("NetworkDriver.Join", "200"),
+                                              ("unmatched", "404")}
