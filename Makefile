@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 ethtool containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns docker.io dnsperf gcc libc6-dev containerd etcd-server etcd-client
+DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 ethtool containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns docker.io dnsperf gcc libc6-dev containerd etcd-server etcd-client prometheus
 SANDBOX := tests/sandbox
 PYTEST_ARGS ?=
 # The demo and the benchmarks use the test harnesses (tests/harness), which live with the tests.
@@ -93,6 +93,7 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/scale.py
 	$(SANDBOX) $(PY) bench/cluster.py
 	$(SANDBOX) $(PY) bench/policy.py
+	$(SANDBOX) $(PY) bench/metrics_scrape.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
 	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni

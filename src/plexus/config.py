@@ -47,3 +47,4 @@ class AgentConfig:
     flow_rate: int = 5000  # records made a second at most
     flow_export: Path | None = None  # JSON lines appended here too
     link_workers: int = 16  # endpoints whose links are programmed at once
+    metrics_address: str = ""  # HOST:PORT of the Prometheus listener ("": none)

@@ -45,7 +45,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, Path]
         agent.cli("network", "create", "net", "--subnet", "10.78.0.0/24")
         for name in ("a", "b", "c", "d"):
             agent.run_echo(name, "net", "--label", f"app={name}")
-        for name in ("a", "b", "c", "d"):
+        agent.cli("network", "create", "other", "--subnet", "10.78.1.0/24")
+        agent.run_echo("e", "other", "--label", "app=e")
+        for name in ("a", "b", "c", "d", "e"):
             agent.wait_listening(name)
         policy = root / "policy.yaml"
         policy.write_text(POLICY)
@@ -100,6 +102,15 @@ def test_a_policy_drop_names_the_policy(lab: tuple[Agent, Path]) -> None:
     assert drop["dst"]["port"] == 80 and drop["direction"] == "both"
     allowed = flows(agent, "--from", "a", "--verdict", "dropped")
     assert allowed == []
+
+
+def test_an_isolation_drop_says_so(lab: tuple[Agent, Path]) -> None:
+    agent, _ = lab
+    # a: no policy selects it, so the policy table lets the packet on to the isolation check
+    assert tcp_probe(agent.netns("e"), agent.address("a"), 80, 0.5).outcome is DROPPED
+    found = wait_for(agent, ("--from", "e", "--verdict", "dropped"), lambda f: True)
+    assert found[-1]["reason"] == "isolation" and found[-1]["dst"]["name"] == "a"
+    assert found[-1]["src"]["network"] == "other" and found[-1]["dst"]["network"] == "net"
 
 
 def test_an_audit_policy_lets_the_packet_through_and_says_so(lab: tuple[Agent, Path]) -> None:

@@ -20,7 +20,7 @@ How a README line becomes commands (a line no rule covers fails the test):
   World chooses.
 - `export PLEXUS_SOCKET=PATH`: PATH must be the client's default (as the README says); the
   commands get the sandboxed agent's socket in PLEXUS_SOCKET instead.
-- `plexus ARGS` is the venv's plexus; `ip ARGS` is ip.
+- `plexus ARGS` is the venv's plexus; `ip ARGS` is ip; `curl ARGS` is curl.
 - Every command runs in host1's network namespace (nsenter), the host the user types on.
 
 Each command must exit 0. CHECKS compare a few outputs with what the README implies, against
@@ -50,7 +50,7 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
 # "": the section's own blocks, before any subsection
-RUN = ("", "Service discovery", "Network policy", "Flows")
+RUN = ("", "Service discovery", "Network policy", "Flows", "Metrics")
 SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
            "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
@@ -191,7 +191,7 @@ class Session:
         if argv[0] == "plexus":
             argv = [str(VENV_BIN / "plexus"), *argv[1:]]
         else:
-            assert argv[0] == "ip", f"no rule to run README line {cmd.source!r}"
+            assert argv[0] in ("ip", "curl"), f"no rule to run README line {cmd.source!r}"
         r = subprocess.run(
             ["nsenter", f"--net=/run/netns/{HOST}", "--", *argv],
             capture_output=True, text=True, timeout=60, env=self.env(),
@@ -373,6 +373,16 @@ def policy_applied(session: Session, args: list[str], out: str) -> None:
                                 "CiliumNetworkPolicy shop/no-test-net created"], out
 
 
+def metrics_served(session: Session, args: list[str], out: str) -> None:
+    """`curl .../metrics` (the agent runs with --metrics-address): the endpoints gauge sums to
+    what `plexus status` counts, and api's traffic counters are there, by name."""
+    assert session.agent is not None
+    endpoints = re.findall(r"^plexus_endpoints\{[^}]*\} (\S+)$", out, re.M)
+    assert endpoints and sum(map(float, endpoints)) == session.agent.json("status")["endpoints"]
+    assert re.search(r'^plexus_container_network_receive_bytes_total\{container="api",'
+                     r'namespace="shop",network="web"\} \d', out, re.M), out[:2000]
+
+
 def cmd(*prefix: str, has: tuple[str, ...] = (), lacks: str = "") -> Callable[[list[str]], bool]:
     """A `plexus PREFIX...` command line with every word of ``has`` and without ``lacks``."""
 
@@ -401,4 +411,6 @@ CHECKS = [
     Check("policy apply", cmd("policy", "apply"), policy_applied),
     Check("flows", cmd("flows"), flows_listed),
     Check("policy explain", cmd("policy", "explain"), policy_denied),
+    Check("metrics", lambda argv: argv[0] == "curl" and argv[-1].endswith("/metrics"),
+          metrics_served),
 ]

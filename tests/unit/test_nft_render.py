@@ -23,7 +23,7 @@ from plexus.dataplane.nft import (
     render_teardown,
     render_update,
 )
-from plexus.dataplane.nft.render import PUB_MAPS, SPECS
+from plexus.dataplane.nft.render import DROP_COUNTERS, PUB_MAPS, SPECS
 from plexus.errors import InvalidArgument
 from plexus.model.types import Endpoint, Network, PortMapping, Protocol, Subnet
 
@@ -166,6 +166,19 @@ def test_chains_hook_where_the_design_says() -> None:
         "postrouting_nat": ("nat", "postrouting", 100),
     }
     assert all(c["policy"] == "accept" for c in chains.values())
+
+
+def test_every_drop_of_the_forward_chain_counts_into_its_named_counter() -> None:
+    cmds = render_table(STATE)
+    declared = [c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})]
+    forward = [c["add"]["rule"]["expr"] for c in cmds
+               if c.get("add", {}).get("rule", {}).get("chain") == "forward"]
+    drops = [e for e in forward if {"drop": None} in e]
+    # The counter comes right before the verdict, so it counts exactly the dropped packets.
+    named = [e[e.index({"drop": None}) - 1].get("counter") for e in drops]
+    assert sorted(declared) == sorted(DROP_COUNTERS.values())
+    assert named == ["drop_internal", "drop_internal", "drop_isolation", "drop_unpublished"]
+    assert parse_table({"nftables": [c["add"] for c in cmds if "add" in c]}) is not None
 
 
 def test_rules_do_not_grow_with_publications() -> None:

@@ -29,8 +29,12 @@ from plexus.dataplane.nft.policy_table import PolicyTable
 from plexus.dataplane.nft.setelem import ElementChannel
 from plexus.errors import DataplaneError, InvalidArgument
 from plexus.model import parse
+from plexus.observe import server as metrics_server
 from plexus.observe.flows import FlowLog
+from plexus.observe.http import api_timer, docker_timer
 from plexus.observe.kernel import KernelFlows
+from plexus.observe.metrics import Metrics
+from plexus.observe.store import TimedStore, engine_of
 from plexus.services import hosts
 from plexus.state.cache import Cache
 from plexus.store import open_store
@@ -65,6 +69,9 @@ async def run_agent(config: AgentConfig) -> None:
     cacert, cert, key = config.etcd_tls
     store = open_store(config.store_url or str(config.state_dir / "plexus.db"),
                        cacert=cacert, cert=cert, key=key)
+    metrics = Metrics() if config.metrics_address else None
+    if metrics is not None:
+        store = TimedStore(store, engine_of(config.store_url), metrics.timings.store)
     await migrate(store)
     owner = await identity.agent_owner(store, config.node)
     host = HostNetlink(owner)
@@ -75,8 +82,9 @@ async def run_agent(config: AgentConfig) -> None:
     cache = Cache(config.node)
     drivers = build_drivers(host, owner, CachePeers(cache, config.advertise_address))
     nft = open_nft()  # one libnftables context, on its own thread, for both tables
+    firewall = NftFirewall(nft)
     agent = wiring.build(
-        config, store, drivers, NftFirewall(nft), host, host,
+        config, store, drivers, firewall, host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
         kernel_events=KernelEvents(None), link_state=host.link_state, cache=cache,
         policy_kernel=PolicyTable(nft, ElementChannel()),
@@ -88,12 +96,21 @@ async def run_agent(config: AgentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     flows: KernelFlows | None = None
     try:
+        if metrics is not None:  # first: a taken port stops the agent before it starts
+            runners.append(await metrics_server.start(config.metrics_address, metrics))
+            wiring.add_metrics(metrics, agent, firewall)
         # The API answers "starting" while the agent recovers (the CNI shim maps it to 11).
-        runners.append(await serve(agent.api().app(), config.socket))
+        api = agent.api().app()
+        if metrics is not None:
+            api.middlewares.insert(0, api_timer(metrics.timings.api, metrics.timings.cni))
+        runners.append(await serve(api, config.socket))
         made[config.socket] = exclusive.inode(config.socket)
         await agent.start()
         if agent.docker is not None and config.docker_plugin_socket is not None:
-            runners.append(await serve(agent.docker.app(), config.docker_plugin_socket))
+            plugin = agent.docker.app()
+            if metrics is not None:
+                plugin.middlewares.append(docker_timer(metrics.timings.docker))
+            runners.append(await serve(plugin, config.docker_plugin_socket))
             made[config.docker_plugin_socket] = exclusive.inode(config.docker_plugin_socket)
             log.info("docker plugin on %s", config.docker_plugin_socket)
         agent.run_periodic()

@@ -49,7 +49,13 @@ from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.model import keys
 from plexus.model.types import Host
+from plexus.observe.agent import AgentCollector
+from plexus.observe.dns import DnsCollector
+from plexus.observe.drops import DropCollector, DropCounters
 from plexus.observe.flows import Directory, FlowLog
+from plexus.observe.metrics import Metrics
+from plexus.observe.model import ModelCollector
+from plexus.observe.traffic import TrafficCollector
 from plexus.runtime.containers import ContainerRuntime
 from plexus.services import blocks, hosts
 from plexus.services.context import Context, HostView
@@ -254,6 +260,17 @@ class Agent:
         await self.host.close()
         await self.registration.close()
         await self.monitor.close()  # the store is the caller's: it opened it
+
+
+def add_metrics(metrics: Metrics, agent: Agent, firewall: DropCounters) -> None:
+    """The collectors of an agent's metrics (``plexus.observe``); services and policies add
+    theirs here as they land."""
+    metrics.add("model", ModelCollector(agent.cache))
+    metrics.add("traffic", TrafficCollector(agent.cache))
+    metrics.add("drops", DropCollector(firewall, agent.policy_counters))
+    metrics.add("agent", AgentCollector(lambda: agent.reconcilers, metrics.timings))
+    if agent.dns is not None:
+        metrics.add("dns", DnsCollector(agent.dns.stats))
 
 
 def dns_service(config: AgentConfig) -> DnsService | None:

@@ -131,6 +131,9 @@ for _command in [*containers.COMMANDS, *flows.COMMANDS, *hosts.COMMANDS, *polici
               help="append every flow record to PATH as JSON lines (for log shippers)")
 @click.option("--flow-rate", default=5000, show_default=True, type=click.IntRange(min=1),
               help="flow records made a second at most (the rest are counted, not kept)")
+@click.option("--metrics-address", default="",
+              help="serve Prometheus metrics at http://HOST:PORT/metrics "
+              "(PORT or :PORT: on 127.0.0.1; default: off)")
 @click.option("-v", "--verbose", is_flag=True, help="log at debug level")
 @click.pass_context
 def agent(
@@ -158,6 +161,7 @@ def agent(
     no_flows: bool,
     flow_export: str,
     flow_rate: int,
+    metrics_address: str,
     verbose: bool,
 ) -> None:
     """Run the agent (the daemon) in the foreground."""
@@ -165,8 +169,11 @@ def agent(
     from plexus.config import AgentConfig
     from plexus.errors import PlexusError
     from plexus.model import parse
+    from plexus.observe.server import parse_address
 
     try:
+        if metrics_address:
+            parse_address(metrics_address)  # a typo fails here, before anything starts
         p4, l4 = parse.pool("--pool", pool, version=4)
         p6, l6 = parse.pool("--pool6", pool6, version=6)
         config = AgentConfig(
@@ -195,6 +202,7 @@ def agent(
             flows=not no_flows,
             flow_rate=flow_rate,
             flow_export=Path(flow_export) if flow_export else None,
+            metrics_address=metrics_address,
         )
         daemon.main(config, verbose)
     except PlexusError as exc:

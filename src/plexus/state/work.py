@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from plexus.dns.metrics import Histogram
 from plexus.errors import DataplaneError, PlexusError
 
 _HOLD = 0.004  # seconds a worker runs objects back to back before it lets the loop go
@@ -34,6 +35,9 @@ _HOLD = 0.004  # seconds a worker runs objects back to back before it lets the l
 log = logging.getLogger("plexus.reconcile")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0
+# Seconds: an object already right is ~10 µs, a veth pair a few ms, a whole-table batch 100+ ms.
+RUN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+               2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,10 @@ class Reconciler:
         self.errors: dict[str, ObjectError] = {}
         self.on_progress: Callable[[], None] = lambda: None
         self.processed = 0
+        # For the metrics (plain data, read at scrape time): seconds per ``_run`` (one object,
+        # or one batch), and objects the kernel had drifted from (``invalidate``).
+        self.durations = Histogram(RUN_BUCKETS)
+        self.drifted = 0
         # refresh(): futures waiting for the next time a key is taken, and for the current one.
         self._refreshing: dict[str, list[asyncio.Future[None]]] = {}
         self._answering: dict[str, list[asyncio.Future[None]]] = {}
@@ -98,6 +106,7 @@ class Reconciler:
     def invalidate(self, key: str) -> None:
         """Forget what was applied for ``key`` and do it again (a kernel event said it
         drifted): level-triggered, so this is just one more piece of work."""
+        self.drifted += 1
         self.forget_applied(key)
         self.enqueue([key])
 
@@ -156,7 +165,9 @@ class Reconciler:
                 # a relist) would otherwise hold the loop for all of it.
                 await asyncio.sleep(0)
                 held_since = time.perf_counter()
+            started = time.perf_counter()
             outcome = await self._run(list(taken))
+            self.durations.observe(time.perf_counter() - started)
             for key in taken:
                 self._inflight.pop(key, None)
             # A batch may report on objects nobody queued (DNS listeners, say): recorded too.

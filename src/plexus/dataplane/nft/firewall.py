@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from plexus.dataplane.nft import _json as j
 from plexus.dataplane.nft.libnft import Nft
 from plexus.dataplane.nft.readback import parse_table
 from plexus.dataplane.nft.render import (
@@ -112,3 +113,18 @@ class NftFirewall:
         listing = await self._nft.list_table()
         # Parsing 10,000 elements takes tens of milliseconds of Python: off the event loop.
         return await asyncio.to_thread(parse_table, listing)
+
+    async def counters(self) -> dict[str, tuple[int, int]]:
+        """The table's named counters (``render.DROP_COUNTERS``): name -> (packets, bytes);
+        empty when the table is absent."""
+        try:
+            out = await self._nft.run([{"list": {"counters": {"family": j.FAMILY,
+                                                               "table": j.TABLE}}}])
+        except DataplaneError:
+            return {}
+        found: dict[str, tuple[int, int]] = {}
+        for o in out.get("nftables", []):
+            c = o.get("counter")
+            if isinstance(c, dict) and c.get("table") == j.TABLE:
+                found[str(c["name"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        return found

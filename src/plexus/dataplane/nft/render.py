@@ -56,6 +56,10 @@ and a container change is a one-element batch.
   its bridge, and ``intra`` holds (bridge, tunnel) and (tunnel, bridge). Not (tunnel, tunnel):
   every host sends straight to the host that holds a block, none relays. Two elements per
   network, whatever the number of hosts or containers.
+- The forward chain's drops count into named counters (``DROP_COUNTERS``): the metrics read
+  them back with one ``list counters`` (drops by reason), and a named counter costs a packet
+  what an anonymous one does. Replacing the table resets them; Prometheus takes a counter
+  reset in its stride.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from plexus.dataplane.nft import _json as j
 from plexus.dataplane.nft._json import Json, Value
 from plexus.dataplane.nft.state import FirewallState, NetRule, Publication
 from plexus.model.types import IPNetwork
+from plexus.observe.flows import LOG_GROUP, LOG_RATE
 
 PRIO_RAW, PRIO_DSTNAT, PRIO_FILTER, PRIO_SRCNAT = -300, -100, 0, 100
 
@@ -113,6 +118,9 @@ PUB_MAPS = tuple(
     for part in ("addr", "port")
 )
 SPECS = {s.name: s for s in (*NET_SETS, *PUB_MAPS)}
+# Named counters of the forward chain's drops: reason -> counter name.
+DROP_COUNTERS = {"isolation": "drop_isolation", "internal": "drop_internal",
+                 "unpublished": "drop_unpublished"}
 
 
 # -- elements ------------------------------------------------------------------------------------
@@ -180,6 +188,7 @@ def render_table(state: FirewallState) -> list[Json]:
         j.cmd("delete", table),
         j.cmd("add", table),
         *(j.cmd("add", s.json()) for s in (*NET_SETS, *PUB_MAPS)),
+        *(j.cmd("add", j.obj("counter", name=c)) for c in DROP_COUNTERS.values()),
         *(j.cmd("add", c) for c in _chains()),
         *(j.cmd("add", j.obj("rule", chain=c, expr=e)) for c, e in _rules()),
         *_element_cmds("add", elements),
@@ -295,11 +304,20 @@ def _forward() -> Iterator[list[Json]]:
     bridges, internal = j.ref("bridges"), j.ref("internal")
     yield [j.flags_in(j.ct("state"), "established", "related"), ACCEPT]
     yield [j.match(j.concat(IIF, OIF), j.ref("intra")), ACCEPT]  # one network (br_netfilter)
-    yield [j.match(IIF, internal), DROP]
-    yield [j.match(OIF, internal), DROP]
+    yield from _drop([j.match(IIF, internal)], "internal")
+    yield from _drop([j.match(OIF, internal)], "internal")
     yield [j.flags_in(j.ct("status"), "dnat"), j.match(OIF, bridges), ACCEPT]  # published
-    yield [j.match(IIF, bridges), j.match(OIF, bridges), DROP]  # isolation between networks
-    yield [j.match(OIF, bridges), DROP]  # nothing reaches a container unless published
+    yield from _drop([j.match(IIF, bridges), j.match(OIF, bridges)], "isolation")  # networks
+    # Nothing reaches a container unless published.
+    yield from _drop([j.match(OIF, bridges)], "unpublished")
+
+
+def _drop(matches: list[Json], reason: str) -> Iterator[list[Json]]:
+    """Log to the flow log's group (at most ``LOG_RATE`` a second: a rule of its own, since a
+    limit that runs out ends its rule), then count into the reason's named counter and drop."""
+    yield [*matches, {"limit": {"rate": LOG_RATE, "per": "second"}},
+           {"log": {"prefix": reason, "group": LOG_GROUP}}]
+    yield [*matches, {"counter": DROP_COUNTERS[reason]}, DROP]
 
 
 def _input() -> Iterator[list[Json]]:
