@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+from dataclasses import replace
 from typing import Any
 
 from plexus.dataplane.nft import lb
@@ -121,7 +122,7 @@ def test_no_backend_means_reject_elements_and_no_chain() -> None:
 
 def test_a_change_touches_only_the_frontend_that_changed() -> None:
     before = index(ALL)
-    moved = Frontend(**{**_fields(WEB), "backends": backends("10.1.0.2", "10.1.0.9")})
+    moved = replace(WEB, backends=backends("10.1.0.2", "10.1.0.9"))
     cmds = lb.render_change(diff(before, index([moved, STICKY, EMPTY, V6])), before)
     assert names_in(cmds) == {lb.chain_name(WEB)}
     assert {"flush": lb.obj("chain", name=lb.chain_name(WEB))} in cmds
@@ -130,7 +131,7 @@ def test_a_change_touches_only_the_frontend_that_changed() -> None:
 
 def test_a_removed_affinity_backend_takes_only_its_own_chain_and_set() -> None:
     before = index(ALL)
-    shrunk = Frontend(**{**_fields(STICKY), "backends": STICKY.backends[1:]})
+    shrunk = replace(STICKY, backends=STICKY.backends[1:])
     cmds = lb.render_change(diff(before, index([WEB, shrunk, EMPTY, V6])), before)
     gone, kept = STICKY.backends
     assert {"delete": lb.obj("chain", name=lb.endpoint_chain(STICKY, gone))} in cmds
@@ -142,7 +143,7 @@ def test_a_removed_affinity_backend_takes_only_its_own_chain_and_set() -> None:
 
 def test_losing_the_last_backend_swaps_the_dnat_for_a_reject() -> None:
     before = index(ALL)
-    drained = Frontend(**{**_fields(WEB), "backends": ()})
+    drained = replace(WEB, backends=())
     cmds = lb.render_change(diff(before, index([drained, STICKY, EMPTY, V6])), before)
     assert element_keys(cmds, "delete", "vips4") == [{"concat": ["10.96.0.1", "tcp", 80]}]
     assert element_keys(cmds, "delete", "ports4") == [{"concat": ["tcp", 8080]}]
@@ -184,8 +185,7 @@ class RecordingNft:
 def test_the_applier_renders_each_change_against_what_it_applied() -> None:
     nft = RecordingNft()
     table = ServiceTable(nft)  # type: ignore[arg-type]
-    grown = Frontend(**{**_fields(STICKY), "backends": backends("10.1.0.2", "10.1.0.3",
-                                                                "10.1.0.5")})
+    grown = replace(STICKY, backends=backends("10.1.0.2", "10.1.0.3", "10.1.0.5"))
 
     async def steps() -> None:
         await table.replace(ALL)
@@ -198,6 +198,3 @@ def test_the_applier_renders_each_change_against_what_it_applied() -> None:
     # The third backend, added by the previous change, goes with its frontend.
     assert {"delete": lb.obj("chain", name=lb.endpoint_chain(grown, grown.backends[2]))} in drop
 
-
-def _fields(f: Frontend) -> dict[str, Any]:
-    return {k: getattr(f, k) for k in f.__slots__}

@@ -33,7 +33,12 @@ Layout (the shape of kube-proxy's nftables mode; checked on kernel 6.18, nft 1.0
   br_netfilter is on). Why a ct label and not a mark: ``table inet plexus_policy`` rewrites the
   packet mark and the ct mark of the connections it judges, between prerouting and postrouting.
   Other clients on a backend's own bridge are masqueraded by ``table inet plexus``
-  (``bridge_nets``); this table alone does not cover them.
+  (``bridge_nets``); this table alone does not cover them. With br_netfilter on (a new network
+  namespace here starts with bridge-nf-call-iptables=1 once the module is loaded), a packet
+  from a container to a VIP whose backend sits on the same bridge is DNATed at *bridge* level
+  and bridged, not routed: a backend drawn for itself then needs hairpin mode on its bridge
+  port (the link layer's job, as for published ports), or the SYN vanishes without a trace
+  after the DNAT (checked: no forward hook, no conntrack entry).
 - Loopback addresses are never DNATed for published ports (``127.0.0.0/8``, ``::1``): the
   reply could not come back, as kube-proxy's nftables mode also decides.
 - Policy (``table inet plexus_policy``, forward -5) sees the backend after DNAT, since DNAT here

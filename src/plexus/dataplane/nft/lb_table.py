@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from plexus.dataplane.nft import lb as render
-from plexus.dataplane.nft.libnft import Nft
+from plexus.dataplane.nft.libnft import Nft, netns_path
 from plexus.errors import DataplaneError
 from plexus.lb.model import Backend, Change, Frontend, index
 
@@ -39,8 +39,13 @@ class ServiceKernel(Protocol):
 
 
 class ServiceTable:
-    def __init__(self, nft: Nft) -> None:
+    """``netns``: the namespace ``nft`` talks to, by name or path, for ``conntrack`` to work in
+    the same one (None: the caller's)."""
+
+    def __init__(self, nft: Nft, netns: str | None = None) -> None:
         self._nft = nft
+        path = netns_path(netns)
+        self._enter = [] if path is None else ["nsenter", f"--net={path}", "--"]
         self._held = index(())
 
     async def replace(self, frontends: Iterable[Frontend]) -> None:
@@ -70,11 +75,11 @@ class ServiceTable:
             return
         for b in backends:
             reply = ["--reply-src", str(b.address), "--reply-port-src", str(b.port)]
-            await _conntrack_delete(["--orig-dst", str(frontend.vip),
+            await self._conntrack_delete(["--orig-dst", str(frontend.vip),
                                      "--orig-port-dst", str(frontend.port), *reply])
             for p in frontend.published:
                 where = [] if p.address is None else ["--orig-dst", str(p.address)]
-                await _conntrack_delete([*where, "--orig-port-dst", str(p.port), *reply])
+                await self._conntrack_delete([*where, "--orig-port-dst", str(p.port), *reply])
 
     async def sizes(self) -> dict[str, int] | None:
         try:
@@ -94,13 +99,13 @@ class ServiceTable:
         return sizes
 
 
-async def _conntrack_delete(filters: list[str]) -> None:
-    """``conntrack -D -p udp FILTERS``; nothing matching is not an error."""
-    proc = await asyncio.create_subprocess_exec(
-        "conntrack", "-D", "-p", "udp", *filters, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), CONNTRACK_TIMEOUT)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+    async def _conntrack_delete(self, filters: list[str]) -> None:
+        """``conntrack -D -p udp FILTERS``; nothing matching is not an error."""
+        proc = await asyncio.create_subprocess_exec(
+            *self._enter, "conntrack", "-D", "-p", "udp", *filters,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), CONNTRACK_TIMEOUT)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
