@@ -83,13 +83,26 @@ def test_every_vip_is_one_element_leading_to_its_own_chain() -> None:
     assert element_keys(cmds, "add", "vips6") == [{"concat": ["fd96::1", "tcp", 443]}]
 
 
-def test_a_backend_is_drawn_at_random_and_dnated_in_one_rule() -> None:
-    hairpin, dnat = rules(lb.render_table([WEB]), lb.chain_name(WEB))
-    assert hairpin[0]["match"]["right"] == {"set": ["10.1.0.2", "10.1.0.3", "10.1.0.4"]}
-    assert hairpin[1] == {"mangle": {"key": {"ct": {"key": "label"}}, "value": lb.HAIRPIN}}
-    to = dnat[1]["dnat"]["addr"]["map"]
-    assert to["key"] == {"numgen": {"mode": "random", "mod": 3, "offset": 0}}
-    assert to["data"]["set"][2] == [2, {"concat": ["10.1.0.4", 80]}]
+def test_backends_are_drawn_with_falling_odds_and_no_set() -> None:
+    first, second, last = rules(lb.render_table([WEB]), lb.chain_name(WEB))
+    assert first[0] == {"match": {"op": "==", "right": 0, "left": {
+        "numgen": {"mode": "random", "mod": 3, "offset": 0}}}}
+    assert first[-1] == {"dnat": {"family": "ip", "addr": "10.1.0.2", "port": 80}}
+    assert second[0]["match"]["left"]["numgen"]["mod"] == 2
+    assert last == [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                               "right": "tcp"}},
+                    {"dnat": {"family": "ip", "addr": "10.1.0.4", "port": 80}}]
+    assert '"set"' not in json.dumps([first, second, last])  # no anonymous set per service
+
+
+def test_a_backend_calling_its_frontend_is_marked_by_one_lookup() -> None:
+    cmds = lb.render_table(ALL)
+    assert {"concat": ["10.96.0.1", "tcp", 80, "10.1.0.3"]} in element_keys(cmds, "add",
+                                                                             "hairpin4")
+    assert {"concat": ["tcp", 8080, "10.1.0.4"]} in element_keys(cmds, "add", "hairpin_any4")
+    marks = [r for r in rules(cmds, "services") if lb.MARK_HAIRPIN in r]
+    assert [r[-2]["match"]["right"] for r in marks] == [
+        "@hairpin4", "@hairpin_any4", "@hairpin6", "@hairpin_any6"]
 
 
 def test_affinity_keeps_a_timed_set_and_a_chain_per_backend() -> None:
@@ -102,11 +115,11 @@ def test_affinity_keeps_a_timed_set_and_a_chain_per_backend() -> None:
                                 "elem": {"payload": {"protocol": "ip", "field": "saddr"}}}
     assert dnat[1] == {"dnat": {"family": "ip", "addr": "10.1.0.2", "port": 80}}
     chain = rules(cmds, lb.chain_name(STICKY))
-    assert chain[1] == [{"match": {"op": "==", "left": {"payload": {"protocol": "ip",
+    assert chain[0] == [{"match": {"op": "==", "left": {"payload": {"protocol": "ip",
                                                                     "field": "saddr"}},
                                    "right": f"@{first}"}},
                         {"goto": {"target": lb.endpoint_chain(STICKY, STICKY.backends[0])}}]
-    assert "vmap" in chain[-1][0]
+    assert chain[-1] == [{"goto": {"target": lb.endpoint_chain(STICKY, STICKY.backends[1])}}]
 
 
 def test_no_backend_means_reject_elements_and_no_chain() -> None:
@@ -124,9 +137,14 @@ def test_a_change_touches_only_the_frontend_that_changed() -> None:
     before = index(ALL)
     moved = replace(WEB, backends=backends("10.1.0.2", "10.1.0.9"))
     cmds = lb.render_change(diff(before, index([moved, STICKY, EMPTY, V6])), before)
-    assert names_in(cmds) == {lb.chain_name(WEB)}
+    assert names_in(cmds) == {lb.chain_name(WEB), "hairpin4", "hairpin_any4"}
     assert {"flush": lb.obj("chain", name=lb.chain_name(WEB))} in cmds
     assert not element_keys(cmds, "add", "vips4")  # the map element stays as it is
+    touched = [k["concat"] for verb in ("add", "delete")
+               for name in ("hairpin4", "hairpin_any4") for k in element_keys(cmds, verb, name)]
+    assert sorted(k[-1] for k in touched) == ["10.1.0.3", "10.1.0.3", "10.1.0.4", "10.1.0.4",
+                                              "10.1.0.9", "10.1.0.9"]
+    assert all(k[:3] == ["10.96.0.1", "tcp", 80] or k[:2] == ["tcp", 8080] for k in touched)
 
 
 def test_a_removed_affinity_backend_takes_only_its_own_chain_and_set() -> None:
@@ -138,7 +156,9 @@ def test_a_removed_affinity_backend_takes_only_its_own_chain_and_set() -> None:
     assert {"delete": lb.obj("set", name=lb.affinity_set(STICKY, gone))} in cmds
     assert lb.endpoint_chain(STICKY, kept) not in names_in(cmds)  # its clients stay put
     assert names_in(cmds) == {lb.chain_name(STICKY), lb.endpoint_chain(STICKY, gone),
-                              lb.affinity_set(STICKY, gone)}
+                              lb.affinity_set(STICKY, gone), "hairpin4"}
+    assert element_keys(cmds, "delete", "hairpin4") == [
+        {"concat": ["10.96.0.2", "tcp", 80, "10.1.0.2"]}]
 
 
 def test_losing_the_last_backend_swaps_the_dnat_for_a_reject() -> None:
@@ -159,7 +179,8 @@ def test_a_new_frontend_is_its_chain_then_its_element() -> None:
     verbs = [(next(iter(c)), next(iter(next(iter(c.values()))))) for c in cmds]
     assert verbs[0] == ("add", "chain") and verbs[-1] == ("add", "element")
     assert not [c for c in cmds if "delete" in c or "flush" in c]
-    assert names_in(cmds) == {lb.chain_name(WEB), "vips4", "ports4"}
+    assert names_in(cmds) == {lb.chain_name(WEB), "vips4", "ports4", "hairpin4",
+                              "hairpin_any4"}
 
 
 def test_removing_every_frontend_leaves_only_the_fixed_table() -> None:

@@ -10,28 +10,40 @@ Layout (the shape of kube-proxy's nftables mode; checked on kernel 6.18, nft 1.0
   (priority -110, before ``table inet plexus``'s published ports at -100) jump to ``services``,
   four rules with one map lookup each: the first packet costs the same with 10 or 10,000
   services. NAT chains see only a connection's first packet.
-- A frontend chain (``svc <proto> <port> <vip>``) picks a backend with ``numgen random mod N``
-  and DNATs in one rule, ``dnat ip to numgen random mod N map { 0 : addr . port, ... }``: an
-  *anonymous* map with concatenated data, which nft 1.0.6's JSON parser accepts (it cannot
-  declare a *named* one: see ``render.py``). One chain and two rules per frontend.
+- A frontend chain (``svc <proto> <port> <vip>``) draws a backend the way kube-proxy's
+  iptables mode does, without any set: rule i is ``numgen random mod (N-i) == 0`` and DNATs to
+  backend i, the last rule DNATs unconditionally; each backend gets 1/N of the connections, a
+  draw walks N/2 rules on average (the number of backends of *that* service, never the number
+  of services). Why not kube-proxy-nftables' one rule with an anonymous map
+  (``numgen random mod N map { 0 : addr . port, ... }``, which nft 1.0.6's JSON accepts): every
+  anonymous set is a set of the table, and creating sets costs time linear in the sets the
+  table already has (measured: 1,000 services x 10 in 1.0 s, 3,000 in 6.6 s). A named map
+  keyed by the draw is no way out either: its key would have to be declared ``typeof numgen``,
+  which nft 1.0.6's JSON parser cannot do ("integer" and "mark" keys are refused). So the only
+  sets are the table's fixed ones, whatever the number of services.
 - Affinity (``Frontend.affinity`` seconds) as kube-proxy does it: one chain and one set per
   backend; the set (``flags timeout``; nft 1.0.6's JSON parser refuses the flag "dynamic", and
   the kernel accepts ``update`` on a timeout set without it) holds the clients sent there,
   refreshed by ``update @set { ip saddr }`` on each new connection; the frontend chain sends a
-  known client to its backend's chain before drawing at random. The timeout is part of the set
-  and chain names, so changing it replaces them instead of needing an in-place change.
+  known client to its backend's chain before drawing. The timeout is part of the set and chain
+  names, so changing it replaces them instead of needing an in-place change. These are the only
+  per-service sets, so their creation cost (above) grows with the affinity services only.
 - No backends: the frontend has no chain; its keys are in the sets ``noep4``/``noep6`` and
   ``noports4``/``noports6``, which the filter chains ``filter_prerouting``/``filter_output``
   (priority -110) send to ``reject``: TCP RST, ICMP port unreachable. ``reject`` works in the
   prerouting hook on this kernel, so no forward/input split is needed, and a client without a
   route still gets its answer.
-- Hairpin: a frontend chain sets ct label 64 when the source is one of its backends, and
+- Hairpin: the ``services`` chain sets ct label 64 when the source is a backend of the
+  frontend asked for (set ``hairpin4``: ``vip . proto . port . backend``, and the published
+  keys likewise; ``hairpin_any4`` for ports published on every address), and
   ``nat_postrouting`` masquerades such connections, so the backend's answer comes back through
   the host to be un-DNATed. This is broader than kube-proxy (which masquerades only when the
   chosen backend is the source): a backend reaching *another* backend on the same bridge would
   otherwise be answered straight over the bridge from an address it never called (unless
-  br_netfilter is on). Why a ct label and not a mark: ``table inet plexus_policy`` rewrites the
-  packet mark and the ct mark of the connections it judges, between prerouting and postrouting.
+  br_netfilter is on). Keyed by the frontend, an element belongs to one frontend only, so a
+  change never has to count who else uses it. Why a ct label and not a mark:
+  ``table inet plexus_policy`` rewrites the packet mark and the ct mark of the connections it
+  judges, between prerouting and postrouting.
   Other clients on a backend's own bridge are masqueraded by ``table inet plexus``
   (``bridge_nets``); this table alone does not cover them. With br_netfilter on (a new network
   namespace here starts with bridge-nf-call-iptables=1 once the module is loaded), a packet
@@ -80,6 +92,8 @@ SETS: dict[str, tuple[list[str], bool]] = {  # name → (key type, verdict map?)
     **{f"ports{v}": (["inet_proto", "inet_service"], True) for v in (4, 6)},
     **{f"noep{v}": ([ADDR[v], "inet_proto", "inet_service"], False) for v in (4, 6)},
     **{f"noports{v}": (["inet_proto", "inet_service"], False) for v in (4, 6)},
+    **{f"hairpin{v}": ([ADDR[v], "inet_proto", "inet_service", ADDR[v]], False) for v in (4, 6)},
+    **{f"hairpin_any{v}": (["inet_proto", "inet_service", ADDR[v]], False) for v in (4, 6)},
 }
 
 
@@ -108,16 +122,27 @@ def affinity_set(f: Frontend, b: Backend) -> str:
 
 
 def elements(f: Frontend) -> Elements:
-    """The map and set elements that lead packets to ``f`` (or reject them, with no backend)."""
+    """The map and set elements that lead packets to ``f`` (or reject them, with no backend),
+    and those that mark a backend's connection to ``f`` for masquerading."""
     v = f.vip.version
     keyed, any_addr = (f"vips{v}", f"ports{v}") if f.backends else (f"noep{v}", f"noports{v}")
     target = chain_name(f) if f.backends else None
-    out: Elements = {keyed: {(f.vip, f.proto, f.port): target}}
+    keys: list[Value] = [(f.vip, f.proto, f.port)]
+    any_keys: list[Value] = []
     for p in f.published:
         if p.address is None:
-            out.setdefault(any_addr, {})[(f.proto, p.port)] = target
+            any_keys.append((f.proto, p.port))
         elif p.address.version == v:  # a published address of the other family cannot lead here
-            out[keyed][(p.address, f.proto, p.port)] = target
+            keys.append((p.address, f.proto, p.port))
+    out: Elements = {keyed: dict.fromkeys(keys, target)}
+    if any_keys:
+        out[any_addr] = dict.fromkeys(any_keys, target)
+    sources = sorted({b.address for b in f.backends})
+    if sources:
+        out[f"hairpin{v}"] = {(*k, a): None for k in keys for a in sources}  # type: ignore[misc]
+    if sources and any_keys:
+        out[f"hairpin_any{v}"] = {(*k, a): None for k in any_keys  # type: ignore[misc]
+                                  for a in sources}
     return out
 
 
@@ -148,24 +173,23 @@ def _element_cmds(verb: str, elems: Elements) -> Iterator[Json]:
 
 
 def _frontend_rules(f: Frontend) -> list[list[Json]]:
-    v, saddr = f.vip.version, payload(IP[f.vip.version], "saddr")
-    sources = sorted({b.address for b in f.backends})
-    hairpin = [match(saddr, encode(sources[0]) if len(sources) == 1
-                     else {"set": [encode(a) for a in sources]}),
-               {"mangle": {"key": {"ct": {"key": "label"}}, "value": HAIRPIN}}]
+    """Known clients to their backend (affinity), then a draw: rule i takes the connection with
+    probability 1/(N-i), so that each backend gets 1/N, the last one what is left."""
+    saddr = payload(IP[f.vip.version], "saddr")
+    n = len(f.backends)
     if f.affinity:
         known = [[match(saddr, f"@{affinity_set(f, b)}"), _goto(endpoint_chain(f, b))]
                  for b in f.backends]
-        targets = [_goto(endpoint_chain(f, b)) for b in f.backends]
-        pick = targets[0] if len(targets) == 1 else {"vmap": {
-            "key": _numgen(len(targets)), "data": {"set": [[i, t] for i, t in enumerate(targets)]}}}
-        return [hairpin, *known, [pick]]
-    if len(f.backends) == 1:
-        return [hairpin, _dnat(f, f.backends[0])]
-    choices = {"set": [[i, {"concat": [encode(b.address), b.port]}]
-                       for i, b in enumerate(f.backends)]}
-    to = {"map": {"key": _numgen(len(f.backends)), "data": choices}}
-    return [hairpin, [match(meta("l4proto"), f.proto), {"dnat": {"family": IP[v], "addr": to}}]]
+        return [*known, *([*_draw(n - i), _goto(endpoint_chain(f, b))]
+                          for i, b in enumerate(f.backends))]
+    return [[*_draw(n - i), *_dnat(f, b)] for i, b in enumerate(f.backends)]
+
+
+def _draw(left: int) -> list[Json]:
+    """True once in ``left`` times (always for the last backend)."""
+    if left <= 1:
+        return []
+    return [match({"numgen": {"mode": "random", "mod": left, "offset": 0}}, 0)]
 
 
 def _endpoint_rules(f: Frontend, b: Backend) -> list[list[Json]]:
@@ -177,10 +201,6 @@ def _endpoint_rules(f: Frontend, b: Backend) -> list[list[Json]]:
 def _dnat(f: Frontend, b: Backend) -> list[Json]:
     return [match(meta("l4proto"), f.proto),
             {"dnat": {"family": IP[b.address.version], "addr": str(b.address), "port": b.port}}]
-
-
-def _numgen(mod: int) -> Json:
-    return {"numgen": {"mode": "random", "mod": mod, "offset": 0}}
 
 
 def _goto(chain: str) -> Json:
@@ -295,6 +315,12 @@ def _base_rules() -> Iterator[tuple[str, list[Json]]]:
     for v in (4, 6):
         keyed = concat(payload(IP[v], "daddr"), meta("l4proto"), payload("th", "dport"))
         any_addr = concat(meta("l4proto"), payload("th", "dport"))
+        saddr = payload(IP[v], "saddr")
+        yield "services", [_TCP_UDP, match(concat(*keyed["concat"], saddr), f"@hairpin{v}"),
+                           MARK_HAIRPIN]
+        yield "services", [*_local(v), _TCP_UDP,
+                           match(concat(*any_addr["concat"], saddr), f"@hairpin_any{v}"),
+                           MARK_HAIRPIN]
         yield "services", [_TCP_UDP, {"vmap": {"key": keyed, "data": f"@vips{v}"}}]
         yield "services", [*_local(v), _TCP_UDP, {"vmap": {"key": any_addr, "data": f"@ports{v}"}}]
         yield "noendpoints", [_TCP_UDP, match(keyed, f"@noep{v}"), _goto("reject")]
@@ -306,6 +332,7 @@ def _base_rules() -> Iterator[tuple[str, list[Json]]]:
 
 
 _TCP_UDP = match(meta("l4proto"), {"set": ["tcp", "udp"]})
+MARK_HAIRPIN = {"mangle": {"key": {"ct": {"key": "label"}}, "value": HAIRPIN}}
 
 
 def _local(v: int) -> list[Json]:
