@@ -94,6 +94,8 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/cluster.py
 	$(SANDBOX) $(PY) bench/policy.py
 	$(SANDBOX) $(PY) bench/metrics_scrape.py
+	$(SANDBOX) $(PY) bench/services.py
+	$(SANDBOX) $(PY) bench/flows.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
 	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni
