@@ -27,6 +27,11 @@ front door's keys are here too:
     /plexus/hosts/NODE                            Host: its underlay address, agent id, last seen
     /plexus/host-leases/NODE                      the agent id of NODE's live agent, under its
                                                   lease: gone when the agent stops or dies
+    /plexus/meta/service-range                    the service range: CIDR[,CIDR] (lb.vips)
+    /plexus/services/NAMESPACE/NAME               Service (lb.spec)
+    /plexus/service-ips/ADDRESS                   NAMESPACE/NAME of the service holding a VIP
+    /plexus/service-ports/PROTO/PORT              NAMESPACE/NAME of the service published on
+                                                  that host port (on every host)
 
 CIDRs are written with '_' for '/' so that a key's segments stay split on '/'. Addresses are keyed
 by subnet, not by network: subnets are unique across the datastore, and a pool hands out
@@ -61,6 +66,10 @@ HOSTS = ROOT + "hosts/"
 HOST_LEASES = ROOT + "host-leases/"
 NAMESPACES = ROOT + "namespaces/"
 POLICIES = ROOT + "policies/"
+SERVICE_RANGE = ROOT + "meta/service-range"
+SERVICES = ROOT + "services/"
+SERVICE_IPS = ROOT + "service-ips/"
+SERVICE_PORTS = ROOT + "service-ports/"
 
 LAYOUT_VERSION = "2"
 POOL_CLAIM_PREFIX = "pool:"
@@ -174,3 +183,15 @@ def namespace(name: str) -> str:
 def policy(kind: str, namespace: str, name: str) -> str:
     """A policy document, by kind, namespace ("-" for a cluster-wide kind) and name."""
     return f"{POLICIES}{namespace or '-'}/{kind}/{name}"
+
+
+def service(namespace: str, name: str) -> str:
+    return f"{SERVICES}{namespace}/{name}"
+
+
+def service_ip(address: object) -> str:
+    return f"{SERVICE_IPS}{address}"
+
+
+def service_port(protocol: str, host_port: int) -> str:
+    return f"{SERVICE_PORTS}{protocol}/{host_port}"
