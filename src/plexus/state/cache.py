@@ -18,8 +18,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from plexus.errors import InvalidArgument
+from plexus.lb import vips
+from plexus.lb.spec import Service
 from plexus.model import keys
-from plexus.model.types import Container, Endpoint, Host, IPNetwork, Namespace, Network
+from plexus.model.types import (
+    Container,
+    Endpoint,
+    Host,
+    IPAddress,
+    IPNetwork,
+    Namespace,
+    Network,
+)
 from plexus.policy import documents
 from plexus.policy.model import Policy
 from plexus.store.informer import Change
@@ -47,6 +57,15 @@ class Cache:
     alive: set[str] = field(default_factory=set)  # nodes whose agent holds its lease
     namespaces: dict[str, Namespace] = field(default_factory=dict)  # the stored ones
     policies: dict[str, Policy] = field(default_factory=dict)  # store key -> policy
+    services: dict[str, Service] = field(default_factory=dict)  # store key -> service
+    service_range: tuple[IPNetwork, ...] = ()
+    vips: dict[IPAddress, str] = field(default_factory=dict)  # VIP -> service store key
+    # Services by (namespace, network), and by (namespace, network, KEY, VALUE) of the first
+    # pair of their selector: an endpoint's candidates are found from its own labels.
+    _services_at: dict[tuple[str, str], set[str]] = field(
+        default_factory=lambda: defaultdict(set))
+    _services_by_label: dict[tuple[str, str, str, str], set[str]] = field(
+        default_factory=lambda: defaultdict(set))
     # Blocks of spanning networks' subnets: subnet -> block -> node, and (subnet, node) -> blocks.
     blocks: dict[IPNetwork, dict[IPNetwork, str]] = field(
         default_factory=lambda: defaultdict(dict))
@@ -121,6 +140,24 @@ class Cache:
             return Namespace(name)
         return found
 
+    def service(self, namespace: str, name: str) -> Service | None:
+        return self.services.get(keys.service(namespace, name))
+
+    def services_at(self, namespace: str, network: str) -> list[str]:
+        """Store keys of the services of one namespace and network."""
+        return sorted(self._services_at.get((namespace, network), ()))
+
+    def services_selecting(self, ep: Endpoint) -> set[str]:
+        """Store keys of the services whose selector ``ep``'s labels match (ready or not):
+        O(its labels + the services indexed under them)."""
+        ns, found = ep.policy_namespace, set()
+        for k, v in ep.labels.items():
+            for key in self._services_by_label.get((ns, ep.network, k, v), ()):
+                svc = self.services[key]
+                if all(ep.labels.get(sk) == sv for sk, sv in svc.selector.items()):
+                    found.add(key)
+        return found
+
     def served_by(self, network: str) -> list[str]:
         """The Docker network IDs a plexus network serves."""
         return sorted(d.id for d in self.docker_networks.values() if d.name == network)
@@ -167,6 +204,10 @@ class Cache:
                 self.policies.pop(key, None)
             else:
                 self.policies[key] = documents.parse(json.loads(value))
+        elif key.startswith(keys.SERVICES):
+            self._set_service(key, None if value is None else Service.from_json(value))
+        elif key == keys.SERVICE_RANGE:
+            self.service_range = () if value is None else vips.loads(value)
         elif key.startswith(keys.HOST_LEASES):
             node = key[len(keys.HOST_LEASES):]
             if value is None:
@@ -227,6 +268,25 @@ class Cache:
             self._held[node].add((subnet, block))
         elif not self.blocks[subnet]:
             del self.blocks[subnet]
+
+    def _set_service(self, key: str, svc: Service | None) -> None:
+        old = self.services.pop(key, None)
+        if old is not None:
+            self._services_at[(old.namespace, old.network)].discard(key)
+            for vip in old.vips:
+                if self.vips.get(vip) == key:
+                    del self.vips[vip]
+            if old.selector:
+                k, v = min(old.selector.items())
+                self._services_by_label[(old.namespace, old.network, k, v)].discard(key)
+        if svc is None:
+            return
+        self.services[key] = svc
+        self._services_at[(svc.namespace, svc.network)].add(key)
+        self.vips.update((vip, key) for vip in svc.vips)
+        if svc.selector:  # no selector: no endpoints, as in Kubernetes
+            k, v = min(svc.selector.items())
+            self._services_by_label[(svc.namespace, svc.network, k, v)].add(key)
 
     def _set_host(self, node: str, value: str | None) -> None:
         if value is None:
