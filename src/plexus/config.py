@@ -43,3 +43,4 @@ class AgentConfig:
     dns_workers: int = 1
     txn_retries: int = 50
     link_workers: int = 16  # endpoints whose links are programmed at once
+    service_cidrs: tuple[IPNetwork, ...] = ()  # empty: the stored range, or a default (lb.vips)

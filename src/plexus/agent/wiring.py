@@ -28,9 +28,10 @@ from plexus.agent.garbage import Collector
 from plexus.agent.inspect import Inspector
 from plexus.agent.kernel import KernelWatcher, LinkState
 from plexus.agent.monitor import LoopMonitor
-from plexus.agent.reconcilers import overlay, policy
+from plexus.agent.reconcilers import dns, lb, overlay, policy
 from plexus.agent.reconcilers.dns import DnsReconciler
 from plexus.agent.reconcilers.firewall import FirewallReconciler
+from plexus.agent.reconcilers.lb import LbReconciler, ServiceKernel
 from plexus.agent.reconcilers.links import LinkReconciler
 from plexus.agent.reconcilers.overlay import OverlayReconciler
 from plexus.agent.reconcilers.policy import PolicyReconciler
@@ -54,6 +55,7 @@ from plexus.services import blocks, hosts
 from plexus.services.context import Context, HostView
 from plexus.services.endpoints import EndpointService
 from plexus.services.hosts import Registration
+from plexus.services.lbservices import ServiceRegistry
 from plexus.services.networks import NetworkService
 from plexus.services.pools import PoolService
 from plexus.state.cache import Cache
@@ -68,13 +70,17 @@ Hook = Callable[[], Awaitable[None]]
 FREEZE_EVERY = 2.0  # seconds between gc.freeze() calls while changes arrive
 SWEEP_EVERY = 3600.0  # seconds between full cycle collections (after a full pass)
 WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS, keys.HOSTS,
-           keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES)
+           keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES, keys.SERVICES,
+           keys.SERVICE_RANGE)
 
 
 def _objects(cache: Cache, change: Change) -> list[str]:
     """The reconcilers' names of what a change touches (the cache already holds it)."""
     if change.key.startswith(keys.ENDPOINTS):
-        return ["ep:" + change.key, policy.ENDPOINT + change.key, *overlay.objects(cache, change)]
+        return ["ep:" + change.key, policy.ENDPOINT + change.key, lb.ENDPOINT + change.key,
+                *overlay.objects(cache, change)]
+    if change.key.startswith(keys.SERVICES):
+        return [lb.SERVICE + change.key, dns.SERVICE + change.key]
     if change.key.startswith(keys.POLICIES):
         return [policy.POLICIES]
     if change.key.startswith(keys.NAMESPACES):
@@ -99,6 +105,7 @@ class Agent:
     firewall: FirewallReconciler
     overlay: OverlayReconciler
     policy: PolicyReconciler | None
+    lb: LbReconciler | None
     dns_reconciler: DnsReconciler | None
     dns: DnsService | None
     networks: NetworkService
@@ -125,6 +132,7 @@ class Agent:
     def reconcilers(self) -> list[Reconciler]:
         found: list[Reconciler] = [self.links, self.firewall, self.overlay]
         found += [self.policy] if self.policy is not None else []
+        found += [self.lb] if self.lb is not None else []
         return found + ([self.dns_reconciler] if self.dns_reconciler is not None else [])
 
     def dispatch(self, changes: Sequence[Change]) -> None:
@@ -193,6 +201,7 @@ class Agent:
         if rolled:
             log.info("rolled back what a killed agent left half-made: %s", ", ".join(rolled))
         await self.networks.ensure_builtin()
+        await ServiceRegistry(self.ctx).ensure_range(self.config.service_cidrs)
         self.ctx.ready = True
 
     def run_periodic(self) -> None:
@@ -217,6 +226,8 @@ class Agent:
                 await self.fullpass.run()
                 if self.policy is not None:
                     self.policy.enqueue([policy.VERIFY])
+                if self.lb is not None:
+                    self.lb.enqueue([lb.VERIFY])
                 if self.config.host_gc_after:
                     await hosts.collect_expired(self.store, self.cache,
                                                 self.config.host_gc_after)
@@ -266,7 +277,8 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
           dns: DnsService | None = None, docker_exceptions: Hook | None = None,
           kernel_events: KernelEvents | None = None,
           link_state: LinkState | None = None, cache: Cache | None = None,
-          policy_kernel: PolicyKernel | None = None) -> Agent:
+          policy_kernel: PolicyKernel | None = None,
+          lb_kernel: ServiceKernel | None = None) -> Agent:
     """An agent of these parts (the daemon passes the real ones, unit tests fakes).
     ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic;
     ``kernel_events``: the host namespace's link and address notifications; ``cache``: the
@@ -282,9 +294,11 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     spanning = overlay.OverlayReconciler(cache, drivers)
     dns_reconciler = DnsReconciler(cache, dns) if dns is not None else None
     policies = policy.PolicyReconciler(cache, policy_kernel) if policy_kernel else None
+    balancer = LbReconciler(cache, lb_kernel) if lb_kernel is not None else None
     reconcilers: list[Reconciler] = [links, fw, spanning,
                                      *([dns_reconciler] if dns_reconciler else []),
-                                     *([policies] if policies else [])]
+                                     *([policies] if policies else []),
+                                     *([balancer] if balancer else [])]
     progress = Progress(informer, reconcilers)
     ctx = Context(config, store, cache, progress, host_view)
     endpoints = EndpointService(ctx)
@@ -295,7 +309,7 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     collector = Collector(ctx, endpoints, containers)
     agent = Agent(
         config=config, store=store, cache=cache, informer=informer, progress=progress, ctx=ctx,
-        links=links, firewall=fw, overlay=spanning, policy=policies,
+        links=links, firewall=fw, overlay=spanning, policy=policies, lb=balancer,
         dns_reconciler=dns_reconciler, dns=dns,
         networks=networks, endpoints=endpoints, containers=containers,
         pools=PoolService(ctx, networks),

@@ -24,6 +24,7 @@ from plexus.api.body import labels as _labels
 from plexus.api.body import read as _body
 from plexus.api.body import strings as _strings
 from plexus.api.policy import PolicyApi
+from plexus.api.services import ServiceApi
 from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
@@ -106,8 +107,10 @@ class Api:
         r.add_get("/v1/dns/stats", self.dns_stats)
         r.add_get("/v1/dns/lookup", self.dns_lookup)
         r.add_patch("/v1/containers/{name}/labels", self.container_label)
-        PolicyApi(self.ctx, lambda ref: self._find(ref)[2],
-                  self.admin.policy_counters).add_routes(r)
+        policies = PolicyApi(self.ctx, lambda ref: self._find(ref)[2],
+                             self.admin.policy_counters)
+        policies.add_routes(r)
+        ServiceApi(self.ctx, policies.policies).add_routes(r)
         return app
 
     def _require_ready(self) -> None:

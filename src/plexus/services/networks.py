@@ -189,6 +189,7 @@ class NetworkService:
         of plexus's own bridges)."""
         nets = list(self.ctx.cache.networks.values())
         taken = [(s.cidr, f"network {n.name}") for n in nets for s in n.subnets]
+        taken += [(r, "the service range") for r in self.ctx.cache.service_range]
         claims, _ = await self.ctx.store.list(keys.SUBNETS)
         taken += [
             (parse.cidr("subnet", keys.segment_cidr(kv.key[len(keys.SUBNETS):])), kv.value)
