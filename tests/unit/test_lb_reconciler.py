@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import replace
 
 import pytest
@@ -23,39 +22,10 @@ from plexus.state.work import Reconciler
 from plexus.store.base import KeyValue
 from plexus.store.informer import Change as StoreChange
 from plexus.testing.dns import endpoint, network
+from plexus.testing.lb import FakeServiceKernel
 
 pytestmark = pytest.mark.timeout(30)
 IP = ipaddress.ip_address
-
-
-class FakeServiceKernel:
-    """The table as a dict of frontends; every call recorded."""
-
-    def __init__(self) -> None:
-        self.table: dict[object, Frontend] | None = None
-        self.calls: list[tuple[str, object]] = []
-
-    async def replace(self, frontends: Iterable[Frontend]) -> None:
-        self.table = {f.key: f for f in frontends}
-        self.calls.append(("replace", sorted(self.table, key=str)))
-
-    async def change(self, change: Change) -> None:
-        assert self.table is not None
-        for f in change.removed:
-            del self.table[f.key]
-        for f in change.changed:
-            self.table[f.key] = f
-        self.calls.append(("change", change))
-
-    async def remove(self) -> None:
-        self.table = None
-        self.calls.append(("remove", None))
-
-    async def forget_udp(self, frontend: Frontend, backends: Iterable[Backend]) -> None:
-        self.calls.append(("forget_udp", (frontend.key, tuple(backends))))
-
-    async def sizes(self) -> dict[str, int] | None:
-        return None if self.table is None else {"frontends": len(self.table)}
 
 
 class World:
