@@ -87,10 +87,10 @@ def check(ranges: Iterable[IPNetwork], address: IPAddress) -> None:
     """``--ip``: inside the range of its family, and not its first or last address."""
     mine = [r for r in ranges if r.version == address.version]
     if not mine:
-        raise InvalidArgument("ip", address, f"the service range has no IPv{address.version} "
+        raise InvalidArgument("ip", str(address), f"the service range has no IPv{address.version} "
                               "part (see plexus agent --service-cidr)")
     if not usable(mine[0], address):
-        raise InvalidArgument("ip", address, f"outside the service range {mine[0]} (or its "
+        raise InvalidArgument("ip", str(address), f"outside the service range {mine[0]} (or its "
                               "first or last address)")
 
 

@@ -194,8 +194,8 @@ class ServiceRegistry:
         ranges = await self.range()
         for ip in ips:
             if ip.version not in families:
-                raise InvalidArgument("ip", ip, f"network {svc.network} has no IPv{ip.version} "
-                                      "subnet")
+                raise InvalidArgument("ip", str(ip), f"network {svc.network} has no "
+                                      f"IPv{ip.version} subnet")
             vips.check(ranges, ip)
             await self._free(ip, planned)
         chosen = list(ips)
@@ -203,7 +203,7 @@ class ServiceRegistry:
             if r.version in families and not any(ip.version == r.version for ip in chosen):
                 picked = vips.pick(r, _Taken(self.ctx.cache.vips, planned.vips))
                 if picked is None:
-                    raise InvalidArgument("service-cidr", r, "every VIP of the range is taken")
+                    raise InvalidArgument("service-cidr", str(r), "every VIP of the range is taken")
                 chosen.append(picked)
         planned.vips.update(chosen)
         if not chosen:
@@ -214,9 +214,9 @@ class ServiceRegistry:
     async def _free(self, ip: IPAddress, planned: Planned) -> None:
         kv = await self.ctx.store.get(keys.service_ip(ip))
         if kv is not None:
-            raise InvalidArgument("ip", ip, f"taken by service {kv.value}")
+            raise InvalidArgument("ip", str(ip), f"taken by service {kv.value}")
         if ip in planned.vips:
-            raise InvalidArgument("ip", ip, "asked for by two services")
+            raise InvalidArgument("ip", str(ip), "asked for by two services")
 
     async def _claims(self, new: Service, old: Service | None, compares: list[Compare],
                       ops: list[Op]) -> None:
