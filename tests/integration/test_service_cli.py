@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import signal
+import time
 from pathlib import Path
 
 from tests.harness.world import Agent, sh
@@ -157,3 +158,42 @@ def test_vips_and_the_range_survive_a_restart(agent: Agent) -> None:
                       "--port", "5432").stdout.split()[1]
     assert ipaddress.ip_address(other) in ipaddress.ip_network("10.200.0.0/24")
     assert agent.json("service", "ls")[1]["vips"] == [vip]  # kept its VIP
+
+
+def ready_count(agent: Agent, want: int, name: str = "web", timeout: float = 15) -> int:
+    """The ready endpoints of service ``name`` once they are ``want`` (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        count = {s["name"]: s["endpoints"] for s in agent.json("service", "ls")}[name]
+        if count == want:
+            break
+        time.sleep(0.1)
+    return int(count)
+
+
+def test_readiness_checks_take_failing_containers_out_and_put_them_back(
+        agent: Agent, tmp_path: Path) -> None:
+    two_webs(agent)
+    flag = tmp_path / "web-healthy"
+    flag.touch()
+    agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--health-cmd", f"test -e {flag}", "--health-interval", "0.2",
+              "--health-threshold", "2")
+    assert ready_count(agent, 2) == 2
+    flag.unlink()
+    assert ready_count(agent, 0) == 0
+    seen = json.loads(agent.cli("service", "inspect", "web").stdout)
+    assert {e["health"] for e in seen["endpoints"]} == {"failing its readiness check"}
+    assert seen["health"] == {"tcp": None, "cmd": f"test -e {flag}", "interval": 0.2,
+                              "threshold": 2}
+    flag.touch()
+    assert ready_count(agent, 2) == 2
+    # a TCP check on a port nobody serves fails; on the echo servers' port 80 it passes
+    agent.cli("service", "create", "tcp", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--health-tcp", "81", "--health-interval", "0.2")
+    agent.cli("service", "create", "ok", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--health-tcp", "80", "--health-interval", "0.2")
+    assert ready_count(agent, 0, "tcp") == 0
+    counts = {s["name"]: s["endpoints"] for s in agent.json("service", "ls")}
+    assert counts == {"ok": 2, "tcp": 0, "web": 2}

@@ -4,6 +4,7 @@ that mix Services with policies."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -12,16 +13,20 @@ from pathlib import Path
 import pytest
 
 from plexus.agent import wiring
+from plexus.agent.health import HealthProber
 from plexus.agent.wiring import Agent
 from plexus.config import AgentConfig
 from plexus.errors import AlreadyExists, InvalidArgument
 from plexus.lb import vips
-from plexus.lb.spec import Publish, Service, ServicePort
+from plexus.lb.model import Backend
+from plexus.lb.spec import Health, Publish, Service, ServicePort
 from plexus.model import keys
+from plexus.model.types import Endpoint
 from plexus.services.lbservices import ServiceRegistry
 from plexus.services.manifests import Manifests
 from plexus.services.networks import NetworkSpec
 from plexus.services.policies import PolicyService
+from plexus.store.base import Put
 from plexus.store.memory import MemoryStore
 from plexus.testing import FakeFirewall, FakeHost, FakeKernel, fake_drivers
 from plexus.testing.lb import FakeServiceKernel
@@ -159,3 +164,41 @@ async def test_a_bad_document_applies_nothing(agent: Agent) -> None:
     with pytest.raises(InvalidArgument, match="Service shop/api appears twice"):
         await manifests(agent).apply(twice, "f.yaml")
     assert await stored(agent) == []
+
+
+async def test_a_failing_readiness_check_takes_the_endpoint_out_and_a_pass_puts_it_back(
+        agent: Agent, lb: FakeServiceKernel, tmp_path: Path) -> None:
+    flag = tmp_path / "healthy"
+    flag.touch()
+    check = Health(command=f"test -e {flag}", interval=0.05, threshold=2)
+    [vip] = (await registry(agent).create(web(health=check), [])).vips
+    ep = Endpoint("c1", "eth0", "net", "n1", "", (ipaddress.ip_interface("10.89.0.9/24"),),
+                  name="c1", labels={"app": "web"}, state="ready", owner="cni-ipam")
+    result = await agent.store.txn([], [Put(ep.store_key, ep.to_json())])
+    await agent.ctx.settle(result.revision)
+    prober = HealthProber(agent.ctx)
+
+    async def backends_after_checks(checks: int) -> tuple[Backend, ...]:
+        for _ in range(checks):
+            await asyncio.sleep(0.06)
+            await prober.run_once()
+            await asyncio.sleep(0.02)  # the check itself (sh -c) runs as a task
+        await agent.ctx.settle(agent.informer.revision)
+        assert lb.table is not None
+        return lb.table[(vip, "tcp", 80)].backends
+
+    try:
+        assert await backends_after_checks(2) == (Backend(IP("10.89.0.9"), 8080),)
+        flag.unlink()
+        for _ in range(20):  # threshold 2: out after two failed checks
+            if not await backends_after_checks(1):
+                break
+        assert await backends_after_checks(0) == ()
+        assert agent.cache.failing == {(keys.service("default", "web"), ep.store_key)}
+        flag.touch()
+        for _ in range(20):
+            if await backends_after_checks(1):
+                break
+        assert await backends_after_checks(0) == (Backend(IP("10.89.0.9"), 8080),)
+    finally:
+        await prober.close()

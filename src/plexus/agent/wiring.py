@@ -25,6 +25,7 @@ from typing import Any
 
 from plexus.agent.fullpass import FullPass
 from plexus.agent.garbage import Collector
+from plexus.agent.health import HealthProber
 from plexus.agent.inspect import Inspector
 from plexus.agent.kernel import KernelWatcher, LinkState
 from plexus.agent.monitor import LoopMonitor
@@ -71,7 +72,7 @@ FREEZE_EVERY = 2.0  # seconds between gc.freeze() calls while changes arrive
 SWEEP_EVERY = 3600.0  # seconds between full cycle collections (after a full pass)
 WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS, keys.HOSTS,
            keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES, keys.SERVICES,
-           keys.SERVICE_RANGE)
+           keys.SERVICE_RANGE, keys.SERVICE_HEALTH)
 
 
 def _objects(cache: Cache, change: Change) -> list[str]:
@@ -81,6 +82,9 @@ def _objects(cache: Cache, change: Change) -> list[str]:
                 *overlay.objects(cache, change)]
     if change.key.startswith(keys.SERVICES):
         return [lb.SERVICE + change.key, dns.SERVICE + change.key]
+    if change.key.startswith(keys.SERVICE_HEALTH):
+        service, _ = keys.service_health_parts(change.key)
+        return [lb.SERVICE + service, dns.SERVICE + service]
     if change.key.startswith(keys.POLICIES):
         return [policy.POLICIES]
     if change.key.startswith(keys.NAMESPACES):
@@ -118,6 +122,7 @@ class Agent:
     host: LinkTable
     registration: Registration
     block_releaser: blocks.BlockReleaser
+    health: HealthProber
     monitor: LoopMonitor = field(default_factory=LoopMonitor)
     docker: DockerPlugin | None = None
     kernel: KernelWatcher | None = None
@@ -125,6 +130,7 @@ class Agent:
     _periodic: asyncio.Task[None] | None = None
     _block_gc: asyncio.Task[None] | None = None
     _keepalive: asyncio.Task[None] | None = None
+    _health_task: asyncio.Task[None] | None = None
     _frozen_at: float = 0.0
     _swept_at: float = field(default_factory=time.monotonic)
 
@@ -206,6 +212,7 @@ class Agent:
 
     def run_periodic(self) -> None:
         self._periodic = asyncio.create_task(self._passes(), name="full-pass")
+        self._health_task = asyncio.create_task(self.health.run(), name="readiness-checks")
         if self.config.block_release_after:
             self._block_gc = asyncio.create_task(self._release_blocks(), name="block-gc")
 
@@ -243,7 +250,7 @@ class Agent:
             await asyncio.sleep(self.config.reconcile_interval)
 
     async def close(self) -> None:
-        for task in (self._periodic, self._block_gc, self._keepalive):
+        for task in (self._periodic, self._block_gc, self._keepalive, self._health_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -251,6 +258,7 @@ class Agent:
         if self.kernel is not None:
             await self.kernel.close()
         await self.collector.close()
+        await self.health.close()
         await self.endpoints.leftovers.close()
         for r in self.reconcilers:
             await r.close()
@@ -320,6 +328,7 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
         registration=Registration(store, Host(config.node, config.advertise_address,
                                               config.agent_id or config.node)),
         block_releaser=blocks.BlockReleaser(store, cache, config.block_release_after),
+        health=HealthProber(ctx),
     )
     holder.append(agent)
     if kernel_events is not None and link_state is not None:

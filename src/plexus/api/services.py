@@ -11,11 +11,13 @@ from plexus.api import body
 from plexus.errors import InvalidArgument
 from plexus.lb import members, spec
 from plexus.lb.spec import Health, Service
+from plexus.model import keys
 from plexus.model.types import DEFAULT_NAMESPACE, Endpoint
 from plexus.services.context import Context
 from plexus.services.lbservices import ServiceRegistry, address
 from plexus.services.manifests import Manifests
 from plexus.services.policies import PolicyService
+from plexus.state.cache import Cache
 
 
 def service_view(svc: Service) -> dict[str, Any]:
@@ -34,12 +36,14 @@ def _health_view(h: Health) -> dict[str, Any]:
             "threshold": h.threshold}
 
 
-def endpoint_view(svc: Service, ep: Endpoint) -> dict[str, Any]:
-    ready = members.backs(svc, ep)
+def endpoint_view(cache: Cache, svc: Service, ep: Endpoint) -> dict[str, Any]:
+    failing = (keys.service(svc.namespace, svc.name), ep.store_key) in cache.failing
+    ready = members.backs(svc, ep) and not failing
+    health = "ready" if ready else "failing its readiness check" if failing \
+        else f"not ready ({ep.state})"
     return {"container": ep.name or ep.container_id[:12], "node": ep.node,
             "key": ep.store_key, "addresses": [str(a.ip) for a in ep.addresses],
-            "state": ep.state, "ready": ready,
-            "health": "ready" if ready else f"not ready ({ep.state})",
+            "state": ep.state, "ready": ready, "health": health,
             "targets": {str(p): members.target_of(p, ep) for p in svc.ports}}
 
 
@@ -59,15 +63,17 @@ class ServiceApi:
     async def service_list(self, request: web.Request) -> web.Response:
         found = self.services.all(request.query.get("namespace", ""))
         return web.json_response([
-            {**service_view(s), "endpoints": sum(members.backs(s, ep)
-                                                 for ep in self.services.endpoints(s))}
+            {**service_view(s), "endpoints": sum(
+                members.serving(self.ctx.cache, keys.service(s.namespace, s.name), s, ep)
+                for ep in self.services.endpoints(s))}
             for s in found])
 
     async def service_get(self, request: web.Request) -> web.Response:
         svc = self.services.get(request.match_info["namespace"], request.match_info["name"])
         eps = self.services.endpoints(svc)
         return web.json_response({**service_view(svc),
-                                  "endpoints": [endpoint_view(svc, ep) for ep in eps],
+                                  "endpoints": [endpoint_view(self.ctx.cache, svc, ep)
+                                                for ep in eps],
                                   "unresolved": self.services.unresolved(svc)})
 
     async def service_create(self, request: web.Request) -> web.Response:

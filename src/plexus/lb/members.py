@@ -25,6 +25,11 @@ def backs(svc: Service, ep: Endpoint) -> bool:
             and all(ep.labels.get(k) == v for k, v in svc.selector.items()))
 
 
+def serving(cache: Cache, key: str, svc: Service, ep: Endpoint) -> bool:
+    """``backs``, and not failing the service's readiness check."""
+    return backs(svc, ep) and (key, ep.store_key) not in cache.failing
+
+
 class Members:
     """``wanted``: which services to follow (the DNS reconciler follows headless ones only)."""
 
@@ -60,7 +65,7 @@ class Members:
             return
         self._of_service[key] = set()
         for ep in self._cache.endpoints_on(svc.network):
-            if backs(svc, ep):
+            if serving(self._cache, key, svc, ep):
                 self._join(ep.store_key, {key})
 
     def of(self, key: str) -> list[Endpoint]:
@@ -71,8 +76,9 @@ class Members:
     def _selecting(self, ep: Endpoint) -> set[str]:
         if ep.state != "ready" or not ep.addresses:
             return set()
-        services = self._cache.services
-        return {k for k in self._cache.services_selecting(ep) if self._wanted(services[k])}
+        services, failing = self._cache.services, self._cache.failing
+        return {k for k in self._cache.services_selecting(ep)
+                if self._wanted(services[k]) and (k, ep.store_key) not in failing}
 
     def _join(self, ep_key: str, services: set[str]) -> None:
         if not services:

@@ -32,6 +32,8 @@ front door's keys are here too:
     /plexus/service-ips/ADDRESS                   NAMESPACE/NAME of the service holding a VIP
     /plexus/service-ports/PROTO/PORT              NAMESPACE/NAME of the service published on
                                                   that host port (on every host)
+    /plexus/service-health/NS/NAME/NODE/CTR/IF    status: that endpoint fails the service's
+                                                  readiness check (written by its node's agent)
 
 CIDRs are written with '_' for '/' so that a key's segments stay split on '/'. Addresses are keyed
 by subnet, not by network: subnets are unique across the datastore, and a pool hands out
@@ -70,6 +72,7 @@ SERVICE_RANGE = ROOT + "meta/service-range"
 SERVICES = ROOT + "services/"
 SERVICE_IPS = ROOT + "service-ips/"
 SERVICE_PORTS = ROOT + "service-ports/"
+SERVICE_HEALTH = ROOT + "service-health/"
 
 LAYOUT_VERSION = "2"
 POOL_CLAIM_PREFIX = "pool:"
@@ -195,3 +198,18 @@ def service_ip(address: object) -> str:
 
 def service_port(protocol: str, host_port: int) -> str:
     return f"{SERVICE_PORTS}{protocol}/{host_port}"
+
+
+def service_health(namespace: str, name: str, endpoint_key: str) -> str:
+    """An endpoint failing a service's readiness check (``endpoint_key``: its store key)."""
+    return f"{SERVICE_HEALTH}{namespace}/{name}/{endpoint_key[len(ENDPOINTS):]}"
+
+
+def service_healths(namespace: str, name: str) -> str:
+    return f"{SERVICE_HEALTH}{namespace}/{name}/"
+
+
+def service_health_parts(key: str) -> tuple[str, str]:
+    """(service store key, endpoint store key) of a ``service_health`` key."""
+    namespace, name, rest = key[len(SERVICE_HEALTH):].split("/", 2)
+    return service(namespace, name), ENDPOINTS + rest

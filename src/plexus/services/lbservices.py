@@ -95,14 +95,16 @@ class ServiceRegistry:
         return svc
 
     def endpoints(self, svc: Service) -> list[Endpoint]:
-        """Every endpoint its selector matches, ready or not (``members.backs`` says which
+        """Every endpoint its selector matches, ready or not (``members.serving`` says which
         serve)."""
         return [ep for ep in self.ctx.cache.endpoints_on(svc.network)
                 if ep.policy_namespace == svc.namespace and svc.selector
                 and all(ep.labels.get(k) == v for k, v in svc.selector.items())]
 
     def unresolved(self, svc: Service) -> list[str]:
-        ready = [ep for ep in self.endpoints(svc) if members.backs(svc, ep)]
+        key = keys.service(svc.namespace, svc.name)
+        ready = [ep for ep in self.endpoints(svc)
+                 if members.serving(self.ctx.cache, key, svc, ep)]
         return members.unresolved(svc, ready)
 
     # -- writing ------------------------------------------------------------------------------
@@ -247,7 +249,8 @@ class ServiceRegistry:
         gone = Service.from_json(kv.value)
         ops: list[Op] = [Delete(key), *(Delete(keys.service_ip(ip)) for ip in gone.vips),
                          *(Delete(keys.service_port(p.protocol, p.host_port))
-                           for p in gone.publish)]
+                           for p in gone.publish),
+                         Delete(keys.service_healths(gone.namespace, gone.name), prefix=True)]
         result = await self.ctx.commit([Compare.unchanged(kv, key)], ops)
         if not result.succeeded:
             raise Conflict(f"service {gone.ref} changed meanwhile; try again")

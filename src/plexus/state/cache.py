@@ -60,6 +60,8 @@ class Cache:
     services: dict[str, Service] = field(default_factory=dict)  # store key -> service
     service_range: tuple[IPNetwork, ...] = ()
     vips: dict[IPAddress, str] = field(default_factory=dict)  # VIP -> service store key
+    checked: set[str] = field(default_factory=set)  # services with a readiness check
+    failing: set[tuple[str, str]] = field(default_factory=set)  # (service, endpoint) store keys
     # Services by (namespace, network), and by (namespace, network, KEY, VALUE) of the first
     # pair of their selector: an endpoint's candidates are found from its own labels.
     _services_at: dict[tuple[str, str], set[str]] = field(
@@ -204,6 +206,12 @@ class Cache:
                 self.policies.pop(key, None)
             else:
                 self.policies[key] = documents.parse(json.loads(value))
+        elif key.startswith(keys.SERVICE_HEALTH):
+            pair = keys.service_health_parts(key)
+            if value is None:
+                self.failing.discard(pair)
+            else:
+                self.failing.add(pair)
         elif key.startswith(keys.SERVICES):
             self._set_service(key, None if value is None else Service.from_json(value))
         elif key == keys.SERVICE_RANGE:
@@ -271,6 +279,7 @@ class Cache:
 
     def _set_service(self, key: str, svc: Service | None) -> None:
         old = self.services.pop(key, None)
+        self.checked.discard(key)
         if old is not None:
             self._services_at[(old.namespace, old.network)].discard(key)
             for vip in old.vips:
@@ -282,6 +291,8 @@ class Cache:
         if svc is None:
             return
         self.services[key] = svc
+        if svc.health is not None:
+            self.checked.add(key)
         self._services_at[(svc.namespace, svc.network)].add(key)
         self.vips.update((vip, key) for vip in svc.vips)
         if svc.selector:  # no selector: no endpoints, as in Kubernetes
