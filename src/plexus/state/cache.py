@@ -16,6 +16,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from plexus.errors import InvalidArgument
 from plexus.lb import vips
@@ -35,6 +36,7 @@ from plexus.policy.model import Policy
 from plexus.store.informer import Change
 
 log = logging.getLogger("plexus.cache")
+_K = TypeVar("_K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,13 +283,13 @@ class Cache:
         old = self.services.pop(key, None)
         self.checked.discard(key)
         if old is not None:
-            self._services_at[(old.namespace, old.network)].discard(key)
+            _discard(self._services_at, (old.namespace, old.network), key)
             for vip in old.vips:
                 if self.vips.get(vip) == key:
                     del self.vips[vip]
             if old.selector:
                 k, v = min(old.selector.items())
-                self._services_by_label[(old.namespace, old.network, k, v)].discard(key)
+                _discard(self._services_by_label, (old.namespace, old.network, k, v), key)
         if svc is None:
             return
         self.services[key] = svc
@@ -312,3 +314,11 @@ class Cache:
         data = json.loads(value)
         self.docker_networks[network_id] = DockerNetwork(
             network_id, str(data["name"]), bool(data.get("created")))
+
+
+def _discard(index: dict[_K, set[str]], at: _K, key: str) -> None:
+    found = index.get(at)
+    if found is not None:
+        found.discard(key)
+        if not found:
+            del index[at]
