@@ -107,7 +107,9 @@ class HealthProber:
         found = []
         for key in sorted(cache.checked):
             svc = cache.services[key]
-            for ep in cache.endpoints_on(svc.network):
+            candidates = cache.labelled(svc.network, *min(svc.selector.items())) \
+                if svc.selector else []
+            for ep in candidates:
                 if ep.node == cache.node and backs(svc, ep):
                     found.append(((key, ep.store_key), svc, ep))
         return found

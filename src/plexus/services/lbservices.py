@@ -97,8 +97,10 @@ class ServiceRegistry:
     def endpoints(self, svc: Service) -> list[Endpoint]:
         """Every endpoint its selector matches, ready or not (``members.serving`` says which
         serve)."""
-        return [ep for ep in self.ctx.cache.endpoints_on(svc.network)
-                if ep.policy_namespace == svc.namespace and svc.selector
+        if not svc.selector:
+            return []
+        return [ep for ep in self.ctx.cache.labelled(svc.network, *min(svc.selector.items()))
+                if ep.policy_namespace == svc.namespace
                 and all(ep.labels.get(k) == v for k, v in svc.selector.items())]
 
     def unresolved(self, svc: Service) -> list[str]:

@@ -78,6 +78,8 @@ class Cache:
     _held: dict[str, set[tuple[IPNetwork, IPNetwork]]] = field(  # node -> (subnet, block)
         default_factory=lambda: defaultdict(set))
     _by_network: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Endpoints by (network, label key, label value): a service's candidates (lb.members).
+    _by_label: dict[tuple[str, str, str], set[str]] = field(default_factory=dict)
     _by_container: dict[tuple[str, str], dict[str, Endpoint]] = field(
         default_factory=lambda: defaultdict(dict))
     _containers_by_id: dict[str, str] = field(default_factory=dict)
@@ -98,6 +100,10 @@ class Cache:
     def endpoints_on(self, network: str) -> list[Endpoint]:
         """Every node's endpoints on ``network``."""
         return [self.endpoints[k] for k in sorted(self._by_network.get(network, ()))]
+
+    def labelled(self, network: str, key: str, value: str) -> list[Endpoint]:
+        """Every node's endpoints on ``network`` with label ``key=value``."""
+        return [self.endpoints[k] for k in sorted(self._by_label.get((network, key, value), ()))]
 
     def count_on(self, network: str) -> int:
         return len(self._by_network.get(network, ()))
@@ -232,6 +238,8 @@ class Cache:
             self._by_network[old.network].discard(key)
             if not self._by_network[old.network]:
                 del self._by_network[old.network]
+            for pair in old.labels.items():
+                _discard(self._by_label, (old.network, *pair), key)
             ifaces = self._by_container[(old.node, old.container_id)]
             ifaces.pop(old.ifname, None)
             if not ifaces:
@@ -246,6 +254,8 @@ class Cache:
             if ep.node == self.node:
                 self._local.add(key)
             self._by_network[ep.network].add(key)
+            for k, v in ep.labels.items():
+                self._by_label.setdefault((ep.network, k, v), set()).add(key)
             self._by_container[(ep.node, ep.container_id)][ep.ifname] = ep
 
     def _forget_borrowed(self, key: str, old: Endpoint) -> None:
