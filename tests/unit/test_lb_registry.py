@@ -202,3 +202,12 @@ async def test_a_failing_readiness_check_takes_the_endpoint_out_and_a_pass_puts_
         assert await backends_after_checks(0) == (Backend(IP("10.89.0.9"), 8080),)
     finally:
         await prober.close()
+
+
+async def test_two_services_of_one_file_cannot_share_a_node_port(agent: Agent) -> None:
+    one = FILE.split("---")[0].replace("{name: http, port: 80, targetPort: http}",
+                                       "{name: http, port: 80, nodePort: 30100}")
+    two = one.replace("name: api", "name: api2")
+    with pytest.raises(InvalidArgument, match="another service of this file"):
+        await manifests(agent).apply(one + "---" + two, "f.yaml")
+    assert await stored(agent) == []

@@ -181,6 +181,9 @@ class ServiceRegistry:
                 if not free:
                     raise InvalidArgument("spec.ports.nodePort", None, "every node port is taken")
                 p = replace(p, host_port=free[0])
+            elif (p.protocol, p.host_port) in planned.ports:
+                raise InvalidArgument("publish", str(p), "another service of this file "
+                                      "publishes that host port")
             planned.ports.add((p.protocol, p.host_port))
             out.append(p)
         return tuple(out)
