@@ -11,7 +11,10 @@ import signal
 import time
 from pathlib import Path
 
-from tests.harness.world import Agent, sh
+from tests.harness.cluster import cluster
+from tests.harness.world import Agent, World, sh
+
+from .helpers import wait_until
 
 SUBNET = "10.80.0.0/24"
 
@@ -197,3 +200,27 @@ def test_readiness_checks_take_failing_containers_out_and_put_them_back(
     assert ready_count(agent, 0, "tcp") == 0
     counts = {s["name"]: s["endpoints"] for s in agent.json("service", "ls")}
     assert counts == {"ok": 2, "tcp": 0, "web": 2}
+
+
+def test_two_hosts_on_etcd_share_the_range_the_services_and_their_names(
+        world: World, tmp_path: Path) -> None:
+    with cluster(world, tmp_path, ["host1", "host2"]) as (_, (a, b)):
+        a.cli("network", "create", "ov", "--driver", "overlay", "--subnet", "10.78.0.0/24",
+              "--block-size", "28")
+        assert wait_until(lambda: "ov" in {n["name"] for n in b.json("network", "ls")},
+                          timeout=20)
+        b.run_echo("web", "ov", "--label", "app=web")
+        b.run_echo("client", "ov")
+        vips: list[str] = []
+        for i in range(4):  # from both hosts in turn: one range, never one VIP twice
+            who = (a, b)[i % 2]
+            vips.append(who.cli("service", "create", f"s{i}", "--network", "ov", "--selector",
+                                "app=web", "--port", "80").stdout.split()[1])
+        assert len(set(vips)) == 4
+        ranges = {ipaddress.ip_network(f"{v}/16", strict=False) for v in vips}
+        assert len(ranges) == 1  # every host hands out VIPs from the one stored range
+        assert wait_until(lambda: len(b.json("service", "ls")) == 4, timeout=20)
+        # made on host1, its endpoint (on host2) counted and its name resolved on host2
+        assert wait_until(lambda: getent(b, "client", "s0.default") == [vips[0]], timeout=20)
+        [s0] = [s for s in a.json("service", "ls") if s["name"] == "s0"]
+        assert s0["endpoints"] == 1
