@@ -104,10 +104,13 @@ def test_ranges_parse_one_per_family() -> None:
 
 
 def test_the_default_range_avoids_routes_and_pools() -> None:
-    with pytest.raises(InvalidArgument, match="give one with --service-cidr"):
-        vips.default([ipaddress.ip_network("10.96.0.0/12")])
     avoid = [ipaddress.ip_network("10.96.5.0/24"), ipaddress.ip_network("fd00:10:96::/64")]
-    assert [str(r) for r in vips.default(avoid)] == ["10.97.0.0/16", "fd00:10:97::/112"]
+    assert [str(r) for r in vips.default(avoid)[0]] == ["10.97.0.0/16", "fd00:10:97::/112"]
+    ranges, crowded = vips.default([ipaddress.ip_network("10.0.0.0/8")])
+    assert [str(r) for r in ranges] == ["172.30.0.0/16", "fd00:10:96::/112"] and crowded == []
+    everything = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("172.16.0.0/12")]
+    ranges, crowded = vips.default(everything)
+    assert crowded == [ipaddress.ip_network("10.96.0.0/16")] == list(ranges[:1])
 
 
 def test_picking_skips_taken_and_reserved_addresses() -> None:

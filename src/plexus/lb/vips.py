@@ -5,10 +5,11 @@ host hands out VIPs from the same place: the first agent writes it (``--service-
 default below), later agents read it; an agent started with an explicit ``--service-cidr``
 replaces it (services keep the VIPs they have; new ones come from the new range).
 
-Default: the first of 10.96.0.0/16 .. 10.111.0.0/16 (Kubernetes' own default is 10.96.0.0/12)
-that overlaps none of the host's addresses and routes, no network's subnet and not the agent's
-IPv4 pool, and fd00:10:96::/112 for IPv6 (the first free of fd00:10:96::/112 ..
-fd00:10:111::/112). A service gets an IPv6 VIP only when its network has an IPv6 subnet.
+Default: the first of 10.96.0.0/16 .. 10.111.0.0/16, 172.30.0.0/16, 172.31.0.0/16 (Kubernetes'
+own default is 10.96.0.0/12) that overlaps none of the host's addresses and routes, no network's
+subnet and not the agent's IPv4 pool (if every one does, the first, with a warning); for IPv6
+the first free of fd00:10:96::/112 .. fd00:10:111::/112. A service gets an IPv6 VIP only when
+its network has an IPv6 subnet.
 
 A VIP is claimed by its own key (``keys.service_ip``), written absent-only in the service's
 transaction: two hosts creating services at once never get one VIP. The first address (the
@@ -24,8 +25,9 @@ from collections.abc import Container, Iterable
 from plexus.errors import InvalidArgument
 from plexus.model.types import IPAddress, IPNetwork
 
-CANDIDATES4: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(f"10.{n}.0.0/16")
-                                           for n in range(96, 112))
+CANDIDATES4: tuple[IPNetwork, ...] = (
+    *(ipaddress.ip_network(f"10.{n}.0.0/16") for n in range(96, 112)),
+    ipaddress.ip_network("172.30.0.0/16"), ipaddress.ip_network("172.31.0.0/16"))
 CANDIDATES6: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(f"fd00:10:{n}::/112")
                                            for n in range(96, 112))
 MIN_PREFIX = {4: 8, 6: 64}  # larger ranges than these are refused
@@ -54,19 +56,20 @@ def parse(values: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(found[v] for v in sorted(found))
 
 
-def default(avoid: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """The first candidate of each family that overlaps nothing in ``avoid``."""
+def default(avoid: Iterable[IPNetwork]) -> tuple[tuple[IPNetwork, ...], list[IPNetwork]]:
+    """The first candidate of each family that overlaps nothing in ``avoid``, and which of
+    them overlap something anyway (every candidate did: a host with a route to all of 10/8
+    still starts, with the first candidate and a warning, rather than refusing)."""
     taken = list(avoid)
-    out = []
+    out, crowded = [], []
     for candidates in (CANDIDATES4, CANDIDATES6):
         free = next((c for c in candidates
                      if not any(c.version == t.version and c.overlaps(t) for t in taken)), None)
         if free is None:
-            raise InvalidArgument("service-cidr", "", f"every default range ({candidates[0]} "
-                                  "and the next ones) overlaps this host's routes or networks: "
-                                  "give one with --service-cidr")
+            free = candidates[0]
+            crowded.append(free)
         out.append(free)
-    return tuple(out)
+    return tuple(out), crowded
 
 
 def dumps(ranges: Iterable[IPNetwork]) -> str:

@@ -12,6 +12,7 @@ reconcilers; ``inspect`` computes the same from the cache.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import time
 from collections.abc import Container, Sequence
@@ -26,6 +27,7 @@ from plexus.services import namespaces
 from plexus.services.context import Context
 from plexus.store.base import Compare, Delete, Op, Put, TxnResult
 
+log = logging.getLogger("plexus.services")
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # an RFC 1035 label, as Kubernetes
 
 
@@ -64,7 +66,12 @@ class ServiceRegistry:
         stored = await self.ctx.store.get(keys.SERVICE_RANGE)
         if not given and stored is not None:
             return vips.loads(stored.value)
-        ranges = tuple(given) or vips.default(await self._avoid())
+        ranges = tuple(given)
+        if not ranges:
+            ranges, crowded = vips.default(await self._avoid())
+            for r in crowded:
+                log.warning("every default service range overlaps this host's routes or "
+                            "networks; using %s (choose one with --service-cidr)", r)
         if stored is None or stored.value != vips.dumps(ranges):
             await self.ctx.commit([Compare.unchanged(stored, keys.SERVICE_RANGE)],
                                   [Put(keys.SERVICE_RANGE, vips.dumps(ranges))])
