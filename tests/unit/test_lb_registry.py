@@ -16,7 +16,7 @@ from plexus.agent import wiring
 from plexus.agent.health import HealthProber
 from plexus.agent.wiring import Agent
 from plexus.config import AgentConfig
-from plexus.errors import AlreadyExists, InvalidArgument
+from plexus.errors import AlreadyExists, InUse, InvalidArgument
 from plexus.lb import vips
 from plexus.lb.model import Backend
 from plexus.lb.spec import Health, Publish, Service, ServicePort
@@ -211,3 +211,11 @@ async def test_two_services_of_one_file_cannot_share_a_node_port(agent: Agent) -
     with pytest.raises(InvalidArgument, match="another service of this file"):
         await manifests(agent).apply(one + "---" + two, "f.yaml")
     assert await stored(agent) == []
+
+
+async def test_a_network_with_services_is_not_removed(agent: Agent) -> None:
+    await registry(agent).create(web(), [])
+    with pytest.raises(InUse, match=r"network 'net' has 1 service\(s\) \(default/web\)"):
+        await agent.networks.remove("net", force=True)
+    await registry(agent).remove("default", "web")
+    await agent.networks.remove("net")
