@@ -71,6 +71,13 @@ def test_endpoints_follow_labels_and_unresolved_names_are_reported(agent: Agent)
     agent.cli("rm", "-f", "web1")
     [listed] = agent.json("service", "ls")
     assert listed["endpoints"] == 0
+    # a container whose process exits leaves the service (its endpoint stays until rm)
+    agent.cli("run", "-d", "--name", "brief", "--network", "net", "--label", "app=web", "--",
+              "sleep", "1")
+    assert ready_count(agent, 0) == 0  # after its second
+    seen = json.loads(agent.cli("service", "inspect", "web").stdout)
+    assert [(e["container"], e["health"]) for e in seen["endpoints"]] == [
+        ("brief", "container exited")]
 
 
 def test_names_resolve_to_the_vip_and_headless_to_the_endpoints(agent: Agent) -> None:

@@ -10,13 +10,14 @@ from dataclasses import replace
 
 import pytest
 
+from plexus.agent import wiring
 from plexus.agent.reconcilers.dns import DnsReconciler
 from plexus.agent.reconcilers.lb import ENDPOINT, SERVICE, VERIFY, LbReconciler
 from plexus.dns import DnsService
 from plexus.lb.model import Backend, Change, Frontend, Published
 from plexus.lb.spec import Publish, Service, ServicePort
 from plexus.model import keys
-from plexus.model.types import Endpoint, ExposedPort
+from plexus.model.types import Container, Endpoint, ExposedPort
 from plexus.state.cache import Cache
 from plexus.state.work import Reconciler
 from plexus.store.base import KeyValue
@@ -184,3 +185,26 @@ async def test_service_names_resolve_to_the_vip_and_headless_to_ready_endpoints(
     await settled(r)
     # no ready endpoint: the name exists with no address (NODATA), it is not forwarded
     assert dns.explain("net", "peers.default").resolution.outcome == "nodata"
+
+
+async def test_a_container_that_exited_leaves_and_one_that_runs_again_returns() -> None:
+    w = World()
+    w.service(WEB)
+    a = pod("a", "10.1.0.2", app="web")
+    w.endpoint(a)
+    await settled(w.lb)
+    record = Container(a.container_id, "a", "node1", "a", ("net",), ("sleep",), state="running")
+
+    def put_container(c: Container) -> None:
+        w._put(keys.container("node1", "a"), c.to_json())
+        change = StoreChange(keys.container("node1", "a"),
+                             KeyValue(keys.container("node1", "a"), c.to_json(), w.rev, w.rev, 1),
+                             w.rev)
+        w.lb.enqueue([o for o in wiring._objects(w.cache, change) if o.startswith("lb:")], w.rev)
+
+    put_container(replace(record, state="exited"))
+    await settled(w.lb)
+    assert w.frontend("10.96.0.10", 80).backends == ()
+    put_container(record)
+    await settled(w.lb)
+    assert w.frontend("10.96.0.10", 80).backends == (Backend(IP("10.1.0.2"), 8080),)

@@ -50,7 +50,7 @@ from plexus.dataplane.nft.policy_table import PolicyKernel
 from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.model import keys
-from plexus.model.types import Host
+from plexus.model.types import Container, Host
 from plexus.runtime.containers import ContainerRuntime
 from plexus.services import blocks, hosts
 from plexus.services.context import Context, HostView
@@ -90,6 +90,11 @@ def _objects(cache: Cache, change: Change) -> list[str]:
     if change.key.startswith(keys.NAMESPACES):
         return [policy.NAMESPACES]
     found = overlay.objects(cache, change)
+    if change.key.startswith(keys.CONTAINERS) and change.kv is not None:
+        # a `plexus run` container that exited (or runs again) leaves (or rejoins) services
+        node = change.key[len(keys.CONTAINERS):].split("/", 1)[0]
+        for ep in cache.of_container(Container.from_json(change.kv.value).id, node):
+            found += [lb.ENDPOINT + ep.store_key, dns.BACKEND + ep.store_key]
     if change.key.startswith(keys.HOSTS):
         found.append(policy.HOSTS)
     if change.key.startswith(keys.NETWORKS):

@@ -38,9 +38,10 @@ def _health_view(h: Health) -> dict[str, Any]:
 
 def endpoint_view(cache: Cache, svc: Service, ep: Endpoint) -> dict[str, Any]:
     failing = (keys.service(svc.namespace, svc.name), ep.store_key) in cache.failing
-    ready = members.backs(svc, ep) and not failing
+    stopped = not members.running(cache, ep)
+    ready = members.backs(svc, ep) and not failing and not stopped
     health = "ready" if ready else "failing its readiness check" if failing \
-        else f"not ready ({ep.state})"
+        else "container exited" if stopped else f"not ready ({ep.state})"
     return {"container": ep.name or ep.container_id[:12], "node": ep.node,
             "key": ep.store_key, "addresses": [str(a.ip) for a in ep.addresses],
             "state": ep.state, "ready": ready, "health": health,

@@ -25,9 +25,14 @@ def backs(svc: Service, ep: Endpoint) -> bool:
             and all(ep.labels.get(k) == v for k, v in svc.selector.items()))
 
 
+def running(cache: Cache, ep: Endpoint) -> bool:
+    """Not an endpoint of a `plexus run` container that exited (kept until `plexus rm`)."""
+    return (ep.node, ep.container_id) not in cache.stopped
+
+
 def serving(cache: Cache, key: str, svc: Service, ep: Endpoint) -> bool:
-    """``backs``, and not failing the service's readiness check."""
-    return backs(svc, ep) and (key, ep.store_key) not in cache.failing
+    """``backs``, its container running, and not failing the service's readiness check."""
+    return backs(svc, ep) and running(cache, ep) and (key, ep.store_key) not in cache.failing
 
 
 class Members:
@@ -76,7 +81,7 @@ class Members:
         return [ep for ep in found if ep is not None]
 
     def _selecting(self, ep: Endpoint) -> set[str]:
-        if ep.state != "ready" or not ep.addresses:
+        if ep.state != "ready" or not ep.addresses or not running(self._cache, ep):
             return set()
         services, failing = self._cache.services, self._cache.failing
         return {k for k in self._cache.services_selecting(ep)

@@ -63,6 +63,10 @@ class Cache:
     service_range: tuple[IPNetwork, ...] = ()
     vips: dict[IPAddress, str] = field(default_factory=dict)  # VIP -> service store key
     checked: set[str] = field(default_factory=set)  # services with a readiness check
+    # (node, container id) of every node's `plexus run` containers that exited: their
+    # endpoints stay until `plexus rm` but serve no service.
+    stopped: set[tuple[str, str]] = field(default_factory=set)
+    _stopped_at: dict[str, tuple[str, str]] = field(default_factory=dict)  # record key ->
     failing: set[tuple[str, str]] = field(default_factory=set)  # (service, endpoint) store keys
     # Services by (namespace, network), and by (namespace, network, KEY, VALUE) of the first
     # pair of their selector: an endpoint's candidates are found from its own labels.
@@ -193,8 +197,10 @@ class Cache:
                 self.networks.pop(name, None)
             else:
                 self.networks[name] = Network.from_json(value)
-        elif key.startswith(keys.containers(self.node)):
-            self._set_container(key[len(keys.containers(self.node)):], value)
+        elif key.startswith(keys.CONTAINERS):
+            self._set_stopped(key, None if value is None else Container.from_json(value))
+            if key.startswith(keys.containers(self.node)):
+                self._set_container(key[len(keys.containers(self.node)):], value)
         elif key.startswith(keys.DOCKER_NETWORKS):
             self._set_docker_network(key[len(keys.DOCKER_NETWORKS):], value)
         elif key.startswith(keys.HOST_BLOCKS):
@@ -263,6 +269,14 @@ class Cache:
         if not self._borrowing[old.network]:
             del self._borrowing[old.network]
         self._left[key] = old.network
+
+    def _set_stopped(self, key: str, c: Container | None) -> None:
+        old = self._stopped_at.pop(key, None)
+        if old is not None:
+            self.stopped.discard(old)
+        if c is not None and c.state == "exited":
+            self._stopped_at[key] = (c.node, c.id)
+            self.stopped.add((c.node, c.id))
 
     def _set_container(self, name: str, value: str | None) -> None:
         old = self.containers.pop(name, None)

@@ -33,6 +33,7 @@ from plexus.state.work import Reconciler
 log = logging.getLogger("plexus.reconcile")
 LISTENERS = "dns:listeners"
 SERVICE = SERVICE_KEY  # svc:STORE_KEY
+BACKEND = "svcep:"  # svcep:STORE_KEY: an endpoint may have started or stopped serving
 
 
 def service_record(svc: Service, addresses: Iterable[IPAddress]) -> Endpoint:
@@ -51,7 +52,7 @@ def _headless(svc: Service) -> bool:
 class DnsReconciler(Reconciler):
     name = "dns"
     batch = True
-    prefixes = ("net:", "ep:", SERVICE)
+    prefixes = ("net:", "ep:", SERVICE, BACKEND)
 
     def __init__(self, cache: Cache, dns: DnsService) -> None:
         super().__init__()
@@ -90,7 +91,8 @@ class DnsReconciler(Reconciler):
         for key in services:
             self._headless.service(key)
         if cache.services:
-            for key in list(eps):
+            backends = [k[len(BACKEND):] for k in keys if k.startswith(BACKEND)]
+            for key in [*eps, *backends]:
                 services |= self._headless.endpoint(key)
         eps.update((SERVICE + k, self._published(k)) for k in services)
         if nets or eps:
