@@ -110,6 +110,12 @@ async def test_published_host_ports_are_claimed_once(agent: Agent) -> None:
     with pytest.raises(InvalidArgument, match="published by service default/web") as err:
         await reg.create(web(name="other", publish=(Publish(8080, 80),)), [])
     assert err.value.field == "publish"
+    taken = await agent.store.txn([], [Put(keys.port("n1", "tcp", 9090),
+                                           '{"127.0.0.1": "/plexus/endpoints/n1/c/eth0"}')])
+    await agent.ctx.seen(taken.revision)
+    with pytest.raises(InvalidArgument, match="published by a container on n1"):
+        await reg.create(web(name="c", publish=(Publish(9090, 80),)), [])
+    await reg.create(web(name="d", publish=(Publish(9090, 80, "tcp", IP("10.0.0.5")),)), [])
 
 
 FILE = """

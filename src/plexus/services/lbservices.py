@@ -12,6 +12,7 @@ reconcilers; ``inspect`` computes the same from the cache.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import re
 import time
@@ -241,6 +242,10 @@ class ServiceRegistry:
         mine = {keys.service_port(p.protocol, p.host_port) for p in new.publish}
         before = {keys.service_port(p.protocol, p.host_port) for p in old.publish} if old \
             else set()
+        for p in new.publish:
+            if (p.protocol, p.host_port) not in {(o.protocol, o.host_port) for o in
+                                                 (old.publish if old else ())}:
+                await self._no_container_port(p)
         for key in sorted(mine - before):
             kv = await self.ctx.store.get(key)
             if kv is not None and kv.value != ref:
@@ -251,6 +256,19 @@ class ServiceRegistry:
             compares.append(Compare.unchanged(kv, key))
             ops.append(Put(key, ref))
         ops.extend(Delete(k) for k in sorted(before - mine))
+
+    async def _no_container_port(self, p: Publish) -> None:
+        """A service's host port is open on every host: no container may publish it on one
+        (``services.ports``; a container published after the service is not checked yet)."""
+        nodes = sorted({self.ctx.node, *self.ctx.cache.hosts})
+        for node in nodes:
+            kv = await self.ctx.store.get(keys.port(node, p.protocol, p.host_port))
+            held = json.loads(kv.value) if kv is not None else {}
+            where = "*" if p.address is None else str(p.address)
+            clash = next((k for k in held if "*" in (k, where) or k == where), None)
+            if clash is not None:
+                raise InvalidArgument("publish", str(p), f"host port {p.host_port}/"
+                                      f"{p.protocol} is published by a container on {node}")
 
     async def remove(self, namespace: str, name: str) -> Service:
         svc = self.get(namespace, name)
