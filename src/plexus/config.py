@@ -48,3 +48,4 @@ class AgentConfig:
     flow_export: Path | None = None  # JSON lines appended here too
     link_workers: int = 16  # endpoints whose links are programmed at once
     metrics_address: str = ""  # HOST:PORT of the Prometheus listener ("": none)
+    service_cidrs: tuple[IPNetwork, ...] = ()  # empty: the stored range, or a default (lb.vips)

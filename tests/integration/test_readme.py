@@ -50,13 +50,14 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
 # "": the section's own blocks, before any subsection
-RUN = ("", "Service discovery", "Network policy", "Flows", "Metrics")
+RUN = ("", "Service discovery", "Network policy", "Services", "Flows", "Metrics")
 SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
            "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
 READ_ONLY = {
     ("network", "ls"), ("network", "inspect"), ("ps",), ("inspect",), ("status",),
-    ("dns", "lookup"), ("dns", "stats"), ("logs",), ("flows",),
+    ("dns", "lookup"), ("dns", "stats"), ("logs",), ("flows",), ("service", "ls"),
+    ("service", "inspect"),
 }
 SANDBOXED = {"--state-dir", "--socket", "--docker-api", "--docker-plugin-socket"}
 
@@ -169,6 +170,7 @@ class Session:
     agent: Agent | None = None
     attached: dict[str, str] = field(default_factory=dict)  # --id of `plexus attach` -> netns
     printed: dict[str, str] = field(default_factory=dict)  # foreground `run --name N` -> output
+    services: dict[str, list[str]] = field(default_factory=dict)  # `service create` -> VIPs
 
     def env(self) -> dict[str, str]:
         assert self.agent is not None, "a README command runs before the agent's line"
@@ -345,8 +347,12 @@ def detached(session: Session, args: list[str], out: str) -> None:
 
 
 def dns_answer(session: Session, args: list[str], out: str) -> None:
-    """`dns lookup api --network web` (or api.shop): api's address on that network."""
+    """`dns lookup api --network web` (or api.shop): api's address on that network; for a
+    service (web.default), its IPv4 VIP."""
     name, network = args[2].split(".")[0], option(args, "--network")
+    if name in session.services:
+        assert session.services[name][0] in out, out
+        return
     wanted = [a for a in addresses_of(inspect(session, name), network) if ":" not in a]
     assert wanted and all(a in out for a in wanted), (wanted, out)
 
@@ -383,6 +389,33 @@ def metrics_served(session: Session, args: list[str], out: str) -> None:
                      r'namespace="shop",network="web"\} \d', out, re.M), out[:2000]
 
 
+def service_created(session: Session, args: list[str], out: str) -> None:
+    """`service create web --network web` prints its name and a VIP per family of the network
+    (web is dual-stack), from the default service range."""
+    name, vips = out.split()
+    assert name == args[2]
+    found = sorted((ipaddress.ip_address(v) for v in vips.split(",")), key=lambda a: a.version)
+    assert [a.version for a in found] == [4, 6], out
+    assert found[0] in ipaddress.ip_network("10.96.0.0/12"), out
+    session.services[name] = [str(a) for a in found]
+
+
+def service_inspected(session: Session, args: list[str], out: str) -> None:
+    """`service inspect web`: its VIPs, and web1 (app=web, exposes http=80) as its ready
+    endpoint with the named target port resolved; `dns lookup web.default` then answers the
+    VIP (checked here too, once the VIP is known)."""
+    seen = json.loads(out)
+    assert seen["vips"] == session.services[args[2]], out
+    [ep] = seen["endpoints"]
+    assert (ep["container"], ep["ready"], list(ep["targets"].values())) == ("web1", True, [80])
+    assert seen["unresolved"] == []
+
+
+def manifests_applied(session: Session, args: list[str], out: str) -> None:
+    assert out.splitlines() == ["Service default/web-np created",
+                                "Service default/web-peers created"], out
+
+
 def cmd(*prefix: str, has: tuple[str, ...] = (), lacks: str = "") -> Callable[[list[str]], bool]:
     """A `plexus PREFIX...` command line with every word of ``has`` and without ``lacks``."""
 
@@ -399,7 +432,8 @@ CHECKS = [
     Check("network create prints the name", cmd("network", "create"), created),
     Check("automatic subnets", cmd("network", "create", has=("--ipv6",), lacks="--subnet"),
           auto_subnets),
-    Check("published port", cmd("run", has=("-d", "http.server")), published_port_answers),
+    Check("published port", cmd("run", has=("-d", "http.server", "-p")),
+          published_port_answers),
     Check("foreground run", cmd("run", lacks="-d"), foreground_run),
     Check("logs", cmd("logs"), logs),
     Check("rm removes logs", cmd("rm"), removed_logs),
@@ -413,4 +447,7 @@ CHECKS = [
     Check("policy explain", cmd("policy", "explain"), policy_denied),
     Check("metrics", lambda argv: argv[0] == "curl" and argv[-1].endswith("/metrics"),
           metrics_served),
+    Check("service create", cmd("service", "create"), service_created),
+    Check("service inspect", cmd("service", "inspect"), service_inspected),
+    Check("apply", cmd("apply"), manifests_applied),
 ]

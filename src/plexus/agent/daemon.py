@@ -24,6 +24,7 @@ from plexus.dataplane.drivers import build_drivers, close_drivers
 from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import HostNetlink
 from plexus.dataplane.nft.firewall import NftFirewall
+from plexus.dataplane.nft.lb_table import ServiceTable
 from plexus.dataplane.nft.libnft import open_nft
 from plexus.dataplane.nft.policy_table import PolicyTable
 from plexus.dataplane.nft.setelem import ElementChannel
@@ -87,7 +88,7 @@ async def run_agent(config: AgentConfig) -> None:
         config, store, drivers, firewall, host, host,
         dns=wiring.dns_service(config), docker_exceptions=_docker_exceptions,
         kernel_events=KernelEvents(None), link_state=host.link_state, cache=cache,
-        policy_kernel=PolicyTable(nft, ElementChannel()),
+        policy_kernel=PolicyTable(nft, ElementChannel()), lb_kernel=ServiceTable(nft),
     )
     runners: list[web.AppRunner] = []
     made: dict[Path, tuple[int, int] | None] = {}

@@ -25,12 +25,14 @@ from typing import Any
 
 from plexus.agent.fullpass import FullPass
 from plexus.agent.garbage import Collector
+from plexus.agent.health import HealthProber
 from plexus.agent.inspect import Inspector
 from plexus.agent.kernel import KernelWatcher, LinkState
 from plexus.agent.monitor import LoopMonitor
-from plexus.agent.reconcilers import overlay, policy
+from plexus.agent.reconcilers import dns, lb, overlay, policy
 from plexus.agent.reconcilers.dns import DnsReconciler
 from plexus.agent.reconcilers.firewall import FirewallReconciler
+from plexus.agent.reconcilers.lb import LbReconciler
 from plexus.agent.reconcilers.links import LinkReconciler
 from plexus.agent.reconcilers.overlay import OverlayReconciler
 from plexus.agent.reconcilers.policy import PolicyReconciler
@@ -44,11 +46,12 @@ from plexus.dataplane.drivers import NetworkDriver
 from plexus.dataplane.events import KernelEvents
 from plexus.dataplane.host import LinkTable
 from plexus.dataplane.nft.firewall import Firewall
+from plexus.dataplane.nft.lb_table import ServiceKernel
 from plexus.dataplane.nft.policy_table import PolicyKernel
 from plexus.dns import DnsService, DnsSettings, parse_upstreams
 from plexus.errors import PlexusError
 from plexus.model import keys
-from plexus.model.types import Host
+from plexus.model.types import Container, Host
 from plexus.observe.agent import AgentCollector
 from plexus.observe.dns import DnsCollector
 from plexus.observe.drops import DropCollector, DropCounters
@@ -61,6 +64,7 @@ from plexus.services import blocks, hosts
 from plexus.services.context import Context, HostView
 from plexus.services.endpoints import EndpointService
 from plexus.services.hosts import Registration
+from plexus.services.lbservices import ServiceRegistry
 from plexus.services.networks import NetworkService
 from plexus.services.pools import PoolService
 from plexus.state.cache import Cache
@@ -75,18 +79,30 @@ Hook = Callable[[], Awaitable[None]]
 FREEZE_EVERY = 2.0  # seconds between gc.freeze() calls while changes arrive
 SWEEP_EVERY = 3600.0  # seconds between full cycle collections (after a full pass)
 WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS, keys.HOSTS,
-           keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES)
+           keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES, keys.SERVICES,
+           keys.SERVICE_RANGE, keys.SERVICE_HEALTH)
 
 
 def _objects(cache: Cache, change: Change) -> list[str]:
     """The reconcilers' names of what a change touches (the cache already holds it)."""
     if change.key.startswith(keys.ENDPOINTS):
-        return ["ep:" + change.key, policy.ENDPOINT + change.key, *overlay.objects(cache, change)]
+        return ["ep:" + change.key, policy.ENDPOINT + change.key, lb.ENDPOINT + change.key,
+                *overlay.objects(cache, change)]
+    if change.key.startswith(keys.SERVICES):
+        return [lb.SERVICE + change.key, dns.SERVICE + change.key]
+    if change.key.startswith(keys.SERVICE_HEALTH):
+        service, _ = keys.service_health_parts(change.key)
+        return [lb.SERVICE + service, dns.SERVICE + service]
     if change.key.startswith(keys.POLICIES):
         return [policy.POLICIES]
     if change.key.startswith(keys.NAMESPACES):
         return [policy.NAMESPACES]
     found = overlay.objects(cache, change)
+    if change.key.startswith(keys.CONTAINERS) and change.kv is not None:
+        # a `plexus run` container that exited (or runs again) leaves (or rejoins) services
+        node = change.key[len(keys.CONTAINERS):].split("/", 1)[0]
+        for ep in cache.of_container(Container.from_json(change.kv.value).id, node):
+            found += [lb.ENDPOINT + ep.store_key, dns.BACKEND + ep.store_key]
     if change.key.startswith(keys.HOSTS):
         found.append(policy.HOSTS)
     if change.key.startswith(keys.NETWORKS):
@@ -106,6 +122,7 @@ class Agent:
     firewall: FirewallReconciler
     overlay: OverlayReconciler
     policy: PolicyReconciler | None
+    lb: LbReconciler | None
     dns_reconciler: DnsReconciler | None
     dns: DnsService | None
     networks: NetworkService
@@ -118,6 +135,7 @@ class Agent:
     host: LinkTable
     registration: Registration
     block_releaser: blocks.BlockReleaser
+    health: HealthProber
     monitor: LoopMonitor = field(default_factory=LoopMonitor)
     docker: DockerPlugin | None = None
     kernel: KernelWatcher | None = None
@@ -126,6 +144,7 @@ class Agent:
     _periodic: asyncio.Task[None] | None = None
     _block_gc: asyncio.Task[None] | None = None
     _keepalive: asyncio.Task[None] | None = None
+    _health_task: asyncio.Task[None] | None = None
     _frozen_at: float = 0.0
     _swept_at: float = field(default_factory=time.monotonic)
 
@@ -133,6 +152,7 @@ class Agent:
     def reconcilers(self) -> list[Reconciler]:
         found: list[Reconciler] = [self.links, self.firewall, self.overlay]
         found += [self.policy] if self.policy is not None else []
+        found += [self.lb] if self.lb is not None else []
         return found + ([self.dns_reconciler] if self.dns_reconciler is not None else [])
 
     def dispatch(self, changes: Sequence[Change]) -> None:
@@ -204,10 +224,12 @@ class Agent:
         if rolled:
             log.info("rolled back what a killed agent left half-made: %s", ", ".join(rolled))
         await self.networks.ensure_builtin()
+        await ServiceRegistry(self.ctx).ensure_range(self.config.service_cidrs)
         self.ctx.ready = True
 
     def run_periodic(self) -> None:
         self._periodic = asyncio.create_task(self._passes(), name="full-pass")
+        self._health_task = asyncio.create_task(self.health.run(), name="readiness-checks")
         if self.config.block_release_after:
             self._block_gc = asyncio.create_task(self._release_blocks(), name="block-gc")
 
@@ -228,6 +250,8 @@ class Agent:
                 await self.fullpass.run()
                 if self.policy is not None:
                     self.policy.enqueue([policy.VERIFY])
+                if self.lb is not None:
+                    self.lb.enqueue([lb.VERIFY])
                 if self.config.host_gc_after:
                     await hosts.collect_expired(self.store, self.cache,
                                                 self.config.host_gc_after)
@@ -243,7 +267,7 @@ class Agent:
             await asyncio.sleep(self.config.reconcile_interval)
 
     async def close(self) -> None:
-        for task in (self._periodic, self._block_gc, self._keepalive):
+        for task in (self._periodic, self._block_gc, self._keepalive, self._health_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -251,6 +275,7 @@ class Agent:
         if self.kernel is not None:
             await self.kernel.close()
         await self.collector.close()
+        await self.health.close()
         await self.endpoints.leftovers.close()
         for r in self.reconcilers:
             await r.close()
@@ -288,7 +313,8 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
           dns: DnsService | None = None, docker_exceptions: Hook | None = None,
           kernel_events: KernelEvents | None = None,
           link_state: LinkState | None = None, cache: Cache | None = None,
-          policy_kernel: PolicyKernel | None = None) -> Agent:
+          policy_kernel: PolicyKernel | None = None,
+          lb_kernel: ServiceKernel | None = None) -> Agent:
     """An agent of these parts (the daemon passes the real ones, unit tests fakes).
     ``docker_exceptions``: keeps dockerd's FORWARD DROP from dropping plexus's traffic;
     ``kernel_events``: the host namespace's link and address notifications; ``cache``: the
@@ -304,9 +330,11 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     spanning = overlay.OverlayReconciler(cache, drivers)
     dns_reconciler = DnsReconciler(cache, dns) if dns is not None else None
     policies = policy.PolicyReconciler(cache, policy_kernel) if policy_kernel else None
+    balancer = LbReconciler(cache, lb_kernel) if lb_kernel is not None else None
     reconcilers: list[Reconciler] = [links, fw, spanning,
                                      *([dns_reconciler] if dns_reconciler else []),
-                                     *([policies] if policies else [])]
+                                     *([policies] if policies else []),
+                                     *([balancer] if balancer else [])]
     progress = Progress(informer, reconcilers)
     ctx = Context(config, store, cache, progress, host_view)
     endpoints = EndpointService(ctx)
@@ -317,7 +345,7 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
     collector = Collector(ctx, endpoints, containers)
     agent = Agent(
         config=config, store=store, cache=cache, informer=informer, progress=progress, ctx=ctx,
-        links=links, firewall=fw, overlay=spanning, policy=policies,
+        links=links, firewall=fw, overlay=spanning, policy=policies, lb=balancer,
         dns_reconciler=dns_reconciler, dns=dns,
         networks=networks, endpoints=endpoints, containers=containers,
         pools=PoolService(ctx, networks),
@@ -328,6 +356,7 @@ def build(config: AgentConfig, store: Datastore, drivers: Mapping[str, NetworkDr
         registration=Registration(store, Host(config.node, config.advertise_address,
                                               config.agent_id or config.node)),
         block_releaser=blocks.BlockReleaser(store, cache, config.block_release_after),
+        health=HealthProber(ctx),
     )
     holder.append(agent)
     if config.flows:

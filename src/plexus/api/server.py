@@ -25,6 +25,7 @@ from plexus.api.body import read as _body
 from plexus.api.body import strings as _strings
 from plexus.api.flows import FlowsApi
 from plexus.api.policy import PolicyApi
+from plexus.api.services import ServiceApi
 from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
@@ -110,8 +111,10 @@ class Api:
         r.add_get("/v1/dns/stats", self.dns_stats)
         r.add_get("/v1/dns/lookup", self.dns_lookup)
         r.add_patch("/v1/containers/{name}/labels", self.container_label)
-        PolicyApi(self.ctx, lambda ref: self._find(ref)[2],
-                  self.admin.policy_counters).add_routes(r)
+        policies = PolicyApi(self.ctx, lambda ref: self._find(ref)[2],
+                             self.admin.policy_counters)
+        policies.add_routes(r)
+        ServiceApi(self.ctx, policies.policies).add_routes(r)
         FlowsApi(self.admin.flow_log).add_routes(r)
         return app
 

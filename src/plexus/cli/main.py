@@ -12,7 +12,7 @@ import click
 
 from plexus import __version__
 from plexus.api.client import DEFAULT_SOCKET
-from plexus.cli import containers, flows, hosts, policies
+from plexus.cli import containers, flows, hosts, policies, services
 from plexus.cli.common import (
     EXIT_FAILED,
     Group,
@@ -46,7 +46,8 @@ def cli(ctx: click.Context, socket: str) -> None:
     ctx.obj["socket"] = socket
 
 
-for _command in [*containers.COMMANDS, *flows.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS]:
+for _command in [*containers.COMMANDS, *flows.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS,
+                 *services.COMMANDS]:
     cli.add_command(_command)
 
 
@@ -95,6 +96,9 @@ for _command in [*containers.COMMANDS, *flows.COMMANDS, *hosts.COMMANDS, *polici
     show_default=True,
     help="IPv6 pool for automatic subnets, CIDR:PREFIXLEN (subnets of /PREFIXLEN)",
 )
+@click.option("--service-cidr", multiple=True,
+              help="the services' VIP range, one per family (repeatable or CIDR,CIDR; default: "
+              "the cluster's stored range, else a free /16 of 10.96-111.0.0 and an IPv6 /112)")
 @click.option("--reconcile-interval", default=DEFAULT_RECONCILE_INTERVAL, show_default=True,
               type=click.FloatRange(min=0.1),
               help="seconds between full passes that compare everything with the kernel "
@@ -150,6 +154,7 @@ def agent(
     etcd_key: str | None,
     pool: str,
     pool6: str,
+    service_cidr: tuple[str, ...],
     reconcile_interval: float,
     dns_upstream: tuple[str, ...],
     dns_domain: str,
@@ -168,6 +173,7 @@ def agent(
     from plexus.agent import daemon
     from plexus.config import AgentConfig
     from plexus.errors import PlexusError
+    from plexus.lb import vips
     from plexus.model import parse
     from plexus.observe.server import parse_address
 
@@ -191,6 +197,7 @@ def agent(
             pool4_prefix=l4,
             pool6=p6,
             pool6_prefix=l6,
+            service_cidrs=vips.parse(service_cidr),
             reconcile_interval=reconcile_interval,
             docker_plugin_socket=Path(docker_plugin_socket) if docker_plugin_socket else None,
             docker_api=Path(docker_api) if docker_api else None,

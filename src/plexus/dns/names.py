@@ -27,6 +27,7 @@ from plexus.dns.config import DnsSettings, Upstream, network_upstreams
 from plexus.dns.wire import valid_name
 from plexus.model.types import Endpoint, IPAddress, IPNetwork, Network
 
+SERVICE_KEY = "svc:"  # the keys of services' records: names only, no PTR, no address holder
 Kind = Literal["name", "alias", "id"]
 Order = tuple[str, str]  # (container name, key): the order entries of one name are kept in
 _HEX = frozenset(string.hexdigits)
@@ -38,8 +39,8 @@ class Published:
     """One endpoint's records on its network (a plain slots class: a table holds thousands and
     builds them in bulk at start-up)."""
 
-    __slots__ = ("addresses", "container", "container_id", "ents", "key", "network", "order",
-                 "owners", "target")
+    __slots__ = ("addresses", "container", "container_id", "ents", "holds", "key", "network",
+                 "order", "owners", "target")
 
     def __init__(self, ep: Endpoint, key: str) -> None:
         self.network = ep.network
@@ -51,6 +52,9 @@ class Published:
         self.owners: tuple[str, ...] = ()
         self.ents: tuple[str, ...] = ()
         self.target = ""  # what its PTR records point at ("" = none)
+        # A service's VIP is no container's; a headless service's addresses are its
+        # endpoints' own, whose PTR records and views they keep.
+        self.holds = not key.startswith(SERVICE_KEY)
 
 
 Pub = tuple[Published, str, Kind, str]  # endpoint, label, kind, form
@@ -120,8 +124,8 @@ class NetRecords:
                 self.ents[ent] = self.ents.get(ent, 0) + 1
         primary = labels[0][0] if labels else ""
         target = ".".join(p for p in (primary, netname, domain) if p)
-        pub.target = target if primary and len(target) <= 253 else ""
-        for ip in pub.addresses:
+        pub.target = target if primary and len(target) <= 253 and pub.holds else ""
+        for ip in pub.addresses if pub.holds else ():
             _insert(self.by_address.setdefault(ip, []), pub, pub.order, _ep_order)
             if pub.target:
                 _insert(self.reverse.setdefault(ip, []), pub, pub.order, _ep_order)
@@ -136,7 +140,7 @@ class NetRecords:
                 self.ents[ent] = left
             else:
                 del self.ents[ent]
-        for ip in pub.addresses:
+        for ip in pub.addresses if pub.holds else ():
             _remove(self.by_address, ip, pub.order, _ep_order)
             if pub.target:
                 _remove(self.reverse, ip, pub.order, _ep_order)

@@ -63,7 +63,7 @@ from typing import Any
 
 from plexus.dns.config import DnsSettings, Upstream, dns_enabled
 from plexus.dns.model import DnsChanges, Explanation, Match, Resolution, View
-from plexus.dns.names import NetRecords, Order, Pub, Published
+from plexus.dns.names import SERVICE_KEY, NetRecords, Order, Pub, Published
 from plexus.dns.wire import (
     CLASS_ANY,
     CLASS_IN,
@@ -215,8 +215,8 @@ class RecordTable:
     def _publish(self, key: str, touched: _Touched | None) -> None:
         ep = self._endpoints[key]
         net = self._nets.get(ep.network)
-        if net is None or not ep.addresses:
-            return
+        if net is None or not (ep.addresses or key.startswith(SERVICE_KEY)):
+            return  # a service's name stays while it has no address: NODATA, not forwarded
         pub = net.add(ep, key, self.settings.domain)
         self._published[key] = pub
         self._containers.setdefault(pub.container_id, []).append(pub)

@@ -27,6 +27,13 @@ front door's keys are here too:
     /plexus/hosts/NODE                            Host: its underlay address, agent id, last seen
     /plexus/host-leases/NODE                      the agent id of NODE's live agent, under its
                                                   lease: gone when the agent stops or dies
+    /plexus/meta/service-range                    the service range: CIDR[,CIDR] (lb.vips)
+    /plexus/services/NAMESPACE/NAME               Service (lb.spec)
+    /plexus/service-ips/ADDRESS                   NAMESPACE/NAME of the service holding a VIP
+    /plexus/service-ports/PROTO/PORT              NAMESPACE/NAME of the service published on
+                                                  that host port (on every host)
+    /plexus/service-health/NS/NAME/NODE/CTR/IF    status: that endpoint fails the service's
+                                                  readiness check (written by its node's agent)
 
 CIDRs are written with '_' for '/' so that a key's segments stay split on '/'. Addresses are keyed
 by subnet, not by network: subnets are unique across the datastore, and a pool hands out
@@ -61,6 +68,11 @@ HOSTS = ROOT + "hosts/"
 HOST_LEASES = ROOT + "host-leases/"
 NAMESPACES = ROOT + "namespaces/"
 POLICIES = ROOT + "policies/"
+SERVICE_RANGE = ROOT + "meta/service-range"
+SERVICES = ROOT + "services/"
+SERVICE_IPS = ROOT + "service-ips/"
+SERVICE_PORTS = ROOT + "service-ports/"
+SERVICE_HEALTH = ROOT + "service-health/"
 
 LAYOUT_VERSION = "2"
 POOL_CLAIM_PREFIX = "pool:"
@@ -174,3 +186,30 @@ def namespace(name: str) -> str:
 def policy(kind: str, namespace: str, name: str) -> str:
     """A policy document, by kind, namespace ("-" for a cluster-wide kind) and name."""
     return f"{POLICIES}{namespace or '-'}/{kind}/{name}"
+
+
+def service(namespace: str, name: str) -> str:
+    return f"{SERVICES}{namespace}/{name}"
+
+
+def service_ip(address: object) -> str:
+    return f"{SERVICE_IPS}{address}"
+
+
+def service_port(protocol: str, host_port: int) -> str:
+    return f"{SERVICE_PORTS}{protocol}/{host_port}"
+
+
+def service_health(namespace: str, name: str, endpoint_key: str) -> str:
+    """An endpoint failing a service's readiness check (``endpoint_key``: its store key)."""
+    return f"{SERVICE_HEALTH}{namespace}/{name}/{endpoint_key[len(ENDPOINTS):]}"
+
+
+def service_healths(namespace: str, name: str) -> str:
+    return f"{SERVICE_HEALTH}{namespace}/{name}/"
+
+
+def service_health_parts(key: str) -> tuple[str, str]:
+    """(service store key, endpoint store key) of a ``service_health`` key."""
+    namespace, name, rest = key[len(SERVICE_HEALTH):].split("/", 2)
+    return service(namespace, name), ENDPOINTS + rest

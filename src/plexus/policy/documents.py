@@ -7,8 +7,9 @@ one line. Documents are kept as given (``Policy.document``) for ``plexus policy 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -23,6 +24,7 @@ KINDS = {
     (admin.API_VERSION, admin.BASELINE): "cluster",
 }
 DEFAULT_NAMESPACE = "default"
+T = TypeVar("T")
 
 
 class InvalidDocument(InvalidArgument):
@@ -36,6 +38,14 @@ class InvalidDocument(InvalidArgument):
 
 def load(text: str, source: str = "-") -> list[Policy]:
     """Every policy of a file, or InvalidDocument for the first that is wrong."""
+    docs = split(text, source)
+    policies = [_one(i + 1, d, source) for i, d in enumerate(docs)]
+    no_duplicates(policies, source)
+    return policies
+
+
+def split(text: str, source: str = "-") -> list[Any]:
+    """The documents of a YAML or JSON file (a ``kind: List`` stands for its items)."""
     try:
         raw = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as exc:
@@ -43,10 +53,7 @@ def load(text: str, source: str = "-") -> list[Policy]:
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InvalidArgument("file", f"{source}{line}", f"not YAML or JSON: {problem}") from None
-    docs = _flatten(raw)
-    policies = [_one(i + 1, d, source) for i, d in enumerate(docs)]
-    _no_duplicates(policies, source)
-    return policies
+    return _flatten(raw)
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -64,13 +71,18 @@ def _flatten(raw: list[Any]) -> list[Any]:
 
 
 def _one(index: int, doc: Any, source: str) -> Policy:
+    return one(index, doc, source, parse)
+
+
+def one(index: int, doc: Any, source: str, parser: Callable[[dict[str, Any]], T]) -> T:
+    """``parser(doc)``, its error naming the document (place, kind, name): InvalidDocument."""
     where = f"{source} document {index}"
     try:
         if not isinstance(doc, dict):
             raise InvalidArgument("document", doc,
                                   "a mapping with apiVersion, kind, metadata, spec")
         where += f" ({doc.get('kind')} {_name_of(doc)})"
-        return parse(doc)
+        return parser(doc)
     except InvalidDocument:
         raise
     except InvalidArgument as exc:
@@ -95,8 +107,8 @@ def parse(doc: dict[str, Any]) -> Policy:
     meta = doc.get("metadata")
     if not isinstance(meta, dict):
         raise InvalidArgument("metadata", meta, "required: a mapping with a name")
-    name = _dns_label("metadata.name", meta.get("name"))
-    namespace = "" if scope == "cluster" else _dns_label(
+    name = dns_label("metadata.name", meta.get("name"))
+    namespace = "" if scope == "cluster" else dns_label(
         "metadata.namespace", meta.get("namespace") or DEFAULT_NAMESPACE)
     spec = doc.get("spec")
     if not isinstance(spec, dict):
@@ -126,7 +138,7 @@ def _audit(meta: dict[str, Any]) -> bool:
     return str(value).lower() == "true"
 
 
-def _dns_label(field: str, raw: Any) -> str:
+def dns_label(field: str, raw: Any) -> str:
     """A namespace or policy name: lowercase letters, digits, '-' and '.', at most 253."""
     ok = (isinstance(raw, str) and 0 < len(raw) <= 253 and raw[0].isalnum() and raw[-1].isalnum()
           and all(c.islower() or c.isdigit() or c in "-." for c in raw))
@@ -136,7 +148,7 @@ def _dns_label(field: str, raw: Any) -> str:
     return raw
 
 
-def _no_duplicates(policies: list[Policy], source: str) -> None:
+def no_duplicates(policies: list[Policy], source: str) -> None:
     seen: set[tuple[str, str, str]] = set()
     for p in policies:
         key = (p.kind, p.namespace, p.name)

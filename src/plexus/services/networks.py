@@ -189,6 +189,7 @@ class NetworkService:
         of plexus's own bridges)."""
         nets = list(self.ctx.cache.networks.values())
         taken = [(s.cidr, f"network {n.name}") for n in nets for s in n.subnets]
+        taken += [(r, "the service range") for r in self.ctx.cache.service_range]
         claims, _ = await self.ctx.store.list(keys.SUBNETS)
         taken += [
             (parse.cidr("subnet", keys.segment_cidr(kv.key[len(keys.SUBNETS):])), kv.value)
@@ -238,6 +239,10 @@ class NetworkService:
         net = self.get(name)
         if net.labels.get(BUILTIN_LABEL) == "true":
             raise Conflict(f"network {name!r} is built in and cannot be removed")
+        services = sorted(s.ref for s in self.ctx.cache.services.values() if s.network == name)
+        if services:  # even with --force: a service is not a container to detach
+            raise InUse(f"network {name!r} has {len(services)} service(s) "
+                        f"({', '.join(services[:5])}); remove them first")
         users = self.ctx.cache.endpoints_on(name)
         if users and not force:
             who = ", ".join(f"{e.node}/{e.name or e.container_id[:12]}" for e in users[:5])

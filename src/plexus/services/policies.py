@@ -64,6 +64,19 @@ class PolicyService:
         if not policies:
             raise InvalidArgument("file", source, "holds no policy")
         compares, ops = await namespaces.ensure_ops(self.ctx, [p.namespace for p in policies])
+        applied = await self.plan(policies, compares, ops)
+        if ops:
+            result = await self.ctx.commit(compares, ops)
+            if not result.succeeded:
+                raise InvalidArgument("file", source, "changed by someone else meanwhile; "
+                                      "nothing applied, try again")
+            await self.ctx.seen(result.revision)
+        return applied
+
+    async def plan(self, policies: Sequence[Policy], compares: list[Compare],
+                   ops: list[Op]) -> list[Applied]:
+        """Adds to ``compares`` and ``ops`` what creates or replaces ``policies`` (not their
+        namespaces: the caller plans those)."""
         applied = []
         for p in policies:
             key, value = key_of(p), _stored(p)
@@ -74,12 +87,6 @@ class PolicyService:
             if outcome != "unchanged":
                 compares.append(Compare.unchanged(kv, key))
                 ops.append(Put(key, value))
-        if ops:
-            result = await self.ctx.commit(compares, ops)
-            if not result.succeeded:
-                raise InvalidArgument("file", source, "changed by someone else meanwhile; "
-                                      "nothing applied, try again")
-            await self.ctx.seen(result.revision)
         return applied
 
     async def delete(self, refs: Sequence[str], every: bool = False) -> list[Policy]:

@@ -16,15 +16,27 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from plexus.errors import InvalidArgument
+from plexus.lb import vips
+from plexus.lb.spec import Service
 from plexus.model import keys
-from plexus.model.types import Container, Endpoint, Host, IPNetwork, Namespace, Network
+from plexus.model.types import (
+    Container,
+    Endpoint,
+    Host,
+    IPAddress,
+    IPNetwork,
+    Namespace,
+    Network,
+)
 from plexus.policy import documents
 from plexus.policy.model import Policy
 from plexus.store.informer import Change
 
 log = logging.getLogger("plexus.cache")
+_K = TypeVar("_K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +59,21 @@ class Cache:
     alive: set[str] = field(default_factory=set)  # nodes whose agent holds its lease
     namespaces: dict[str, Namespace] = field(default_factory=dict)  # the stored ones
     policies: dict[str, Policy] = field(default_factory=dict)  # store key -> policy
+    services: dict[str, Service] = field(default_factory=dict)  # store key -> service
+    service_range: tuple[IPNetwork, ...] = ()
+    vips: dict[IPAddress, str] = field(default_factory=dict)  # VIP -> service store key
+    checked: set[str] = field(default_factory=set)  # services with a readiness check
+    # (node, container id) of every node's `plexus run` containers that exited: their
+    # endpoints stay until `plexus rm` but serve no service.
+    stopped: set[tuple[str, str]] = field(default_factory=set)
+    _stopped_at: dict[str, tuple[str, str]] = field(default_factory=dict)  # record key ->
+    failing: set[tuple[str, str]] = field(default_factory=set)  # (service, endpoint) store keys
+    # Services by (namespace, network), and by (namespace, network, KEY, VALUE) of the first
+    # pair of their selector: an endpoint's candidates are found from its own labels.
+    _services_at: dict[tuple[str, str], set[str]] = field(
+        default_factory=lambda: defaultdict(set))
+    _services_by_label: dict[tuple[str, str, str, str], set[str]] = field(
+        default_factory=lambda: defaultdict(set))
     # Blocks of spanning networks' subnets: subnet -> block -> node, and (subnet, node) -> blocks.
     blocks: dict[IPNetwork, dict[IPNetwork, str]] = field(
         default_factory=lambda: defaultdict(dict))
@@ -55,6 +82,8 @@ class Cache:
     _held: dict[str, set[tuple[IPNetwork, IPNetwork]]] = field(  # node -> (subnet, block)
         default_factory=lambda: defaultdict(set))
     _by_network: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # Endpoints by (network, label key, label value): a service's candidates (lb.members).
+    _by_label: dict[tuple[str, str, str], set[str]] = field(default_factory=dict)
     _by_container: dict[tuple[str, str], dict[str, Endpoint]] = field(
         default_factory=lambda: defaultdict(dict))
     _containers_by_id: dict[str, str] = field(default_factory=dict)
@@ -75,6 +104,10 @@ class Cache:
     def endpoints_on(self, network: str) -> list[Endpoint]:
         """Every node's endpoints on ``network``."""
         return [self.endpoints[k] for k in sorted(self._by_network.get(network, ()))]
+
+    def labelled(self, network: str, key: str, value: str) -> list[Endpoint]:
+        """Every node's endpoints on ``network`` with label ``key=value``."""
+        return [self.endpoints[k] for k in sorted(self._by_label.get((network, key, value), ()))]
 
     def count_on(self, network: str) -> int:
         return len(self._by_network.get(network, ()))
@@ -121,6 +154,24 @@ class Cache:
             return Namespace(name)
         return found
 
+    def service(self, namespace: str, name: str) -> Service | None:
+        return self.services.get(keys.service(namespace, name))
+
+    def services_at(self, namespace: str, network: str) -> list[str]:
+        """Store keys of the services of one namespace and network."""
+        return sorted(self._services_at.get((namespace, network), ()))
+
+    def services_selecting(self, ep: Endpoint) -> set[str]:
+        """Store keys of the services whose selector ``ep``'s labels match (ready or not):
+        O(its labels + the services indexed under them)."""
+        ns, found = ep.policy_namespace, set()
+        for k, v in ep.labels.items():
+            for key in self._services_by_label.get((ns, ep.network, k, v), ()):
+                svc = self.services[key]
+                if all(ep.labels.get(sk) == sv for sk, sv in svc.selector.items()):
+                    found.add(key)
+        return found
+
     def served_by(self, network: str) -> list[str]:
         """The Docker network IDs a plexus network serves."""
         return sorted(d.id for d in self.docker_networks.values() if d.name == network)
@@ -146,8 +197,10 @@ class Cache:
                 self.networks.pop(name, None)
             else:
                 self.networks[name] = Network.from_json(value)
-        elif key.startswith(keys.containers(self.node)):
-            self._set_container(key[len(keys.containers(self.node)):], value)
+        elif key.startswith(keys.CONTAINERS):
+            self._set_stopped(key, None if value is None else Container.from_json(value))
+            if key.startswith(keys.containers(self.node)):
+                self._set_container(key[len(keys.containers(self.node)):], value)
         elif key.startswith(keys.DOCKER_NETWORKS):
             self._set_docker_network(key[len(keys.DOCKER_NETWORKS):], value)
         elif key.startswith(keys.HOST_BLOCKS):
@@ -167,6 +220,16 @@ class Cache:
                 self.policies.pop(key, None)
             else:
                 self.policies[key] = documents.parse(json.loads(value))
+        elif key.startswith(keys.SERVICE_HEALTH):
+            pair = keys.service_health_parts(key)
+            if value is None:
+                self.failing.discard(pair)
+            else:
+                self.failing.add(pair)
+        elif key.startswith(keys.SERVICES):
+            self._set_service(key, None if value is None else Service.from_json(value))
+        elif key == keys.SERVICE_RANGE:
+            self.service_range = () if value is None else vips.loads(value)
         elif key.startswith(keys.HOST_LEASES):
             node = key[len(keys.HOST_LEASES):]
             if value is None:
@@ -181,6 +244,8 @@ class Cache:
             self._by_network[old.network].discard(key)
             if not self._by_network[old.network]:
                 del self._by_network[old.network]
+            for pair in old.labels.items():
+                _discard(self._by_label, (old.network, *pair), key)
             ifaces = self._by_container[(old.node, old.container_id)]
             ifaces.pop(old.ifname, None)
             if not ifaces:
@@ -195,6 +260,8 @@ class Cache:
             if ep.node == self.node:
                 self._local.add(key)
             self._by_network[ep.network].add(key)
+            for k, v in ep.labels.items():
+                self._by_label.setdefault((ep.network, k, v), set()).add(key)
             self._by_container[(ep.node, ep.container_id)][ep.ifname] = ep
 
     def _forget_borrowed(self, key: str, old: Endpoint) -> None:
@@ -202,6 +269,14 @@ class Cache:
         if not self._borrowing[old.network]:
             del self._borrowing[old.network]
         self._left[key] = old.network
+
+    def _set_stopped(self, key: str, c: Container | None) -> None:
+        old = self._stopped_at.pop(key, None)
+        if old is not None:
+            self.stopped.discard(old)
+        if c is not None and c.state == "exited":
+            self._stopped_at[key] = (c.node, c.id)
+            self.stopped.add((c.node, c.id))
 
     def _set_container(self, name: str, value: str | None) -> None:
         old = self.containers.pop(name, None)
@@ -228,6 +303,28 @@ class Cache:
         elif not self.blocks[subnet]:
             del self.blocks[subnet]
 
+    def _set_service(self, key: str, svc: Service | None) -> None:
+        old = self.services.pop(key, None)
+        self.checked.discard(key)
+        if old is not None:
+            _discard(self._services_at, (old.namespace, old.network), key)
+            for vip in old.vips:
+                if self.vips.get(vip) == key:
+                    del self.vips[vip]
+            if old.selector:
+                k, v = min(old.selector.items())
+                _discard(self._services_by_label, (old.namespace, old.network, k, v), key)
+        if svc is None:
+            return
+        self.services[key] = svc
+        if svc.health is not None:
+            self.checked.add(key)
+        self._services_at[(svc.namespace, svc.network)].add(key)
+        self.vips.update((vip, key) for vip in svc.vips)
+        if svc.selector:  # no selector: no endpoints, as in Kubernetes
+            k, v = min(svc.selector.items())
+            self._services_by_label[(svc.namespace, svc.network, k, v)].add(key)
+
     def _set_host(self, node: str, value: str | None) -> None:
         if value is None:
             self.hosts.pop(node, None)
@@ -241,3 +338,11 @@ class Cache:
         data = json.loads(value)
         self.docker_networks[network_id] = DockerNetwork(
             network_id, str(data["name"]), bool(data.get("created")))
+
+
+def _discard(index: dict[_K, set[str]], at: _K, key: str) -> None:
+    found = index.get(at)
+    if found is not None:
+        found.discard(key)
+        if not found:
+            del index[at]

@@ -1,0 +1,233 @@
+"""Services through the `plexus` command exactly as issue 11 spells it, against a sandboxed
+agent: what each verb prints and stores, names resolved by glibc inside a container, bad input,
+and VIPs kept across an agent restart. (Traffic through a VIP needs the nftables dataplane and
+is tested where that is wired in.)"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import signal
+import time
+from pathlib import Path
+
+from tests.harness.cluster import cluster
+from tests.harness.world import Agent, World, sh
+
+from .helpers import wait_until
+
+SUBNET = "10.80.0.0/24"
+
+
+def getent(agent: Agent, container: str, name: str) -> list[str]:
+    """glibc's resolver inside the container, reading the resolv.conf plexus wrote."""
+    ns = agent.container(container)["netns_name"]
+    r = sh("ip", "netns", "exec", ns, "getent", "ahostsv4", name, check=False)
+    return sorted({line.split()[0] for line in r.stdout.splitlines()})
+
+
+def two_webs(agent: Agent) -> None:
+    agent.cli("network", "create", "net", "--subnet", SUBNET)
+    for name in ("web1", "web2"):
+        agent.run_echo(name, "net", "--label", "app=web", "--expose", "http=80")
+    agent.run_echo("client", "net", "--label", "app=client")
+
+
+def test_create_ls_inspect_rm(agent: Agent) -> None:
+    two_webs(agent)
+    out = agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+                    "--port", "http:80:http", "--port", "raw:81:80/udp", "--affinity",
+                    "client-ip", "--affinity-timeout", "60", "--publish", "8080:80").stdout
+    name, vip = out.split()
+    assert name == "web"
+    assert ipaddress.ip_address(vip) in ipaddress.ip_network("10.96.0.0/12")
+    [listed] = agent.json("service", "ls")
+    assert (listed["vips"], listed["endpoints"], listed["ports"], listed["publish"]) == (
+        [vip], 2, ["http:80:http/tcp", "raw:81:80/udp"], ["8080:80/tcp"])
+    table = agent.cli("service", "ls").stdout.splitlines()
+    assert table[0].split()[:4] == ["NAMESPACE", "NAME", "NETWORK", "VIP"]
+    assert table[1].split()[:4] == ["default", "web", "net", vip]
+    seen = json.loads(agent.cli("service", "inspect", "web").stdout)
+    assert sorted(e["container"] for e in seen["endpoints"]) == ["web1", "web2"]
+    assert all(e["ready"] and e["targets"]["http:80:http/tcp"] == 80 for e in seen["endpoints"])
+    assert (seen["affinity"], seen["affinity_timeout"], seen["unresolved"]) == (
+        "client-ip", 60, [])
+    assert agent.cli("service", "rm", "web").stdout.strip() == "web"
+    assert agent.json("service", "ls") == []
+    # its VIP went back to the range: asking for it again works
+    agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--ip", vip)
+
+
+def test_endpoints_follow_labels_and_unresolved_names_are_reported(agent: Agent) -> None:
+    two_webs(agent)
+    agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+              "--port", "80:admin")
+    seen = json.loads(agent.cli("service", "inspect", "web").stdout)
+    assert seen["unresolved"] == ["80:admin/tcp"]
+    agent.cli("label", "web2", "app=other")
+    [listed] = agent.json("service", "ls")
+    assert listed["endpoints"] == 1
+    agent.cli("rm", "-f", "web1")
+    [listed] = agent.json("service", "ls")
+    assert listed["endpoints"] == 0
+    # a container whose process exits leaves the service (its endpoint stays until rm)
+    agent.cli("run", "-d", "--name", "brief", "--network", "net", "--label", "app=web", "--",
+              "sleep", "1")
+    assert ready_count(agent, 0) == 0  # after its second
+    seen = json.loads(agent.cli("service", "inspect", "web").stdout)
+    assert [(e["container"], e["health"]) for e in seen["endpoints"]] == [
+        ("brief", "container exited")]
+
+
+def test_names_resolve_to_the_vip_and_headless_to_the_endpoints(agent: Agent) -> None:
+    two_webs(agent)
+    vip = agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+                    "--port", "80", "--namespace", "default").stdout.split()[1]
+    agent.cli("service", "create", "peers", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--headless")
+    for name in ("web", "web.default", "web.default.svc.plexus.internal"):
+        assert getent(agent, "client", name) == [vip], name
+    pods = sorted(agent.address(n) for n in ("web1", "web2"))
+    assert getent(agent, "client", "peers.default.svc.plexus.internal") == pods
+    agent.cli("rm", "-f", "web2")
+    assert getent(agent, "client", "peers") == [agent.address("web1")]
+    lookup = agent.cli("dns", "lookup", "web.default", "--network", "net").stdout
+    assert vip in lookup
+
+
+def test_bad_input_is_one_line_and_makes_nothing(agent: Agent) -> None:
+    two_webs(agent)
+    base = ["service", "create", "web", "--network", "net", "--selector", "app=web"]
+    agent.cli(*base, "--port", "80", "--ip", "10.96.0.10")
+    cases = [
+        (["--port", "80/sctp"], "invalid port '80/sctp'"),
+        (["--port", "http:x:y:z"], "invalid port 'http:x:y:z'"),
+        (["--port", "80", "--ip", "10.96.0.10"], "invalid ip '10.96.0.10': taken by service"),
+        (["--port", "80", "--ip", "192.0.2.1"], "invalid ip '192.0.2.1': outside the service"),
+        (["--port", "80", "--selector", "app"], "invalid selector 'app'"),
+        (["--port", "80", "--publish", "8080"], "invalid publish '8080'"),
+    ]
+    for extra, message in cases:
+        argv = [*base[:2], "other", *base[3:], *extra]
+        r = agent.cli(*argv, check=False)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+        assert r.stderr.count("\n") == 1
+    dup = agent.cli(*base, "--port", "81", check=False)
+    assert dup.returncode == 1 and "service web already exists in namespace default" in dup.stderr
+    assert [s["name"] for s in agent.json("service", "ls")] == ["web"]
+
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, annotations: {plexus.io/network: net}}
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: http}]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: shop}
+spec: {podSelector: {matchLabels: {app: api}}, ingress: [{}]}
+"""
+
+
+def test_apply_takes_services_and_policies(agent: Agent, tmp_path: Path) -> None:
+    agent.cli("network", "create", "net", "--subnet", SUBNET)
+    agent.run_echo("api", "net", "--namespace", "shop", "--label", "app=api",
+                   "--expose", "http=8080")
+    path = tmp_path / "m.yaml"
+    path.write_text(SERVICE)
+    assert agent.cli("apply", "-f", str(path)).stdout.splitlines() == [
+        "NetworkPolicy shop/web created", "Service shop/api created"]
+    seen = json.loads(agent.cli("service", "inspect", "api", "--namespace", "shop").stdout)
+    assert [e["targets"]["http:80:http/tcp"] for e in seen["endpoints"]] == [8080]
+    assert (seen["affinity"], seen["affinity_timeout"], seen["origin"]) == (
+        "client-ip", 30, "manifest")
+    wrong = tmp_path / "bad.yaml"
+    wrong.write_text(SERVICE.replace("port: 80", "port: 0").replace("name: api", "name: b"))
+    bad = agent.cli("apply", "-f", str(wrong), check=False)
+    assert bad.returncode == 2 and "spec.ports[0].port" in bad.stderr
+    assert [s["name"] for s in agent.json("service", "ls")] == ["api"]
+
+
+def test_vips_and_the_range_survive_a_restart(agent: Agent) -> None:
+    agent.cli("network", "create", "net", "--subnet", SUBNET)
+    vip = agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+                    "--port", "80").stdout.split()[1]
+    agent.kill(signal.SIGTERM)
+    agent.start()
+    [listed] = agent.json("service", "ls")
+    assert listed["vips"] == [vip]
+    agent.kill(signal.SIGTERM)
+    agent.start(extra=["--service-cidr", "10.200.0.0/24"])
+    other = agent.cli("service", "create", "db", "--network", "net", "--selector", "app=db",
+                      "--port", "5432").stdout.split()[1]
+    assert ipaddress.ip_address(other) in ipaddress.ip_network("10.200.0.0/24")
+    assert agent.json("service", "ls")[1]["vips"] == [vip]  # kept its VIP
+
+
+def ready_count(agent: Agent, want: int, name: str = "web", timeout: float = 15) -> int:
+    """The ready endpoints of service ``name`` once they are ``want`` (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        count = {s["name"]: s["endpoints"] for s in agent.json("service", "ls")}[name]
+        if count == want:
+            break
+        time.sleep(0.1)
+    return int(count)
+
+
+def test_readiness_checks_take_failing_containers_out_and_put_them_back(
+        agent: Agent, tmp_path: Path) -> None:
+    two_webs(agent)
+    flag = tmp_path / "web-healthy"
+    flag.touch()
+    agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--health-cmd", f"test -e {flag}", "--health-interval", "0.2",
+              "--health-threshold", "2")
+    assert ready_count(agent, 2) == 2
+    flag.unlink()
+    assert ready_count(agent, 0) == 0
+    seen = json.loads(agent.cli("service", "inspect", "web").stdout)
+    assert {e["health"] for e in seen["endpoints"]} == {"failing its readiness check"}
+    assert seen["health"] == {"tcp": None, "cmd": f"test -e {flag}", "interval": 0.2,
+                              "threshold": 2}
+    flag.touch()
+    assert ready_count(agent, 2) == 2
+    # a TCP check on a port nobody serves fails; on the echo servers' port 80 it passes
+    agent.cli("service", "create", "tcp", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--health-tcp", "81", "--health-interval", "0.2")
+    agent.cli("service", "create", "ok", "--network", "net", "--selector", "app=web",
+              "--port", "80", "--health-tcp", "80", "--health-interval", "0.2")
+    assert ready_count(agent, 0, "tcp") == 0
+    counts = {s["name"]: s["endpoints"] for s in agent.json("service", "ls")}
+    assert counts == {"ok": 2, "tcp": 0, "web": 2}
+
+
+def test_two_hosts_on_etcd_share_the_range_the_services_and_their_names(
+        world: World, tmp_path: Path) -> None:
+    with cluster(world, tmp_path, ["host1", "host2"]) as (_, (a, b)):
+        a.cli("network", "create", "ov", "--driver", "overlay", "--subnet", "10.78.0.0/24",
+              "--block-size", "28")
+        assert wait_until(lambda: "ov" in {n["name"] for n in b.json("network", "ls")},
+                          timeout=20)
+        b.run_echo("web", "ov", "--label", "app=web")
+        b.run_echo("client", "ov")
+        vips: list[str] = []
+        for i in range(4):  # from both hosts in turn: one range, never one VIP twice
+            who = (a, b)[i % 2]
+            vips.append(who.cli("service", "create", f"s{i}", "--network", "ov", "--selector",
+                                "app=web", "--port", "80").stdout.split()[1])
+        assert len(set(vips)) == 4
+        ranges = {ipaddress.ip_network(f"{v}/16", strict=False) for v in vips}
+        assert len(ranges) == 1  # every host hands out VIPs from the one stored range
+        assert wait_until(lambda: len(b.json("service", "ls")) == 4, timeout=20)
+        # made on host1, its endpoint (on host2) counted and its name resolved on host2
+        assert wait_until(lambda: getent(b, "client", "s0.default") == [vips[0]], timeout=20)
+        [s0] = [s for s in a.json("service", "ls") if s["name"] == "s0"]
+        assert s0["endpoints"] == 1
