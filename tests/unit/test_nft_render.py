@@ -177,7 +177,8 @@ def test_every_drop_of_the_forward_chain_counts_into_its_named_counter() -> None
     # The counter comes right before the verdict, so it counts exactly the dropped packets.
     named = [e[e.index({"drop": None}) - 1].get("counter") for e in drops]
     assert sorted(declared) == sorted(DROP_COUNTERS.values())
-    assert named == ["drop_internal", "drop_internal", "drop_isolation", "drop_unpublished"]
+    assert named == ["drop_internal", "drop_internal", "drop_isolation", "drop_isolation",
+                     "drop_unpublished"]  # the second isolation drop: a service VIP's
     assert parse_table({"nftables": [c["add"] for c in cmds if "add" in c]}) is not None
 
 

@@ -90,6 +90,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from plexus.dataplane.nft._json import Json, Value, concat, encode, match, meta, payload
+from plexus.dataplane.nft.render import VIA_VIP
 from plexus.lb.model import Backend, Change, Frontend, Frontends
 from plexus.model.types import IPAddress
 
@@ -357,6 +358,9 @@ def _base_rules() -> Iterator[tuple[str, list[Json]]]:
         yield "services", [*_local(v), _TCP_UDP,
                            match(concat(*any_addr["concat"], saddr), f"@hairpin_any{v}"),
                            MARK_HAIRPIN]
+        # A VIP (not a local address): isolation between networks still applies (VIA_VIP).
+        yield "services", [match({"fib": {"result": "type", "flags": ["daddr"]}}, "local", "!="),
+                           _TCP_UDP, match(keyed, f"@vips{v}"), MARK_VIP]
         yield "services", [_TCP_UDP, {"vmap": {"key": keyed, "data": f"@vips{v}"}}]
         yield "services", [*_local(v), _TCP_UDP, {"vmap": {"key": any_addr, "data": f"@ports{v}"}}]
         yield "noendpoints", [_TCP_UDP, match(keyed, f"@noep{v}"), _goto("reject")]
@@ -370,6 +374,7 @@ def _base_rules() -> Iterator[tuple[str, list[Json]]]:
 _TCP_UDP = match(meta("l4proto"), {"set": ["tcp", "udp"]})
 _PROTO = {p: match(meta("l4proto"), p) for p in ("tcp", "udp")}
 MARK_HAIRPIN = {"mangle": {"key": {"ct": {"key": "label"}}, "value": HAIRPIN}}
+MARK_VIP = {"mangle": {"key": {"ct": {"key": "label"}}, "value": VIA_VIP}}
 
 
 def _local(v: int) -> list[Json]:

@@ -119,6 +119,9 @@ PUB_MAPS = tuple(
 )
 SPECS = {s.name: s for s in (*NET_SETS, *PUB_MAPS)}
 # Named counters of the forward chain's drops: reason -> counter name.
+# The ct label bit ``table inet plexus_services`` sets on a connection to a service VIP (not a
+# published port): DNATed, but to be judged by network isolation as if sent to the backend.
+VIA_VIP = 65
 DROP_COUNTERS = {"isolation": "drop_isolation", "internal": "drop_internal",
                  "unpublished": "drop_unpublished"}
 
@@ -306,6 +309,10 @@ def _forward() -> Iterator[list[Json]]:
     yield [j.match(j.concat(IIF, OIF), j.ref("intra")), ACCEPT]  # one network (br_netfilter)
     yield from _drop([j.match(IIF, internal)], "internal")
     yield from _drop([j.match(OIF, internal)], "internal")
+    # A service's VIP leads to its backends, but only from their own network (or another host's
+    # part of it, through the tunnel: ``intra``), as if the client had called the backend.
+    vip = j.match(j.ct("label"), VIA_VIP, "in")
+    yield from _drop([vip, j.match(IIF, bridges), j.match(OIF, bridges)], "isolation")
     yield [j.flags_in(j.ct("status"), "dnat"), j.match(OIF, bridges), ACCEPT]  # published
     yield from _drop([j.match(IIF, bridges), j.match(OIF, bridges)], "isolation")  # networks
     # Nothing reaches a container unless published.
