@@ -20,6 +20,8 @@ from rich.table import Table
 from demo.acts import Check
 from tests.harness.world import World, nsexec, tcp_request
 
+AGENT_OPTIONS = ["--metrics-address", "9100"]  # host1's agent (demo/__main__.py)
+
 
 def kernel_state(ns: str) -> dict[str, list[Any]]:
     """What a restart must not change, read with ip and nft: links (index, name, master,
@@ -71,7 +73,7 @@ def restart_and_repair(world: World, console: Console) -> list[Check]:
     before = kernel_state("host1")
     a.kill(signal.SIGTERM)
     started = time.monotonic()
-    a.start()
+    a.start(extra=AGENT_OPTIONS)
     ready = time.monotonic() - started
     time.sleep(0.5)  # and the full pass that follows start-up
     changed = changes(before, kernel_state("host1"))
