@@ -95,7 +95,7 @@ def test_published_port_ranges_and_udp(topology: World) -> None:
 
 def test_two_hundred_attaches_eight_at_a_time_never_share_an_address(topology: World) -> None:
     a = topology.agents["host1"]
-    a.cli("network", "create", "churn", "--subnet", "10.96.0.0/23", "--ipv6")
+    a.cli("network", "create", "churn", "--subnet", "10.60.0.0/23", "--ipv6")
     for i in range(200):
         topology.add_ns(f"churn{i}")
     client = Client(str(a.socket))
