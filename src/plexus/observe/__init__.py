@@ -1,0 +1,2 @@
+"""Observability: what the network does, told from the kernel (``verify``: does the kernel do
+what the model says)."""
