@@ -24,6 +24,7 @@ from plexus.api.body import labels as _labels
 from plexus.api.body import read as _body
 from plexus.api.body import strings as _strings
 from plexus.api.policy import PolicyApi
+from plexus.api.verify import VerifyApi
 from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
@@ -108,6 +109,7 @@ class Api:
         r.add_patch("/v1/containers/{name}/labels", self.container_label)
         PolicyApi(self.ctx, lambda ref: self._find(ref)[2],
                   self.admin.policy_counters).add_routes(r)
+        VerifyApi(self.ctx).add_routes(r)
         return app
 
     def _require_ready(self) -> None:

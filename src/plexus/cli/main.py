@@ -12,7 +12,7 @@ import click
 
 from plexus import __version__
 from plexus.api.client import DEFAULT_SOCKET
-from plexus.cli import containers, hosts, policies
+from plexus.cli import containers, hosts, policies, verify
 from plexus.cli.common import (
     EXIT_FAILED,
     Group,
@@ -46,7 +46,8 @@ def cli(ctx: click.Context, socket: str) -> None:
     ctx.obj["socket"] = socket
 
 
-for _command in [*containers.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS]:
+for _command in [*containers.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS,
+                 *verify.COMMANDS]:
     cli.add_command(_command)
 
 

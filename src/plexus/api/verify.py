@@ -1,0 +1,34 @@
+"""``POST /v1/verify``: the agent probes what the model promises from its containers'
+namespaces (``observe.verify``); translation only."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from plexus.api import body
+from plexus.errors import InvalidArgument, NotFound
+from plexus.observe import verify
+from plexus.observe.expect import Model
+from plexus.services.context import Context
+
+MAX_TIMEOUT = 10.0
+
+
+class VerifyApi:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def add_routes(self, r: web.UrlDispatcher) -> None:
+        r.add_post("/v1/verify", self.verify)
+
+    async def verify(self, request: web.Request) -> web.Response:
+        self.ctx.require_ready()
+        b = await body.read(request)
+        network = body.get(b, "network", str, "") or None
+        timeout = body.get(b, "timeout", float, verify.TIMEOUT)
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise InvalidArgument("timeout", timeout, f"expected seconds in (0, {MAX_TIMEOUT:g}]")
+        if network is not None and self.ctx.cache.network(network) is None:
+            raise NotFound(f"network {network!r} not found")
+        found = await verify.verify(Model.of(self.ctx.cache), network, timeout)
+        return web.json_response(found)
