@@ -5,11 +5,13 @@ judged against them."""
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 from plexus.model.types import Endpoint, ExposedPort, Network, PortMapping, Subnet
 from plexus.observe.expect import MAX_PORTS, Expectation, Model, expectations, target_ports
+from plexus.observe.neigh import BUDGET, delneigh_request
 from plexus.observe.probe import Outcome, Result
-from plexus.observe.verify import judge, report
+from plexus.observe.verify import judge, made, on_link, report, rounds
 from plexus.policy import documents
 from plexus.state.cache import Cache
 
@@ -184,3 +186,34 @@ def test_the_report_disagrees_when_one_probe_does() -> None:
     bad = report("n1", [*ok[:-1], judge(found[-1], Result(Outcome.SILENT), {})], 0.1, 1.0)
     assert not bad["agrees"] and bad["counts"]["disagree"] == 1
     assert bad["mismatches"][0]["expected"] == "reachable"
+
+
+def test_pairs_of_one_segment_go_in_rounds_that_bound_the_neighbour_entries() -> None:
+    eps = [_ep(f"a{i}", "a", f"10.1.0.{i + 2}") for i in range(40)]
+    eps += [_ep(f"b{i}", "b", f"10.2.0.{i + 2}") for i in range(10)]
+    found = expectations(_model(*eps))
+    linked = [i for i, e in enumerate(found) if on_link(e)]
+    assert len(linked) == 40 * 39 + 10 * 9  # isolation probes are not on a link
+    batches = rounds(found, linked, "n1")
+    assert sorted(i for b in batches for i in b) == linked  # every one, once
+    for batch in batches:
+        entries = {x for i in batch for x in made(found[i], "n1")}
+        assert len(entries) <= BUDGET
+    assert len(batches) < 50  # tiles merged: fewer rounds than sources (9 here)
+
+
+def test_a_probe_on_a_link_makes_an_entry_on_each_side_of_this_host() -> None:
+    found = expectations(_model(_ep("c1", "ov", "10.4.0.2"), _ep("c2", "ov", "10.4.0.3", "n2"),
+                                _ep("c3", "ov", "10.4.0.4")))
+    assert {(ns, str(a)) for ns, _, a in made(_of(found, "c1", "c3"), "n1")} == {
+        ("/run/netns/c1", "10.4.0.4"), ("/run/netns/c3", "10.4.0.2")}
+    # another host's namespace is that host's: only the source's own entry is taken back
+    assert len(made(_of(found, "c1", "c2"), "n1")) == 1
+
+
+def test_the_neighbour_deletion_is_an_rtm_delneigh_for_the_address() -> None:
+    msg = delneigh_request(7, 3, ipaddress.ip_address("10.1.0.9"))
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, seq) == (len(msg), 29, 7) and flags & 0x4  # NLM_F_ACK
+    family, index = struct.unpack_from("=B3xi", msg, 16)
+    assert (family, index) == (2, 3) and msg.endswith(bytes([10, 1, 0, 9]))

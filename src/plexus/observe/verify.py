@@ -12,27 +12,30 @@ judged. Silence and "unreachable" mean it did not.
 
 Threads: the expectations are computed on a worker thread from a snapshot of the cache; each
 source namespace's probes run on a short-lived thread that entered it (``netns.run_in_netns``),
-at most ``WORKERS`` at once with ``WINDOW`` sockets each in flight, so at most WORKERS x WINDOW
-descriptors are open and a probe never runs on the event loop.
+at most ``WORKERS`` at once with ``window()`` sockets each in flight (bounded by the agent's
+descriptor limit), and a probe never runs on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from plexus.dataplane.netns import run_in_netns
 from plexus.errors import PlexusError
+from plexus.model.types import Endpoint
 from plexus.observe import probe
 from plexus.observe.expect import Expectation, Model, expectations
+from plexus.observe.neigh import BUDGET, Entry, Neighbours
 from plexus.observe.probe import Outcome, Result, Target
 
-WORKERS = 16
-WINDOW = 64
+WORKERS = 64  # namespaces probed at once: each waits up to a timeout for its silences
 TIMEOUT = 1.0  # seconds a probe waits: a container on this host answers in well under 10 ms
 MULTI_HOST = ("pairs whose source is on another host are that host's to verify "
               "(plexus verify there)")
@@ -81,25 +84,123 @@ def _ambiguous(e: Expectation, r: Result, listeners: Listeners) -> str:
 
 async def verify(model: Model, network: str | None = None,
                  timeout: float = TIMEOUT) -> dict[str, Any]:
-    """Probe every expectation of this host; the report (``report``)."""
+    """Probe every expectation of this host; the report (``report``). A disagreement is
+    probed once more before it is reported (a SYN lost to a full queue is not a drop)."""
     started = time.monotonic()
     loop = asyncio.get_running_loop()
+    neighbours = Neighbours()
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="verify") as pool:
         wanted = await loop.run_in_executor(pool, expectations, model, network)
-        by_source: dict[str, list[Expectation]] = {}
-        for e in wanted:
-            by_source.setdefault(e.src.netns if e.src else "", []).append(e)
-        needs = {e.dst.netns for e in wanted if e.dst.node == model.node
-                 and (e.published or e.protocol == "udp")}
-        listeners = dict(zip(needs, await asyncio.gather(
-            *(loop.run_in_executor(pool, _listening, ns) for ns in needs)), strict=True))
-        listeners[""] = await loop.run_in_executor(pool, probe.listening)
-        batches = await asyncio.gather(*(loop.run_in_executor(
-            pool, _probe_from, ns, [_target(e) for e in es], timeout)
-            for ns, es in by_source.items()))
-    checked = [judge(e, r, listeners) for es, rs in zip(by_source.values(), batches, strict=True)
-               for e, r in zip(es, rs, strict=True)]
+        listeners = await _listeners(pool, model, wanted)
+        try:
+            results = await _probe_all(pool, wanted, range(len(wanted)), timeout, neighbours,
+                                       model.node)
+            again = [i for i, e in enumerate(wanted)
+                     if judge(e, results[i], listeners).agrees is False]
+            results.update(await _probe_all(pool, wanted, again, timeout, neighbours,
+                                             model.node))
+        finally:
+            await loop.run_in_executor(pool, neighbours.close)
+    checked = [judge(e, results[i], listeners) for i, e in enumerate(wanted)]
     return report(model.node, checked, time.monotonic() - started, timeout)
+
+
+async def _probe_all(pool: ThreadPoolExecutor, wanted: list[Expectation], which: Iterable[int],
+                     timeout: float, neighbours: Neighbours, node: str) -> dict[int, Result]:
+    """Probe ``which``: the pairs of one segment in rounds (``neigh`` says why), the others
+    all at once."""
+    loop = asyncio.get_running_loop()
+    results: dict[int, Result] = {}
+    linked = [i for i in which if on_link(wanted[i])]
+    others = [i for i in which if not on_link(wanted[i])]
+    await _probe(pool, wanted, others, timeout, results)
+    for batch in rounds(wanted, linked, node):
+        await _probe(pool, wanted, batch, timeout, results)
+        await loop.run_in_executor(pool, neighbours.forget,
+                                   [x for i in batch for x in made(wanted[i], node)])
+    return results
+
+
+async def _listeners(pool: ThreadPoolExecutor, model: Model,
+                     wanted: list[Expectation]) -> Listeners:
+    loop = asyncio.get_running_loop()
+    needs = {e.dst.netns for e in wanted if e.dst.node == model.node and e.dst.netns
+             and (e.published or e.protocol == "udp")}
+    found = dict(zip(needs, await asyncio.gather(
+        *(loop.run_in_executor(pool, _listening, ns) for ns in needs)), strict=True))
+    found[""] = await loop.run_in_executor(pool, probe.listening)
+    return found
+
+
+async def _probe(pool: ThreadPoolExecutor, wanted: list[Expectation], which: list[int],
+                 timeout: float, into: dict[int, Result]) -> None:
+    """Probe ``which`` of ``wanted``, each source's from its namespace, in parallel."""
+    by_source: dict[str, list[int]] = {}
+    for i in which:
+        src = wanted[i].src
+        by_source.setdefault(src.netns if src else "", []).append(i)
+    loop = asyncio.get_running_loop()
+    batches = await asyncio.gather(*(loop.run_in_executor(
+        pool, _probe_from, ns, [_target(wanted[i]) for i in ids], timeout)
+        for ns, ids in by_source.items()))
+    for ids, rs in zip(by_source.values(), batches, strict=True):
+        into.update(zip(ids, rs, strict=True))
+
+
+def on_link(e: Expectation) -> bool:
+    """A probe to a neighbour of the source's own segment (which makes neighbour entries)."""
+    return e.src is not None and not e.published and e.src.network == e.dst.network
+
+
+def made(e: Expectation, node: str) -> list[Entry]:
+    """The neighbour entries a probe on a link makes on this host."""
+    assert e.src is not None
+    out: list[Entry] = [(e.src.netns, e.src.ifname, e.address)]
+    mine = e.src.address_of(e.address.version)
+    if e.dst.node == node and e.dst.netns and mine is not None:
+        out.append((e.dst.netns, e.dst.ifname, mine))
+    return out
+
+
+def rounds(wanted: list[Expectation], linked: list[int], node: str) -> list[list[int]]:
+    """``linked`` cut into rounds that make at most BUDGET neighbour entries each: tiles of
+    the (source, destination) matrix, sources and destinations sorted by network so a tile
+    is dense, merged while they fit. A tile touches few namespaces, so taking its entries
+    back costs few netlink requests (a whole source per round would reach every
+    destination's namespace each round: N x N requests)."""
+    side = max(1, math.isqrt(BUDGET // 2))
+    srcs = sorted({(_src(wanted[i]).network, _src(wanted[i]).netns) for i in linked})
+    dsts = sorted({(wanted[i].dst.network, wanted[i].dst.store_key) for i in linked})
+    src_tile = {ns: n // side for n, (_, ns) in enumerate(srcs)}
+    dst_tile = {key: n // side for n, (_, key) in enumerate(dsts)}
+    tiles: dict[tuple[int, int], list[int]] = {}
+    for i in linked:
+        tile = (src_tile[_src(wanted[i]).netns], dst_tile[wanted[i].dst.store_key])
+        tiles.setdefault(tile, []).append(i)
+    out: list[list[int]] = []
+    size = 0
+    for tile in sorted(tiles):
+        ids = tiles[tile]
+        cost = len({x for i in ids for x in made(wanted[i], node)})
+        if not out or size + cost > BUDGET:
+            out.append([])
+            size = 0
+        out[-1].extend(ids)
+        size += cost
+    return out
+
+
+def _src(e: Expectation) -> Endpoint:
+    assert e.src is not None
+    return e.src
+
+
+def window() -> int:
+    """Probes one namespace keeps in flight: WORKERS x window() sockets stay well inside the
+    agent's descriptor limit (1,024 under a default systemd unit), up to 4,096 in all."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    budget = 4096 if soft == resource.RLIM_INFINITY else min(4096, (soft - 512) // 2)
+    return max(8, budget // WORKERS)
 
 
 def _target(e: Expectation) -> Target:
@@ -120,7 +221,7 @@ def _listening(netns: str) -> set[tuple[str, int]]:
 
 def _probe_from(netns: str, targets: list[Target], timeout: float) -> list[Result]:
     try:
-        results: list[Result] = _in(netns, lambda: probe.run(targets, timeout, WINDOW))
+        results: list[Result] = _in(netns, lambda: probe.run(targets, timeout, window()))
     except (PlexusError, OSError) as exc:
         return [Result(Outcome.ERROR, f"namespace {netns}: {exc}")] * len(targets)
     return results
