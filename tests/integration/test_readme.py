@@ -50,13 +50,13 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
 # "": the section's own blocks, before any subsection
-RUN = ("", "Service discovery", "Network policy")
+RUN = ("", "Service discovery", "Network policy", "Verify")
 SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
            "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
 READ_ONLY = {
     ("network", "ls"), ("network", "inspect"), ("ps",), ("inspect",), ("status",),
-    ("dns", "lookup"), ("dns", "stats"), ("logs",),
+    ("dns", "lookup"), ("dns", "stats"), ("logs",), ("verify",),
 }
 SANDBOXED = {"--state-dir", "--socket", "--docker-api", "--docker-plugin-socket"}
 
@@ -362,6 +362,18 @@ def policy_applied(session: Session, args: list[str], out: str) -> None:
                                 "CiliumNetworkPolicy shop/no-test-net created"], out
 
 
+def verified(session: Session, args: list[str], out: str) -> None:
+    """`verify`: the kernel agrees; api's published port 8080 was probed and reached it."""
+    if "--json" not in args:
+        assert "the kernel agrees with the model" in out, out
+        return
+    report = json.loads(out)
+    assert report["agrees"] and report["counts"]["disagree"] == 0, report["mismatches"]
+    [pub, *_] = [p for p in report["probes"] if p["port"] == 8080 and p["to"] == "api"]
+    assert (pub["expected"], pub["observed"], pub["outcome"]) == ("reachable", "reachable",
+                                                                  "connected"), pub
+
+
 def cmd(*prefix: str, has: tuple[str, ...] = (), lacks: str = "") -> Callable[[list[str]], bool]:
     """A `plexus PREFIX...` command line with every word of ``has`` and without ``lacks``."""
 
@@ -389,4 +401,5 @@ CHECKS = [
     Check("dns lookup", cmd("dns", "lookup"), dns_answer),
     Check("policy apply", cmd("policy", "apply"), policy_applied),
     Check("policy explain", cmd("policy", "explain"), policy_denied),
+    Check("verify", cmd("verify"), verified),
 ]
