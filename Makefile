@@ -93,6 +93,7 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/scale.py
 	$(SANDBOX) $(PY) bench/cluster.py
 	$(SANDBOX) $(PY) bench/policy.py
+	$(SANDBOX) $(PY) bench/verify.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
 	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni
