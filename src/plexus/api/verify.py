@@ -31,4 +31,6 @@ class VerifyApi:
         if network is not None and self.ctx.cache.network(network) is None:
             raise NotFound(f"network {network!r} not found")
         found = await verify.verify(Model.of(self.ctx.cache), network, timeout)
+        if not body.get(b, "all", bool, True):  # the disagreements and counts are enough
+            found["probes"] = []
         return web.json_response(found)

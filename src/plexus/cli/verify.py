@@ -30,7 +30,8 @@ def verify(ctx: click.Context, network: str, timeout: float, verbose: bool,
     connect and which must not; report where the kernel disagrees with the model (exit 1)."""
     try:
         found = client(ctx).call("POST", url("verify"),
-                                 {"network": network, "timeout": timeout})
+                                 {"network": network, "timeout": timeout,
+                                  "all": as_json or verbose})
     except ApiError as exc:
         click.echo(f"plexus: {exc.message}", err=True)
         sys.exit(EXIT_INVALID if exc.kind == "invalid" else EXIT_UNVERIFIED)
