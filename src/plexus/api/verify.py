@@ -3,6 +3,8 @@ namespaces (``observe.verify``); translation only."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from plexus.api import body
@@ -17,6 +19,9 @@ MAX_TIMEOUT = 10.0
 class VerifyApi:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        # One verify at a time: two would share the neighbour tables' budget (observe.neigh)
+        # and each other's timeouts.
+        self._one = asyncio.Lock()
 
     def add_routes(self, r: web.UrlDispatcher) -> None:
         r.add_post("/v1/verify", self.verify)
@@ -30,7 +35,8 @@ class VerifyApi:
             raise InvalidArgument("timeout", timeout, f"expected seconds in (0, {MAX_TIMEOUT:g}]")
         if network is not None and self.ctx.cache.network(network) is None:
             raise NotFound(f"network {network!r} not found")
-        found = await verify.verify(Model.of(self.ctx.cache), network, timeout)
+        async with self._one:
+            found = await verify.verify(Model.of(self.ctx.cache), network, timeout)
         if not body.get(b, "all", bool, True):  # the disagreements and counts are enough
             found["probes"] = []
         return web.json_response(found)

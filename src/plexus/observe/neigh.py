@@ -24,6 +24,7 @@ from plexus.errors import PlexusError
 from plexus.model.types import IPAddress
 
 BUDGET = 384  # neighbour entries one round of probes may make (the table holds 1,024)
+MAX_OPEN = 128  # channels kept open (least recently used closed first): descriptors are few
 RTM_DELNEIGH = 29
 NDA_DST = 1
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, pad, index, state, flags, type
@@ -43,8 +44,8 @@ def delneigh_request(seq: int, index: int, address: IPAddress) -> bytes:
 
 class Neighbours:
     """Netlink channels into containers' namespaces, each opened on first use (a thread
-    enters the namespace once), to delete the entries of a round. Not thread-safe: one
-    caller thread at a time."""
+    enters the namespace) and kept while it is among the MAX_OPEN most recently used, to
+    delete the entries of a round. Not thread-safe: one caller thread at a time."""
 
     def __init__(self) -> None:
         self._channels: dict[str, rawnl.Channel | None] = {}
@@ -82,12 +83,19 @@ class Neighbours:
         return None if index is None else (lambda seq: delneigh_request(seq, index, address))
 
     def _channel(self, netns: str) -> rawnl.Channel | None:
-        if netns not in self._channels:
+        if netns in self._channels:
+            ch = self._channels.pop(netns)  # and back at the end: the most recently used
+        else:
+            if len(self._channels) >= MAX_OPEN:
+                oldest = self._channels.pop(next(iter(self._channels)))
+                if oldest is not None:
+                    oldest.close()
             try:
-                self._channels[netns] = rawnl.Channel.open(netns)
+                ch = rawnl.Channel.open(netns)
             except (OSError, PlexusError):
-                self._channels[netns] = None
-        return self._channels[netns]
+                ch = None
+        self._channels[netns] = ch
+        return ch
 
     def close(self) -> None:
         for ch in self._channels.values():
