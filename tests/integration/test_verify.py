@@ -9,6 +9,7 @@ test_verify_overlay.py an overlay's FDB entry and route.)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -62,6 +63,20 @@ def test_a_clean_world_verifies_clean_with_every_kind_of_expectation(agent: Agen
     assert tcp_probe(agent.netns("b1"), GATEWAY_B, 8080, 1).outcome is ANSWERED
     r = agent.cli("verify", "--network", "b", check=False)
     assert r.returncode == 0 and "the kernel agrees with the model" in r.stdout
+
+
+def _neighbours(agent: Agent, name: str) -> set[str]:
+    return {n["dst"] for n in json.loads(nsexec(agent.netns(name), "ip", "-j", "neigh").stdout)}
+
+
+def test_verify_takes_back_the_neighbour_entries_its_probes_made(agent: Agent) -> None:
+    """a2 and a3 talk only in verify's probes: neither keeps an entry for the other (the
+    kernel's neighbour tables are shared by every namespace: observe/neigh.py)."""
+    a2, a3 = agent.address("a2"), agent.address("a3")
+    assert verify(agent)[0] == 0
+    assert a3 not in _neighbours(agent, "a2") and a2 not in _neighbours(agent, "a3")
+    assert tcp_probe(agent.netns("a2"), a3, 80, 1).outcome is ANSWERED  # what a probe leaves
+    assert a3 in _neighbours(agent, "a2") and a2 in _neighbours(agent, "a3")
 
 
 def _published() -> list[object]:
