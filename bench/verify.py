@@ -11,6 +11,8 @@ pair answers at once; with five, 80 % of the pairs are isolated and each such pr
 whole --timeout (the cost of a drop: silence). Every container is probed from every other on
 the default port (80/tcp): N x (N - 1) probes. Timed: the `plexus verify` command end to end
 (the CLI's process, the API call, expectations, probes, report), and the agent's own figure.
+Meanwhile GET /v1/status is sampled every 50 ms: its p50 and worst latency say whether the
+agent keeps serving while it verifies (the probes run on threads, never on its event loop).
 Nothing is asserted; the agent's verdict (agrees or not) is printed alongside.
 """
 
@@ -19,12 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from _common import header, print_table, require_sandbox
+from _common import header, percentile, print_table, require_sandbox
 
+from plexus.api.client import Client
 from tests.harness.world import Agent, World
+
+COLUMNS = ["containers", "networks", "round", "probes", "verify s", "agent s", "agrees",
+           "API p50 ms", "API max ms", "setup s"]
 
 
 def _fill(agent: Agent, containers: int, networks: int) -> None:
@@ -35,11 +42,27 @@ def _fill(agent: Agent, containers: int, networks: int) -> None:
                   "sleep", "3600")
 
 
-def _measure(agent: Agent, timeout: float) -> tuple[float, dict[str, object]]:
+def _measure(agent: Agent, timeout: float) -> tuple[float, dict[str, object], list[float]]:
+    """The verify's wall time and report, and GET /v1/status latencies (ms) sampled while it
+    ran: does the agent keep answering?"""
+    done = threading.Event()
+    latencies: list[float] = []
+
+    def sample() -> None:
+        client = Client(str(agent.socket))
+        while not done.wait(0.05):
+            t = time.monotonic()
+            client.call("GET", "/v1/status")
+            latencies.append(1000 * (time.monotonic() - t))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.monotonic()
     r = agent.cli("verify", "--json", "--timeout", str(timeout), check=False, timeout=600)
     wall = time.monotonic() - started
-    return wall, json.loads(r.stdout)
+    done.set()
+    sampler.join(timeout=30)
+    return wall, json.loads(r.stdout), latencies
 
 
 def run(sizes: list[int], shapes: list[int], timeout: float, rounds: int) -> None:
@@ -53,20 +76,19 @@ def run(sizes: list[int], shapes: list[int], timeout: float, rounds: int) -> Non
                 _fill(agent, size, networks)
                 fill = time.monotonic() - t0
                 for r in range(rounds):
-                    wall, report = _measure(agent, timeout)
+                    wall, report, api = _measure(agent, timeout)
                     counts = report["counts"]
                     assert isinstance(counts, dict)
                     rows.append([size, networks, r + 1, counts["probes"],
                                  f"{wall:.2f}", f"{report['seconds']:.2f}",
                                  "yes" if report["agrees"] else f"no ({counts['disagree']})",
+                                 f"{percentile(api, 50):.1f}", f"{max(api, default=0):.1f}",
                                  f"{fill:.0f}"])
-                    print_table(["containers", "networks", "round", "probes", "verify s",
-                                 "agent s", "agrees", "setup s"], rows[-1:])
+                    print_table(COLUMNS, rows[-1:])
     header("plexus verify: time to probe every pair of a host's containers",
            [f"probe timeout {timeout:g} s; up to 4,096 probes in flight, 64 namespaces at a time",
             "a disagreement is probed twice; pairs of one segment in rounds (observe/neigh.py)"])
-    print_table(["containers", "networks", "round", "probes", "verify s", "agent s", "agrees",
-                 "setup s"], rows)
+    print_table(COLUMNS, rows)
 
 
 def main() -> None:

@@ -101,8 +101,14 @@ async def verify(model: Model, network: str | None = None,
                                              model.node))
         finally:
             await loop.run_in_executor(pool, neighbours.close)
+        return await loop.run_in_executor(pool, _report, model.node, wanted, results, listeners,
+                                          started, timeout)
+
+
+def _report(node: str, wanted: list[Expectation], results: dict[int, Result],
+            listeners: Listeners, started: float, timeout: float) -> dict[str, Any]:
     checked = [judge(e, results[i], listeners) for i, e in enumerate(wanted)]
-    return report(model.node, checked, time.monotonic() - started, timeout)
+    return report(node, checked, time.monotonic() - started, timeout)
 
 
 async def _probe_all(pool: ThreadPoolExecutor, wanted: list[Expectation], which: Iterable[int],
