@@ -15,6 +15,7 @@ container's own traffic was using is learnt again by one ARP exchange on its nex
 
 from __future__ import annotations
 
+import resource
 import socket
 import struct
 from collections.abc import Callable, Iterable
@@ -24,7 +25,6 @@ from plexus.errors import PlexusError
 from plexus.model.types import IPAddress
 
 BUDGET = 384  # neighbour entries one round of probes may make (the table holds 1,024)
-MAX_OPEN = 128  # channels kept open (least recently used closed first): descriptors are few
 RTM_DELNEIGH = 29
 NDA_DST = 1
 _NDMSG = struct.Struct("=BxxxiHBB")  # family, pad, index, state, flags, type
@@ -32,6 +32,14 @@ _HDR = struct.Struct("=IHHII")
 _ATTR = struct.Struct("=HH")
 
 Entry = tuple[str, str, IPAddress]  # netns path, interface name, neighbour address
+
+
+def max_open() -> int:
+    """Channels to keep open: a quarter of the agent's descriptor limit, at most 1,024 (a
+    round's tiles cycle through every destination, so fewer than their namespaces would
+    reopen a channel, a thread and a socket, for nearly every round)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1024 if soft == resource.RLIM_INFINITY else max(64, min(1024, soft // 4))
 
 
 def delneigh_request(seq: int, index: int, address: IPAddress) -> bytes:
@@ -48,6 +56,7 @@ class Neighbours:
     delete the entries of a round. Not thread-safe: one caller thread at a time."""
 
     def __init__(self) -> None:
+        self._max = max_open()
         self._channels: dict[str, rawnl.Channel | None] = {}
         self._indexes: dict[tuple[str, str], int | None] = {}
 
@@ -86,7 +95,7 @@ class Neighbours:
         if netns in self._channels:
             ch = self._channels.pop(netns)  # and back at the end: the most recently used
         else:
-            if len(self._channels) >= MAX_OPEN:
+            if len(self._channels) >= self._max:
                 oldest = self._channels.pop(next(iter(self._channels)))
                 if oldest is not None:
                     oldest.close()

@@ -10,10 +10,16 @@ unreachable) or answered; its silence is a drop only when nothing listens on the
 UDP probe to another host's container, whose sockets this host cannot see, is reported but not
 judged. Silence and "unreachable" mean it did not.
 
+Order: the probes that leave the source's segment (isolation, published ports) all at once;
+those to a neighbour on the segment in rounds that bound the neighbour entries they make, taken
+back after each round (``observe.neigh`` says why); then every disagreement once more, so that a
+SYN lost to a full queue is not reported as a drop.
+
 Threads: the expectations are computed on a worker thread from a snapshot of the cache; each
 source namespace's probes run on a short-lived thread that entered it (``netns.run_in_netns``),
 at most ``WORKERS`` at once with ``window()`` sockets each in flight (bounded by the agent's
-descriptor limit), and a probe never runs on the event loop.
+descriptor limit); the report is judged on a worker thread too: nothing runs on the event loop
+but the waiting.
 """
 
 from __future__ import annotations
@@ -117,14 +123,22 @@ async def _probe_all(pool: ThreadPoolExecutor, wanted: list[Expectation], which:
     all at once."""
     loop = asyncio.get_running_loop()
     results: dict[int, Result] = {}
-    linked = [i for i in which if on_link(wanted[i])]
-    others = [i for i in which if not on_link(wanted[i])]
+    others, batches = await loop.run_in_executor(pool, _plan, wanted, list(which), node)
     await _probe(pool, wanted, others, timeout, results)
-    for batch in rounds(wanted, linked, node):
+    for batch, entries in batches:
         await _probe(pool, wanted, batch, timeout, results)
-        await loop.run_in_executor(pool, neighbours.forget,
-                                   [x for i in batch for x in made(wanted[i], node)])
+        await loop.run_in_executor(pool, neighbours.forget, entries)
     return results
+
+
+def _plan(wanted: list[Expectation], which: list[int],
+          node: str) -> tuple[Groups, list[tuple[Groups, list[Entry]]]]:
+    """The probes off the segment, and the rounds on it with the entries each makes, grouped
+    by source (on a worker thread: 40,000 probes would take the loop's time otherwise)."""
+    others = _group(wanted, (i for i in which if not on_link(wanted[i])))
+    batches = rounds(wanted, [i for i in which if on_link(wanted[i])], node)
+    return others, [(_group(wanted, b), [x for i in b for x in made(wanted[i], node)])
+                    for b in batches]
 
 
 async def _listeners(pool: ThreadPoolExecutor, model: Model,
@@ -138,19 +152,25 @@ async def _listeners(pool: ThreadPoolExecutor, model: Model,
     return found
 
 
-async def _probe(pool: ThreadPoolExecutor, wanted: list[Expectation], which: list[int],
+Groups = dict[str, list[int]]  # source netns ("" the host) -> indexes of its probes
+
+
+async def _probe(pool: ThreadPoolExecutor, wanted: list[Expectation], groups: Groups,
                  timeout: float, into: dict[int, Result]) -> None:
-    """Probe ``which`` of ``wanted``, each source's from its namespace, in parallel."""
-    by_source: dict[str, list[int]] = {}
-    for i in which:
-        src = wanted[i].src
-        by_source.setdefault(src.netns if src else "", []).append(i)
+    """Probe each source's group from its namespace, the sources in parallel."""
     loop = asyncio.get_running_loop()
     batches = await asyncio.gather(*(loop.run_in_executor(
-        pool, _probe_from, ns, [_target(wanted[i]) for i in ids], timeout)
-        for ns, ids in by_source.items()))
-    for ids, rs in zip(by_source.values(), batches, strict=True):
+        pool, _probe_from, ns, wanted, ids, timeout) for ns, ids in groups.items()))
+    for ids, rs in zip(groups.values(), batches, strict=True):
         into.update(zip(ids, rs, strict=True))
+
+
+def _group(wanted: list[Expectation], which: Iterable[int]) -> Groups:
+    out: Groups = {}
+    for i in which:
+        src = wanted[i].src
+        out.setdefault(src.netns if src else "", []).append(i)
+    return out
 
 
 def on_link(e: Expectation) -> bool:
@@ -225,7 +245,9 @@ def _listening(netns: str) -> set[tuple[str, int]]:
     return found
 
 
-def _probe_from(netns: str, targets: list[Target], timeout: float) -> list[Result]:
+def _probe_from(netns: str, wanted: list[Expectation], ids: list[int],
+                timeout: float) -> list[Result]:
+    targets = [_target(wanted[i]) for i in ids]
     try:
         results: list[Result] = _in(netns, lambda: probe.run(targets, timeout, window()))
     except (PlexusError, OSError) as exc:
