@@ -96,6 +96,7 @@ bench: deps venv
 	$(SANDBOX) $(PY) bench/metrics_scrape.py
 	$(SANDBOX) $(PY) bench/services.py
 	$(SANDBOX) $(PY) bench/flows.py
+	$(SANDBOX) $(PY) bench/verify.py
 
 install-cni: venv  ## the CNI plugin (plexus, plexus-ipam) into /opt/cni/bin and /usr/lib/cni
 	$(PY) -m plexus.cni.install /opt/cni/bin /usr/lib/cni

@@ -104,3 +104,34 @@ def bridge_of(agent: Any, network: str | None = None) -> str:
         assert len(nets) == 1, nets
         return str(nets[0]["bridge"])
     return str(next(n["bridge"] for n in nets if n["name"] == network))
+
+
+def elements_of(ns: str, kind: str, table: str, name: str) -> list[Any]:
+    """The elements of ``kind`` ("map" or "set") ``name`` of ``table`` (inet), as `nft -j`
+    lists them: any plexus table (``nft_elements`` reads ``inet plexus`` whole)."""
+    out = nsexec(ns, "nft", "-j", "list", kind, "inet", table, name).stdout
+    [found] = [x[kind] for x in json.loads(out)["nftables"] if kind in x]
+    return list(found.get("elem", []))
+
+
+# -- plexus verify ------------------------------------------------------------------------------
+
+
+def verify(agent: Any, *args: str) -> tuple[int, dict[str, Any]]:
+    """`plexus verify --json`: its exit code (0 or 1, anything else fails) and its report."""
+    r = agent.cli("verify", "--json", *args, check=False)
+    assert r.returncode in (0, 1), r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def probe_of(report: dict[str, Any], src: str, dst: str, port: int,
+             proto: str = "tcp") -> dict[str, Any]:
+    """The one probe of ``report`` from ``src`` to ``dst``'s ``port``."""
+    [found] = [p for p in report["probes"] if (p["from"], p["to"], p["port"], p["protocol"])
+               == (src, dst, port, proto)]
+    return dict(found)
+
+
+def disagreements(report: dict[str, Any]) -> set[tuple[str, str, int]]:
+    """(from, to, port) of every probe where the kernel disagrees with the model."""
+    return {(p["from"], p["to"], p["port"]) for p in report["mismatches"]}

@@ -50,14 +50,14 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
 # "": the section's own blocks, before any subsection
-RUN = ("", "Service discovery", "Network policy", "Services", "Flows", "Metrics")
+RUN = ("", "Service discovery", "Network policy", "Services", "Flows", "Metrics", "Verify")
 SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
            "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
 READ_ONLY = {
     ("network", "ls"), ("network", "inspect"), ("ps",), ("inspect",), ("status",),
     ("dns", "lookup"), ("dns", "stats"), ("logs",), ("flows",), ("service", "ls"),
-    ("service", "inspect"),
+    ("service", "inspect"), ("verify",),
 }
 SANDBOXED = {"--state-dir", "--socket", "--docker-api", "--docker-plugin-socket"}
 
@@ -416,6 +416,18 @@ def manifests_applied(session: Session, args: list[str], out: str) -> None:
                                 "Service default/web-peers created"], out
 
 
+def verified(session: Session, args: list[str], out: str) -> None:
+    """`verify`: the kernel agrees; api's published port 8080 was probed and reached it."""
+    if "--json" not in args:
+        assert "the kernel agrees with the model" in out, out
+        return
+    report = json.loads(out)
+    assert report["agrees"] and report["counts"]["disagree"] == 0, report["mismatches"]
+    [pub, *_] = [p for p in report["probes"] if p["port"] == 8080 and p["to"] == "api"]
+    assert (pub["expected"], pub["observed"], pub["outcome"]) == ("reachable", "reachable",
+                                                                  "connected"), pub
+
+
 def cmd(*prefix: str, has: tuple[str, ...] = (), lacks: str = "") -> Callable[[list[str]], bool]:
     """A `plexus PREFIX...` command line with every word of ``has`` and without ``lacks``."""
 
@@ -450,4 +462,5 @@ CHECKS = [
     Check("service create", cmd("service", "create"), service_created),
     Check("service inspect", cmd("service", "inspect"), service_inspected),
     Check("apply", cmd("apply"), manifests_applied),
+    Check("verify", cmd("verify"), verified),
 ]

@@ -26,6 +26,7 @@ from plexus.api.body import strings as _strings
 from plexus.api.flows import FlowsApi
 from plexus.api.policy import PolicyApi
 from plexus.api.services import ServiceApi
+from plexus.api.verify import VerifyApi
 from plexus.cni import validate
 from plexus.cni.service import CniService, to_cni_error
 from plexus.dns import DnsService
@@ -116,6 +117,7 @@ class Api:
         policies.add_routes(r)
         ServiceApi(self.ctx, policies.policies).add_routes(r)
         FlowsApi(self.admin.flow_log).add_routes(r)
+        VerifyApi(self.ctx).add_routes(r)
         return app
 
     def _require_ready(self) -> None:

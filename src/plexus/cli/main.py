@@ -12,7 +12,7 @@ import click
 
 from plexus import __version__
 from plexus.api.client import DEFAULT_SOCKET
-from plexus.cli import containers, flows, hosts, policies, services
+from plexus.cli import containers, flows, hosts, policies, services, verify
 from plexus.cli.common import (
     EXIT_FAILED,
     Group,
@@ -47,7 +47,7 @@ def cli(ctx: click.Context, socket: str) -> None:
 
 
 for _command in [*containers.COMMANDS, *flows.COMMANDS, *hosts.COMMANDS, *policies.COMMANDS,
-                 *services.COMMANDS]:
+                 *services.COMMANDS, *verify.COMMANDS]:
     cli.add_command(_command)
 
 

@@ -1,5 +1,5 @@
-"""What the agent tells about itself: Prometheus metrics and the flow log now; the web view and
-``plexus verify`` as they land.
+"""What the agent tells about itself: Prometheus metrics, the flow log and
+``plexus verify`` (does the kernel do what the model says) now; the web view as it lands.
 
     agent state (cache, reconcilers, DNS, kernel counters) ──read at scrape time──▶ collectors
     front doors, store ──observe one duration per request──▶ timing.Timings ──▶ collectors
