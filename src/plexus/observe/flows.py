@@ -4,7 +4,8 @@ isolation drops, as records with names and verdicts, in a bounded ring (``plexus
 Sources (``observe.kernel`` reads them): conntrack events, a record when a connection begins
 and one when it ends (with bytes and packets: conntrack accounting); and the packets the
 nftables tables log to one nfnetlink_log group where they drop (or, audit, would drop) them.
-No packet reaches Python but those logged, and the tables log at most ``LOG_RATE`` a second.
+No packet reaches Python but those logged, and the tables log at most ``render.LOG_RATE`` a second
+(``dataplane.nft.render.LOG_GROUP`` is the group).
 
 Bounded everywhere: the ring holds ``capacity`` records; at most ``rate`` records a second
 are made (the rest are counted in ``FlowLog.stats`` as ``suppressed``), a follower that does
@@ -29,8 +30,6 @@ from plexus.errors import InvalidArgument
 from plexus.model.types import Endpoint, IPAddress
 from plexus.observe.nfwire import CtEvent, Logged, Tuple5
 
-LOG_GROUP = 27  # the nfnetlink_log group plexus's tables log drops to
-LOG_RATE = 1000  # packets a second the tables log at most (each table)
 VERDICTS = ("forwarded", "dropped", "audit")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}

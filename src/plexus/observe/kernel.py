@@ -17,9 +17,10 @@ import socket
 from pathlib import Path
 
 from plexus.dataplane.nft import setelem
+from plexus.dataplane.nft.render import LOG_GROUP
 from plexus.errors import DataplaneError
 from plexus.observe import nfwire as w
-from plexus.observe.flows import LOG_GROUP, FlowLog
+from plexus.observe.flows import FlowLog
 
 log = logging.getLogger("plexus.flows")
 ACCOUNTING = Path("/proc/sys/net/netfilter/nf_conntrack_acct")

@@ -34,8 +34,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from plexus.dataplane.nft._json import Json, concat, ct, match, meta, payload
+from plexus.dataplane.nft.render import LOG_GROUP, LOG_RATE
 from plexus.dataplane.nft.setelem import Change, SetType
-from plexus.observe.flows import LOG_GROUP, LOG_RATE
 from plexus.policy.cells import PortRange
 from plexus.policy.compile import MAPS, OUTCOMES, PREFIX, RETURN
 from plexus.policy.compile import OUTCOME_CODES as _CODES

@@ -72,7 +72,6 @@ from plexus.dataplane.nft import _json as j
 from plexus.dataplane.nft._json import Json, Value
 from plexus.dataplane.nft.state import FirewallState, NetRule, Publication
 from plexus.model.types import IPNetwork
-from plexus.observe.flows import LOG_GROUP, LOG_RATE
 
 PRIO_RAW, PRIO_DSTNAT, PRIO_FILTER, PRIO_SRCNAT = -300, -100, 0, 100
 
@@ -119,6 +118,9 @@ PUB_MAPS = tuple(
 )
 SPECS = {s.name: s for s in (*NET_SETS, *PUB_MAPS)}
 # Named counters of the forward chain's drops: reason -> counter name.
+# Where the tables log what they drop (or, audit, would drop), for the flow log
+# (``observe.flows``): an nfnetlink_log group, at most LOG_RATE packets a second per rule.
+LOG_GROUP, LOG_RATE = 27, 1000
 # The ct label bit ``table inet plexus_services`` sets on a connection to a service VIP (not a
 # published port): DNATed, but to be judged by network isolation as if sent to the backend.
 VIA_VIP = 65
