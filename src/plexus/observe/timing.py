@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from plexus.dns.metrics import Histogram
+from plexus.histogram import Histogram
 
 # Seconds: a cached read is ~50 µs, an etcd round trip ~1 ms, a CNI ADD tens of ms, a
 # stuck request the client's timeout.

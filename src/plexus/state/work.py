@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from plexus.dns.metrics import Histogram
 from plexus.errors import DataplaneError, PlexusError
+from plexus.histogram import Histogram
 
 _HOLD = 0.004  # seconds a worker runs objects back to back before it lets the loop go
 
