@@ -10,9 +10,8 @@ layout of the same services.
 Sync (simulated endpoints, real renderer, applier and kernel; netns svcsync): N services x E
 endpoints as ``lb.model.Frontend`` values, applied by ``ServiceTable``: the full sync, one
 endpoint replaced in one service, one new service, one service removed, then the full sync
-again with client-IP affinity on one service in 100 (a chain and a timed set per endpoint of
-those, as kube-proxy's nftables mode does; sets are what costs, see nft.lb). Element counts
-read back from the kernel.
+again with client-IP affinity on one service in 100 (a shared chain per affinity timeout and
+number of backends, see nft.lb). Element counts read back from the kernel.
 
 Latency (real namespaces: svchost routes between svccli 10.2.0.2 and svcsrv 10.1.0.2, which
 runs tests/harness/echo.py): N-1 simulated services plus the measured one (VIP 10.97.0.1:80 ->
@@ -46,9 +45,10 @@ import _services_iptables as kube
 from _common import header, netns_batch, percentile, print_table, ratio, require_sandbox, sh
 
 from plexus.dataplane.nft import lb
+from plexus.dataplane.nft.lb_slots import Placement
 from plexus.dataplane.nft.lb_table import ServiceTable
 from plexus.dataplane.nft.libnft import LibNft
-from plexus.lb.model import Backend, Frontend, diff, index
+from plexus.lb.model import Backend, Frontend, diff
 from tests.harness.world import nsexec
 
 SYNC, HOST, CLI, SRV = "svcsync", "svchost", "svccli", "svcsrv"
@@ -95,9 +95,10 @@ def timed(fn: Callable[[], object]) -> float:
 
 def sync_steps(table: ServiceTable, fronts: list[Frontend], endpoints: int,
                ) -> list[tuple[str, float, float, float]]:
-    """(step, render ms, total ms, target ms) for each change, applied one after the other."""
-    held = index(fronts)
-    rows = [("full sync", timed(lambda: lb.render_table(fronts)),
+    """(step, plan ms, total ms, target ms) for each change, applied one after the other. The
+    plan (placement and element deltas, ``nft.lb_slots``) is timed on a mirror placement."""
+    mirror = Placement()
+    rows = [("full sync", timed(lambda: mirror.commit(mirror.everything(fronts))),
              timed(lambda: asyncio.run(table.replace(fronts))), TARGETS["full"])]
     f = fronts[len(fronts) // 2]
     moved = replace(f, backends=(*f.backends[:-1], Backend(ipaddress.ip_address("10.79.0.1"),
@@ -110,19 +111,19 @@ def sync_steps(table: ServiceTable, fronts: list[Frontend], endpoints: int,
     ):
         change = diff(before, after)
         t0 = time.perf_counter()
-        lb.render_change(change, held)
+        mirror.commit(mirror.plan(change))
         t1 = time.perf_counter()
         asyncio.run(table.change(change))
         t2 = time.perf_counter()
         rows.append((name, 1000 * (t1 - t0), 1000 * (t2 - t1), target))
-        held = {**{k: v for k, v in held.items() if k not in before}, **after}
     return rows
 
 
 def sync_part(count: int, endpoints: int, affinity: bool) -> None:
     header(f"Sync: {count:,} services x {endpoints} endpoints into table inet {lb.TABLE}", [
-        f"simulated endpoints; real renderer (nft.lb), ServiceTable and libnftables, "
-        f"netns {SYNC}", "render = JSON batch only; total = render + one nft batch"])
+        f"simulated endpoints; real placement (nft.lb_slots), ServiceTable, netlink and "
+        f"libnftables, netns {SYNC}",
+        "plan = element deltas only; total = plan + one netlink transaction"])
     netns_batch("add", [SYNC])
     nft = LibNft(SYNC)
     try:
@@ -134,16 +135,16 @@ def sync_part(count: int, endpoints: int, affinity: bool) -> None:
             sticky = [replace(f, affinity=10800) if i % 100 == 0 else f
                       for i, f in enumerate(fronts)]
             rows.append(("full sync, 1 in 100 with affinity",
-                         timed(lambda: lb.render_table(sticky)),
+                         timed(lambda: Placement().everything(sticky)),
                          timed(lambda: asyncio.run(table.replace(sticky))), TARGETS["full"]))
-        print_table(["change", "render ms", "total ms", "target ms", "total/target"],
+        print_table(["change", "plan ms", "total ms", "target ms", "total/target"],
                     [[n, f"{r:,.1f}", f"{t:,.1f}", f"<= {g:,.0f}", ratio(t, g)]
                      for n, r, t, g in rows], "time per change (lower is better)")
         print(f"\n  read back after the changes: {sizes.get('vips4', -1):,} VIPs in vips4, "
               f"{sizes.get('chains', -1):,} chains (nft list table)")
     finally:
         with contextlib.suppress(Exception):
-            nft.run_sync(lb.render_teardown())
+            nft.run_text_sync(lb.render_teardown())
         nft.close()
         netns_batch("del", [SYNC])
 

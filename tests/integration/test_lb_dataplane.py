@@ -17,6 +17,7 @@ source address that backend saw. The host's default route is what lets it reach 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import json
 import socket
@@ -155,6 +156,7 @@ async def table(world: None) -> AsyncIterator[ServiceTable]:
         sh("ip", "netns", "exec", "host", "conntrack", "-F", check=False)
         yield t
         await t.remove()
+        t.close()
 
 
 @pytest.fixture(params=[False, True], ids=["br_netfilter-off", "br_netfilter-on"])
@@ -191,17 +193,27 @@ def many(ns: str, addr: str, port: int, count: int) -> collections.Counter[str]:
 # -- the kernel's table ----------------------------------------------------------------------
 
 
-async def test_the_kernel_holds_one_element_per_vip_and_reports_sizes(
+async def test_the_kernel_holds_elements_per_frontend_and_chains_per_shape(
         table: ServiceTable) -> None:
+    """A VIP is one element leading to its frontend's number, its published port another with
+    the same number; 200 more services of the same shape add elements and no chain."""
     objs = listing()
     maps = {o["map"]["name"]: o["map"].get("elem", []) for o in objs if "map" in o}
-    assert {"concat": [VIP, "tcp", 80]} in [e[0] for e in maps["vips4"]]
-    assert [{"concat": ["tcp", 8080]}, {"goto": {"target": "svc tcp 80 10.96.0.1"}}] \
-        in maps["ports4"]
+    number = {json.dumps(k): d for k, d in maps["vips4"]}
+    web = number[json.dumps({"concat": [VIP, "tcp", 80]})]
+    assert [{"concat": ["tcp", 8080]}, web] in maps["ports4"]
     assert len(maps["vips6"]) == 1
     sizes = await table.sizes()
     assert sizes is not None
     assert (sizes["vips4"], sizes["noep4"], sizes["noports4"]) == (3, 2, 1)
+    assert (sizes["backends4"], sizes["slots"]) == (10, 11)  # 4 + 4 + 2 backends, + 1 in v6
+    more = [replace(WEB, service=f"ns/more{i}", vip=ip(f"10.97.{i // 250}.{i % 250 + 1}"),
+                    published=()) for i in range(200)]
+    await table.change(diff({}, index(more)))
+    after = await table.sizes()
+    assert after is not None
+    assert (after["vips4"], after["chains"]) == (203, sizes["chains"])
+    assert who(tcp_probe("c1", "10.97.0.200", 80).answer)[0] in BACKENDS
 
 
 # -- traffic ---------------------------------------------------------------------------------
@@ -221,9 +233,35 @@ def test_a_client_keeps_its_backend_with_affinity(table: ServiceTable) -> None:
     assert len(many("c1", VIP, 80, 40)) > 1  # without affinity the same client moves (control)
 
 
+async def test_affinity_outlives_other_backends_changes_not_its_own_backend(
+        table: ServiceTable) -> None:
+    """Removing another backend keeps the client where it was; removing its own sends it to a
+    new one, which it then keeps (its old entry was forgotten, not left to lead nowhere)."""
+    (mine,) = many("c1", STICKY, 80, 10)
+    other = next(n for n in BACKENDS if n != mine)
+    kept = tuple(b for b in AFFINE.backends if b.address != ip(BACKENDS[other]))
+    fewer = replace(AFFINE, backends=kept)
+    await table.change(diff(index([AFFINE]), index([fewer])))
+    assert set(many("c1", STICKY, 80, 20)) == {mine}
+    left = tuple(b for b in kept if b.address != ip(BACKENDS[mine]))
+    await table.change(diff(index([fewer]), index([replace(fewer, backends=left)])))
+    moved = many("c1", STICKY, 80, 20)
+    assert len(moved) == 1 and mine not in moved, moved
+
+
 def test_the_client_keeps_its_address(table: ServiceTable) -> None:
     assert who(tcp_probe("c1", VIP, 80).answer)[1] == C1
     assert who(tcp_probe("c1", VIP6, 80).answer) == ("s2", C1_6)
+
+
+def test_the_scratch_marks_are_left_clean(table: ServiceTable) -> None:
+    """The frontend's number (meta mark) and the drawn backend (ct mark) are scratch: the
+    connection's conntrack entry ends up with mark 0, with and without affinity."""
+    for vip in (VIP, STICKY):
+        assert who(tcp_probe("c1", vip, 80).answer)[0] in BACKENDS
+        out = sh("ip", "netns", "exec", "host", "conntrack", "-L", "-p", "tcp", "--orig-dst", vip)
+        marks = {f for line in out.splitlines() for f in line.split() if f.startswith("mark=")}
+        assert marks == {"mark=0"}, out
 
 
 async def test_removing_a_backend_keeps_connections_to_the_others(table: ServiceTable) -> None:
@@ -249,13 +287,15 @@ def test_no_backend_is_refused_at_once_not_a_timeout(table: ServiceTable) -> Non
 
 def test_a_backend_reaches_its_own_service(table: ServiceTable, br_nf: bool) -> None:
     """Hairpin: s1 → VIP lands on s1 itself as often as on the others, and every backend sees
-    the bridge's address (masqueraded) so that its answer comes back through the host. With
-    br_netfilter the DNAT happens at bridge level (s1 to itself needs the port's hairpin mode);
-    without, the host routes the packet back out of the bridge."""
-    seen = many("s1", VIP, 80, 40)
-    assert set(seen) == set(BACKENDS), seen
-    for _ in range(20):
-        assert who(tcp_probe("s1", VIP, 80).answer)[1] == "10.1.0.1"
+    the bridge's address (masqueraded by ``table inet plexus``, as plexus always runs it) so
+    that its answer comes back through the host. With br_netfilter the DNAT happens at bridge
+    level (s1 to itself needs the port's hairpin mode); without, the host routes the packet
+    back out of the bridge."""
+    with main_table():
+        seen = many("s1", VIP, 80, 40)
+        assert set(seen) == set(BACKENDS), seen
+        for _ in range(20):
+            assert who(tcp_probe("s1", VIP, 80).answer)[1] == "10.1.0.1"
 
 
 def test_the_host_reaches_a_vip(table: ServiceTable) -> None:
@@ -299,13 +339,19 @@ async def test_a_neighbour_on_the_backends_bridge_with_the_main_table(
     the bridge, so ``table inet plexus`` (which masquerades DNATed sources of the output
     bridge) must work with this table. c1, on another network, is isolated from the VIP as from
     the backends behind it (``render.VIA_VIP``)."""
+    with main_table():
+        assert set(many("n1", VIP, 80, 40)) == set(BACKENDS)
+        assert tcp_probe("c1", VIP, 80, 0.5).outcome is DROPPED  # another network
+
+
+@contextlib.contextmanager
+def main_table() -> Iterator[None]:
+    """``table inet plexus`` for the two bridges, as the agent would write it."""
     nets = (NetRule("pxbr-s", (ipaddress.ip_network("10.1.0.0/24"),)),
             NetRule("pxbr-c", (ipaddress.ip_network("10.2.0.0/24"),)))
     with LibNft("host") as nft:
         nft.run_sync(render_main_table(FirewallState(nets, frozenset())))
         try:
-            assert set(many("n1", VIP, 80, 40)) == set(BACKENDS)
-            assert tcp_probe("c1", VIP, 80, 0.5).outcome is DROPPED  # another network
+            yield
         finally:
             nft.run_sync(render_main_teardown())
-

@@ -10,6 +10,8 @@ change re-evaluates it against the endpoints of its network.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Callable, Iterable
 
 from plexus.lb.model import Backend, Frontend, Published
@@ -136,9 +138,18 @@ def _backends(port: ServicePort, eps: list[Endpoint], version: int) -> tuple[Bac
             if a.version == version:
                 # keyed by numbers: sorting the dataclasses themselves costs 3x (full syncs of
                 # 10,000 services); one family per frontend, so the order is Backend's own
-                found[(int(a.ip), target)] = Backend(a.ip, target)
+                n = int(a)
+                found[(n, target)] = Backend(_address(version, n), target)
                 break
     return tuple(found[k] for k in sorted(found))
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _address(version: int, value: int) -> IPAddress:
+    """An interface's address, made once: ``IPv4Interface.ip`` builds a new one on each call,
+    and hashing the interface to cache it would cost as much (a full sync of 10,000 services
+    asks 100,000 times)."""
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
 
 
 def _published(svc: Service, port: ServicePort, vip: IPAddress) -> tuple[Published, ...]:

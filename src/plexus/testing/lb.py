@@ -37,5 +37,8 @@ class FakeServiceKernel:
     async def forget_udp(self, frontend: Frontend, backends: Iterable[Backend]) -> None:
         self.calls.append(("forget_udp", (frontend.key, tuple(backends))))
 
+    async def intact(self) -> bool:
+        return self.table is not None
+
     async def sizes(self) -> dict[str, int] | None:
         return None if self.table is None else {"frontends": len(self.table)}

@@ -49,6 +49,9 @@ class Nft(Protocol):
 
     async def run(self, cmds: list[Json]) -> Json: ...
     def run_sync(self, cmds: list[Json]) -> Json: ...
+    def run_text_sync(self, text: str) -> None:
+        """Commands in nft's own syntax, one transaction: for what its JSON cannot say (in
+        nft 1.0.6, a rule that updates a map from the packet path)."""
     async def list_table(self) -> Json: ...
     def list_table_sync(self) -> Json: ...
     def close(self) -> None: ...
@@ -108,6 +111,9 @@ class LibNft:
     def run_sync(self, cmds: list[Json]) -> Json:
         return self._pool.submit(self._run, cmds).result()
 
+    def run_text_sync(self, text: str) -> None:
+        self._pool.submit(self._run_text, text).result()
+
     async def list_table(self) -> Json:
         return await asyncio.wrap_future(self._pool.submit(self._list_table))
 
@@ -149,6 +155,16 @@ class LibNft:
         if rc != 0:
             raise DataplaneError(f"nft: {err.strip() or f'error {rc}'}")
         return parse_output(out)
+
+    def _run_text(self, text: str) -> None:
+        """libnftables parses a buffer that is not JSON as nft's syntax, even in JSON mode."""
+        if self._ctx is None:
+            raise DataplaneError("nft context is closed")
+        rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text.encode())
+        self._lib.nft_ctx_get_output_buffer(self._ctx)
+        err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
+        if rc != 0:
+            raise DataplaneError(f"nft: {err.strip() or f'error {rc}'}")
 
     def _list_table(self) -> Json:
         return _list_table(self._run)
@@ -219,6 +235,11 @@ class NftCli:
     def run_sync(self, cmds: list[Json]) -> Json:
         proc = subprocess.run(self._argv, input=document(cmds).encode(), capture_output=True)
         return self._result(proc.returncode, proc.stdout, proc.stderr)
+
+    def run_text_sync(self, text: str) -> None:
+        proc = subprocess.run([*self._argv[:-3], "-f", "-"], input=text.encode(),
+                              capture_output=True)
+        self._result(proc.returncode, b"", proc.stderr)
 
     async def list_table(self) -> Json:
         try:

@@ -40,7 +40,7 @@ from plexus.errors import DataplaneError
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_DESTROYSETELEM = 12, 14, 30
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
@@ -71,10 +71,10 @@ VERDICTS = {"return": NFT_RETURN, "accept": NF_ACCEPT}  # data of a verdict map;
 @dataclass(frozen=True, slots=True)
 class SetType:
     """What a set's elements are: key field types, and the data (None: a plain set;
-    "verdict"; or a value type such as "mark")."""
+    "verdict"; a value type such as "mark"; or a concatenation of them)."""
 
     key: tuple[str, ...]
-    data: str | None = None
+    data: str | tuple[str, ...] | None = None
     interval: bool = False
 
     @property
@@ -136,7 +136,9 @@ def _data(t: SetType, data: object) -> bytes:
         return _nest(DATA_VERDICT, _attr(VERDICT_CODE, _VERDICT.pack(NFT_GOTO)),
                      _attr(VERDICT_CHAIN, verdict.encode() + b"\0"))
     assert t.data is not None
-    return _attr(DATA_VALUE, _field(t.data, data))
+    if isinstance(t.data, str):
+        return _attr(DATA_VALUE, _field(t.data, data))
+    return _attr(DATA_VALUE, key_bytes(SetType(t.data), data))
 
 
 def element(t: SetType, key: object, data: object, with_data: bool) -> bytes:
@@ -164,39 +166,70 @@ Packer = Callable[[Any, Any], bytes]
 
 
 def _packed(address: Any) -> bytes:
+    if isinstance(address, bytes):  # packed already
+        return address
     if isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return address.packed
     return ipaddress.ip_address(address).packed
 
 
+def _layout(fields: tuple[str, ...]) -> tuple[str, int, list[Callable[[Any], Any] | None]]:
+    """Struct codes of a key or data value, its attribute's length (header included) and the
+    converter of each field."""
+    codes = "".join(str(_FIELDS[k][0 if len(fields) == 1 else 1]) for k in fields)
+    return codes, _ATTR.size + struct.calcsize("=" + codes), [_FIELDS[k][2] for k in fields]
+
+
+def _data_fields(t: SetType, with_data: bool) -> tuple[str, ...]:
+    if not with_data or t.data is None:
+        return ()
+    return (t.data,) if isinstance(t.data, str) else t.data
+
+
 @functools.cache
 def _packer(t: SetType, with_data: bool) -> Packer | None:
-    if any(k not in _FIELDS for k in t.key) or (with_data and t.data != "mark"):
+    dfields = _data_fields(t, with_data)
+    if any(k not in _FIELDS for k in (*t.key, *dfields)):  # verdicts: ``element``
         return None
-    codes = "".join(str(_FIELDS[k][0 if len(t.key) == 1 else 1]) for k in t.key)
-    convert = [_FIELDS[k][2] for k in t.key]
-    value = _ATTR.size + struct.calcsize("=" + codes)
+    codes, value, convert = _layout(t.key)
     pad = -value % 4
     nest = _ATTR.size + value + pad
     keys = 2 if t.interval else 1
-    packer = struct.Struct("=HH" + f"HHHH{codes}{pad}x" * keys + ("HHHHI" if with_data else ""))
-    head = (_ATTR.size + nest * keys + (12 if with_data else 0), LIST_ELEM | NLA_F_NESTED,
+    dcodes, dvalue, dconvert = _layout(dfields) if dfields else ("", 0, [])
+    dpad = -dvalue % 4
+    dnest = _ATTR.size + dvalue + dpad if dfields else 0
+    packer = struct.Struct("=HH" + f"HHHH{codes}{pad}x" * keys +
+                           (f"HHHH{dcodes}{dpad}x" if dfields else ""))
+    head = (_ATTR.size + nest * keys + dnest, LIST_ELEM | NLA_F_NESTED,
             nest, ELEM_KEY | NLA_F_NESTED, value, DATA_VALUE)
-    data_head = (12, ELEM_DATA | NLA_F_NESTED, 8, DATA_VALUE) if with_data else ()
+    data_head = (dnest, ELEM_DATA | NLA_F_NESTED, dvalue, DATA_VALUE) if dfields else ()
+    single, dsingle = len(t.key) == 1, len(dfields) == 1
+
+    def data_values(data: Any) -> list[Any]:
+        values = (data,) if dsingle else data
+        return [v if c is None else c(v) for c, v in zip(dconvert, values, strict=True)]
+
     if t.interval:
-        return _interval_packer(t, packer, head, data_head, nest, value)
-    single = len(t.key) == 1
+        return _interval_packer(t, packer, head, data_head, nest, value, data_values)
+    fixed = (*head,)
 
-    def pack(key: Any, data: Any) -> bytes:
-        values = (key,) if single else key
-        fields = [v if c is None else c(v) for c, v in zip(convert, values, strict=True)]
-        return packer.pack(*head, *fields, *data_head, *((data,) if with_data else ()))
+    def converted(key: Any) -> Any:
+        raw = (key,) if single else key
+        return [v if c is None else c(v) for c, v in zip(convert, raw, strict=True)]
 
-    return pack
+    # Marks only: as they are (a full sync packs 100,000 slots).
+    values: Callable[[Any], Any] = tuple if all(c is None for c in convert) and not single \
+        else converted
+    if not dfields:
+        return lambda key, data: packer.pack(*fixed, *values(key))
+    if dsingle and dconvert[0] is None:
+        return lambda key, data: packer.pack(*fixed, *values(key), *data_head, data)
+    return lambda key, data: packer.pack(*fixed, *values(key), *data_head, *data_values(data))
 
 
 def _interval_packer(t: SetType, packer: struct.Struct, head: tuple[int, ...],
-                     data_head: tuple[int, ...], nest: int, value: int) -> Packer:
+                     data_head: tuple[int, ...], nest: int, value: int,
+                     data_values: Callable[[Any], list[Any]]) -> Packer:
     """Ranges and big-endian marks (``_field``): the rarer, slower case."""
     convert = [(lambda v: socket.htonl(int(v))) if k == "mark" else _FIELDS[k][2]
                for k in t.key]
@@ -209,7 +242,7 @@ def _interval_packer(t: SetType, packer: struct.Struct, head: tuple[int, ...],
         last = [v if c is None else c(v) for c, v in
                 zip(convert, (_end(v, True) for v in values), strict=True)]
         return packer.pack(*head, *first, *end_head, *last,
-                           *data_head, *((data,) if data_head else ()))
+                           *data_head, *(data_values(data) if data_head else ()))
 
     return pack
 
@@ -221,12 +254,15 @@ def _message(kind: int, flags: int, seq: int, family: int, body: bytes, res: int
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """Elements to delete (``add`` False) or add in one set."""
+    """Elements to delete (``add`` False) or add in one set. ``how``: "flush" deletes every
+    element of the set (``elements`` ignored); "destroy" deletes those of ``elements`` that
+    exist (a delete of a missing element fails the whole transaction; needs kernel 6.3)."""
 
     set: str
     type: SetType
     add: bool
     elements: Mapping[object, object]  # key -> data (ignored for a delete or a plain set)
+    how: str = ""
 
 
 def batch(family: str, table: str, changes: Sequence[Change], first_seq: int) -> tuple[
@@ -238,8 +274,15 @@ def batch(family: str, table: str, changes: Sequence[Change], first_seq: int) ->
     seqs: list[int] = []
     head = _attr(LIST_TABLE, table.encode() + b"\0")
     for ch in changes:
-        kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if ch.add
-                                              else NFT_MSG_DELSETELEM)
+        set_head = head + _attr(LIST_SET, ch.set.encode() + b"\0")
+        if ch.how == "flush":  # a delete naming no element empties the set
+            seq += 1
+            out.append(_message(_kind(NFT_MSG_DELSETELEM), NLM_F_REQUEST | NLM_F_ACK, seq, fam,
+                                set_head))
+            seqs.append(seq)
+            continue
+        msg = NFT_MSG_NEWSETELEM if ch.add else \
+            NFT_MSG_DESTROYSETELEM if ch.how == "destroy" else NFT_MSG_DELSETELEM
         flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if ch.add else 0)
         with_data = ch.add and ch.type.data is not None
         pack = _packer(ch.type, with_data) or functools.partial(element, ch.type,
@@ -247,13 +290,16 @@ def batch(family: str, table: str, changes: Sequence[Change], first_seq: int) ->
         for part in _chunks(list(ch.elements.items()), CHUNK):
             seq += 1
             elems = b"".join([pack(k, d) for k, d in part])
-            body = head + _attr(LIST_SET, ch.set.encode() + b"\0") + \
-                _nest(LIST_ELEMENTS, elems)
-            out.append(_message(kind, flags, seq, fam, body))
+            out.append(_message(_kind(msg), flags, seq, fam,
+                                set_head + _nest(LIST_ELEMENTS, elems)))
             seqs.append(seq)
     seq += 1
     out.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, b"", NFNL_SUBSYS_NFTABLES))
     return b"".join(out), seqs
+
+
+def _kind(msg: int) -> int:
+    return (NFNL_SUBSYS_NFTABLES << 8) | msg
 
 
 def _chunks(items: list[tuple[object, object]], size: int) -> Iterator[
@@ -297,7 +343,7 @@ class ElementChannel:
 
     def send(self, family: str, table: str, changes: Iterable[Change]) -> None:
         """One transaction; DataplaneError, naming the set, if the kernel refuses it."""
-        todo = [c for c in changes if c.elements]
+        todo = [c for c in changes if c.elements or c.how == "flush"]
         if not todo:
             return
         data, seqs = batch(family, table, todo, self._seq)
@@ -333,7 +379,7 @@ class ElementChannel:
 def _set_of(todo: list[Change], index: int) -> str:
     """The set of the ``index``-th message of a batch."""
     for ch in todo:
-        n = -(-len(ch.elements) // CHUNK)
+        n = 1 if ch.how == "flush" else -(-len(ch.elements) // CHUNK)
         if index < n:
             return ch.set
         index -= n
