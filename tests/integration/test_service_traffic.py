@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.probes import ANSWERED, DROPPED, REFUSED, tcp_probe
-from tests.harness.world import Agent, World
+from tests.harness.world import Agent, World, nsexec
 
 pytestmark = pytest.mark.privileged
 BACKENDS = ("web1", "web2", "web3", "web4")
@@ -101,3 +101,15 @@ def test_a_policy_judges_the_backend_behind_the_vip(lab: tuple[World, Agent, str
     finally:
         agent.cli("policy", "delete", "--all")
     assert tcp_probe(agent.netns("cli"), vip, 80).outcome is ANSWERED
+
+
+def test_a_deleted_element_is_put_back_by_plexus_reconcile(
+        lab: tuple[World, Agent, str]) -> None:
+    """Someone deletes the VIP's element by hand: clients reach nothing; ``plexus reconcile``
+    checks the services table against what was applied and writes it again."""
+    _, agent, vip = lab
+    element = f"{{ {vip} . tcp . 80 }}"
+    nsexec(agent.host, "nft", "delete", "element", "inet", "plexus_services", "vips4", element)
+    assert tcp_probe(agent.netns("cli"), vip, 80, 1.0).outcome is not ANSWERED
+    agent.cli("reconcile")
+    assert tcp_probe(agent.netns("cli"), vip, 80, 2.0).outcome is ANSWERED

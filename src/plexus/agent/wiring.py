@@ -78,6 +78,7 @@ log = logging.getLogger("plexus.agent")
 Hook = Callable[[], Awaitable[None]]
 FREEZE_EVERY = 2.0  # seconds between gc.freeze() calls while changes arrive
 SWEEP_EVERY = 3600.0  # seconds between full cycle collections (after a full pass)
+TABLE_CHECK_TIMEOUT = 60.0  # seconds `plexus reconcile` waits for the policy and services tables
 WATCHED = (keys.NETWORKS, keys.ENDPOINTS, keys.CONTAINERS, keys.DOCKER_NETWORKS, keys.HOSTS,
            keys.HOST_LEASES, keys.HOST_BLOCKS, keys.NAMESPACES, keys.POLICIES, keys.SERVICES,
            keys.SERVICE_RANGE, keys.SERVICE_HEALTH)
@@ -200,7 +201,13 @@ class Agent:
         }
 
     async def reconcile(self) -> dict[str, Any]:
-        return await self.fullpass.run()
+        """The full pass, then the policy and services tables checked (and rewritten if they
+        drifted) before answering: ``plexus reconcile`` repairs everything it can see."""
+        result = await self.fullpass.run()
+        for reconciler, key in ((self.policy, policy.VERIFY), (self.lb, lb.VERIFY)):
+            if reconciler is not None:
+                await asyncio.wait_for(reconciler.check(key), TABLE_CHECK_TIMEOUT)
+        return result
 
     # -- life ----------------------------------------------------------------------------------
 

@@ -112,9 +112,16 @@ class Reconciler:
 
     async def refresh(self, key: str) -> None:
         """``invalidate`` and wait until ``key`` is done; raises the error it met."""
+        self.drifted += 1
+        self.forget_applied(key)
+        await self.check(key)
+
+    async def check(self, key: str) -> None:
+        """Queue ``key`` and wait until it is done (a periodic check, on demand); raises the
+        error it met."""
         done = asyncio.get_running_loop().create_future()
         self._refreshing.setdefault(key, []).append(done)
-        self.invalidate(key)
+        self.enqueue([key])
         await done
 
     def _answer(self, key: str, error: Exception | None) -> None:
