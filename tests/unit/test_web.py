@@ -103,6 +103,7 @@ async def test_the_page_shows_containers_escaped_and_loads_only_its_own_assets(l
     text = await resp.text()
     assert 'data-name="web"' in text and 'data-door="cni"' in text
     assert "<b>evil</b>" not in text and "&lt;b&gt;evil&lt;/b&gt;" in text
+    assert "↓ 2.0 kB ↑ 100 B" in text  # one reading of the counters: totals, not rates
     assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
     assert "http://" not in text.replace('href="/', "")  # nothing from elsewhere
     for asset, kind in (("/static/web.js", "text/javascript"), ("/static/web.css", "text/css")):
@@ -185,7 +186,7 @@ def test_rates_are_bytes_a_second_between_two_readings() -> None:
     rates = Rates(lambda: now[0])
     key = ("web", "", "front")
     rates.add({key: (1000, 500, 1, 1)})
-    assert rates.rates[key].rx_bytes == 0.0  # one reading: no rate yet
+    assert rates.rates[key].rx_bytes is None  # one reading: no rate yet
     assert not rates.due()
     now[0] = 102.0
     assert rates.due()
@@ -193,4 +194,4 @@ def test_rates_are_bytes_a_second_between_two_readings() -> None:
     assert (rates.rates[key].rx_bytes, rates.rates[key].tx_bytes) == (2000.0, 100.0)
     now[0] = 103.0
     rates.add({key: (10, 10, 0, 0)})  # counters restarted (a new veth): no negative rate
-    assert rates.rates[key].rx_bytes == 0.0
+    assert rates.rates[key].rx_bytes is None

@@ -6,6 +6,7 @@ fetches and inserts, so nothing is drawn twice in two languages. Every value is 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from html import escape
@@ -13,7 +14,8 @@ from typing import Any
 
 from plexus.observe.flows import Flow, Side
 
-FLOW_COLUMNS = ("time", "event", "verdict", "proto", "source", "destination", "reason", "bytes")
+FLOW_COLUMNS = ("time (UTC)", "event", "verdict", "proto", "source", "destination", "reason",
+                "bytes")
 
 
 def _e(value: object) -> str:
@@ -33,14 +35,14 @@ def page(state: dict[str, Any], flows: list[Flow], query: str = "") -> str:
 <script src="/static/web.js" defer></script>
 </head><body>
 <header><h1>plexus</h1><span>agent on <b>{node}</b></span>
-<span id="status">as of {_clock(state["time"])}</span>
+<span id="status">as of {_clock(state["time"])} UTC</span>
 <a href="/api/state">state JSON</a><a href="/metrics">metrics</a></header>
 <main>
 <section id="state">{live(state)}</section>
 <section id="flows-panel"><h2>Flows <small id="flow-status">{_e(_filter_text(query))}</small></h2>
 <noscript><p>New flows appear here with JavaScript on; reload for the latest.</p></noscript>
-<table id="flows" data-last="{last!r}" data-query="{_e(query)}"><thead><tr>{head}</tr></thead>
-<tbody>{rows}</tbody></table></section>
+<div class="scroll"><table id="flows" data-last="{last!r}" data-query="{_e(query)}">
+<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div></section>
 </main></body></html>
 """
 
@@ -60,9 +62,13 @@ def _map(state: dict[str, Any]) -> str:
     networks = {n["name"]: n for n in state["networks"]}
     out = []
     for h in state["hosts"]:
-        nets = sorted({net for node, net in where if node == h["name"]}
-                      | (set(networks) if h["local"] else set()))
-        body = "".join(_network_box(networks.get(n), n, where[(h["name"], n)]) for n in nets)
+        used = {net for node, net in where if node == h["name"]}
+        # The local host lists every network; those without containers take one line.
+        idle = sorted(set(networks) - used) if h["local"] else []
+        body = "".join(_network_box(networks.get(n), n, where[(h["name"], n)])
+                       for n in sorted(used))
+        if idle:
+            body += f'<p class="idle">no containers on: {_e(", ".join(idle))}</p>'
         status = "" if h["alive"] else ' <span class="down">down</span>'
         cls = "host local" if h["local"] else "host"
         out.append(f'<div class="{cls}" data-host="{_e(h["name"])}"><h2>host {_e(h["name"])} '
@@ -83,7 +89,7 @@ def _network_box(net: dict[str, Any] | None, name: str,
                                                                   m[0]["name"]))
     return (f'<div class="network" data-network="{_e(name)}"><h3>{_e(name)} '
             f'<small>{about}</small></h3>'
-            f'<ul>{items or "<li class=empty>no containers</li>"}</ul></div>')
+            f"<ul>{items}</ul></div>")
 
 
 def _container_item(c: dict[str, Any], ep: dict[str, Any]) -> str:
@@ -93,6 +99,9 @@ def _container_item(c: dict[str, Any], ep: dict[str, Any]) -> str:
     if ep["rx_rate"] is not None:
         rate = (f'<span class="rate" title="received / sent">↓ {_bytes(ep["rx_rate"])}/s '
                 f'↑ {_bytes(ep["tx_rate"])}/s</span>')
+    elif ep["rx_bytes"] is not None:  # one reading of the counters so far: the totals
+        rate = (f'<span class="rate" title="received / sent, in all">↓ {_bytes(ep["rx_bytes"])} '
+                f'↑ {_bytes(ep["tx_bytes"])}</span>')
     return (f'<li class="container state-{_e(c["state"])}" data-name="{_e(c["name"])}" '
             f'data-door="{door}"><span class="name">{_e(c["name"])}</span>'
             f'<span class="door door-{door}">{door}</span>'
@@ -109,7 +118,7 @@ def _ipam(state: dict[str, Any]) -> str:
             rows.append(f'<tr data-network="{_e(n["name"])}"><td>{_e(n["name"])}</td>'
                         f'<td>{_e(p["pool"])}</td><td><meter min="0" max="{size}" '
                         f'value="{used}" high="{size * 0.8:.0f}"></meter></td>'
-                        f'<td>{used} / {p["size"]}</td></tr>')
+                        f'<td>{used} / {_size(p["size"])}</td></tr>')
     return _panel("IPAM", "ipam", ("network", "pool", "use", "addresses"), rows)
 
 
@@ -167,6 +176,11 @@ def _bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"  # unreachable: the loop returns at GB
+
+
+def _size(n: int) -> str:
+    """A pool's size; an IPv6 /64 as a power of two rather than 20 digits."""
+    return str(n) if n < 2**24 else f"~2^{round(math.log2(n))}"
 
 
 def _filter_text(query: str) -> str:

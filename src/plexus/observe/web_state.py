@@ -29,8 +29,8 @@ MIN_INTERVAL = 1.0  # seconds between two readings of the kernel's counters, how
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    rx_bytes: float  # bytes a second the container received
-    tx_bytes: float  # and sent
+    rx_bytes: float | None  # bytes a second the container received (None: one reading so far)
+    tx_bytes: float | None  # and sent
     rx_total: int
     tx_total: int
 
@@ -56,7 +56,7 @@ class Rates:
         for key, (rb, tb, _, _) in counters.items():
             was = before[1].get(key) if before is not None else None
             if was is None or took <= 0 or rb < was[0] or tb < was[1]:
-                rates[key] = Rate(0.0, 0.0, rb, tb)  # first seen, or its counters restarted
+                rates[key] = Rate(None, None, rb, tb)  # first seen, or its counters restarted
             else:
                 rates[key] = Rate((rb - was[0]) / took, (tb - was[1]) / took, rb, tb)
         self.rates = rates

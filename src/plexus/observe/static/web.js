@@ -21,7 +21,7 @@
         throw new Error(`${response.status} ${response.statusText}`);
       }
       state.innerHTML = await response.text();
-      status.textContent = `live, as of ${new Date().toLocaleTimeString()}`;
+      status.textContent = `live, as of ${new Date().toISOString().slice(11, 19)} UTC`;
       status.className = "";
     } catch (error) {
       status.textContent = `the agent does not answer (${error.message}); retrying`;
