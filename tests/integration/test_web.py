@@ -7,6 +7,7 @@ kept in the test's tmp dir. Also: an unknown path is a 404 and the agent goes on
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def lab(world: World, tmp_path: Path) -> Iterator[Agent]:
     agent = world.add_host("host1", start_agent=False)
     agent.start(extra=["--metrics-address", f":{PORT}"])
     agent.cli("network", "create", "front", "--subnet", "10.81.0.0/24")
-    agent.run_echo("web", "front", "--label", "app=web")
+    agent.run_echo("web", "front", "--label", "app=web", "-p", "8080:80")
     agent.run_echo("client", "front")
     agent.run_echo("locked", "front", "--label", "role=locked")
     for name in ("web", "locked"):
@@ -82,6 +83,8 @@ def test_the_page_shows_the_model_and_flows_arrive_without_a_reload(
             ".map(c => [c.dataset.name, c.dataset.door]))", 10)
         assert doors == {"web": "plexus", "client": "plexus", "locked": "plexus",
                          "pod1": "cni"}, doors
+        assert browser.evaluate("document.querySelector('.container[data-name=\"web\"] .ports')"
+                                ".textContent") == "8080:80/tcp"
         ipam = browser.evaluate("document.querySelector('#ipam tr[data-network=\"front\"]')"
                                 ".textContent")
         assert "10.81.0.0/24" in ipam and "4 / 253" in ipam, ipam
@@ -107,6 +110,11 @@ def test_the_page_shows_the_model_and_flows_arrive_without_a_reload(
         browser.wait_for("document.querySelector('.container[data-name=\"late\"]') !== null",
                          10)
         assert browser.evaluate("window.plexusTestMark") == "still here"
+        # By now the counters were read twice (the page, a swap): web's rates, which it has
+        # (it answered client).
+        rate = browser.evaluate("document.querySelector('.container[data-name=\"web\"] .rate')"
+                                ".textContent")
+        assert re.fullmatch(r"↓ [\d.]+ k?B/s ↑ [\d.]+ k?B/s", rate), rate
         shot = browser.screenshot(tmp_path / "web-view.png")
         print(f"screenshot: {shot}")
         assert shot.stat().st_size > 10_000
