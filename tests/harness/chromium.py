@@ -108,11 +108,17 @@ class Browser:
             self.call("Browser.close", timeout=2.0, session=False)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout)
-        # Renderers and helpers share the browser's process group: none may outlive it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout)
+        # Renderers and helpers share the browser's process group: none may outlive it. A
+        # killed process takes a moment to die, so look again until none runs (bounded).
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(max(deadline - time.monotonic(), 0.01))
+            if not self.survivors() or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
         for fd in (self._to, self._from):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -128,7 +134,7 @@ class Browser:
             with contextlib.suppress(OSError):
                 # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after ')'.
                 fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self.proc.pid and fields[0] != "Z":
+                if int(fields[2]) == self.proc.pid and fields[0] not in ("Z", "X"):
                     found.append(int(stat.parent.name))
         return found
 
