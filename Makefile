@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 ethtool containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns docker.io dnsperf gcc libc6-dev containerd etcd-server etcd-client prometheus
+DEB_PACKAGES := iproute2 nftables libnftables1 iperf3 ethtool containernetworking-plugins util-linux procps psmisc conntrack iputils-ping iptables podman runc busybox-static netavark aardvark-dns docker.io dnsperf gcc libc6-dev containerd etcd-server etcd-client prometheus chromium fonts-dejavu-core
 SANDBOX := tests/sandbox
 PYTEST_ARGS ?=
 # The demo and the benchmarks use the test harnesses (tests/harness), which live with the tests.

@@ -8,7 +8,7 @@ from pathlib import Path
 from demo.acts import build, checks, console, report, teardown, verdicts
 from demo.control import AGENT_OPTIONS, restart_and_repair
 from demo.multihost import multi_host
-from demo.observe import flows_act, metrics_act, services_act, services_cleanup
+from demo.observe import flows_act, metrics_act, services_act, services_cleanup, web_act
 from demo.policy import policy_act
 from tests.harness.world import World, in_sandbox
 
@@ -31,6 +31,7 @@ def main() -> int:
         console.rule("observability")
         ok = verdicts("flow log", flows_act(world)) and ok
         ok = verdicts("Prometheus metrics", metrics_act(world)) and ok
+        ok = verdicts("web view", web_act(world, console)) and ok
         services_cleanup(world)
         clean = teardown(world)
     with tempfile.TemporaryDirectory(prefix="plexus-demo-hosts-") as tmp:

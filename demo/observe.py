@@ -2,17 +2,21 @@
 a service in front of three shop containers on the backend network, called from db (on the
 backend network only), spread and following a label change; then the flow log, which names
 the connections and the drop the policy act made; then the Prometheus metrics the agent
-serves on 127.0.0.1:9100 in host1 (--metrics-address)."""
+serves on 127.0.0.1:9100 in host1 (--metrics-address), and the web view on the same listener,
+fetched and, where Debian's chromium is installed, rendered by a headless browser."""
 
 from __future__ import annotations
 
 import collections
 import re
+import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 
 from demo.acts import Check
+from tests.harness import chromium
 from tests.harness.probes import ANSWERED, tcp_probe
 from tests.harness.prometheus import http_get
 from tests.harness.world import World
@@ -92,4 +96,30 @@ def metrics_act(world: World) -> list[Check]:
                           r'[^}]*\} (\S+)$', text, re.M)
     checks.append(Check("shop1's received bytes", "> 0", " ".join(received) or "absent",
                         sum(map(float, received)) > 0))
+    return checks
+
+
+def web_act(world: World, console: Console) -> list[Check]:
+    """The page lists host1's containers; a headless chromium (if installed) shows them too, and
+    the screenshot is kept (the demo's own files go with its temporary directory)."""
+    a = world.agents["host1"]
+    want = sorted(c["name"] for c in a.json("ps") if c["node"] == "host1")
+    status, page = http_get("host1", "127.0.0.1", 9100, "/", 30.0)
+    listed = sorted(set(re.findall(r'class="container[^"]*" data-name="([^"]+)"', page)))
+    checks = [Check("GET 127.0.0.1:9100/ (the web view)", f"{len(want)} containers (plexus ps)",
+                    f"{len(listed)} listed (HTTP {status})", listed == want)]
+    if not chromium.available():
+        console.print("  chromium is not installed: the page is not rendered (make deps)")
+        return checks
+    shot = Path(tempfile.gettempdir()) / "plexus-demo-web-view.png"
+    with tempfile.TemporaryDirectory(prefix="plexus-demo-chromium-") as tmp, \
+            chromium.Browser(Path(tmp), "host1") as browser:
+        browser.open("http://127.0.0.1:9100/")
+        shown = sorted(browser.wait_for(
+            "[...new Set([...document.querySelectorAll('.container')]"
+            ".map(c => c.dataset.name))]", 10))
+        browser.screenshot(shot)
+    console.print(f"  screenshot of the web view: {shot}")
+    checks.append(Check("headless chromium renders the page", f"{len(want)} containers",
+                        f"{len(shown)} in the DOM", shown == want))
     return checks

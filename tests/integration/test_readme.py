@@ -50,7 +50,8 @@ from tests.harness.world import VENV_BIN, Agent, World, http_get, nsexec
 README = Path(__file__).parents[2] / "README.md"
 SECTION = "Using it"
 # "": the section's own blocks, before any subsection
-RUN = ("", "Service discovery", "Network policy", "Services", "Flows", "Metrics", "Verify")
+RUN = ("", "Service discovery", "Network policy", "Services", "Flows", "Metrics", "Web view",
+       "Verify")
 SKIPPED = {"CNI": "needs make install-cni and a CNI runtime", "Docker": "needs dockerd",
            "Several hosts (etcd)": "needs etcd and several hosts (test_cluster_hosts.py)"}
 HOST = "host1"
@@ -389,6 +390,16 @@ def metrics_served(session: Session, args: list[str], out: str) -> None:
                      r'namespace="shop",network="web"\} \d', out, re.M), out[:2000]
 
 
+def web_state_served(session: Session, args: list[str], out: str) -> None:
+    """`curl .../api/state`: the web view's model lists the containers `plexus ps` does, api
+    among them with its front door."""
+    assert session.agent is not None
+    state = json.loads(out)
+    shown = {c["name"]: c["front_door"] for c in state["containers"]}
+    assert set(shown) == {c["name"] for c in session.agent.json("ps")}, out[:2000]
+    assert shown.get("api") == "plexus", shown
+
+
 def service_created(session: Session, args: list[str], out: str) -> None:
     """`service create web --network web` prints its name and a VIP per family of the network
     (web is dual-stack), from the default service range."""
@@ -459,6 +470,8 @@ CHECKS = [
     Check("policy explain", cmd("policy", "explain"), policy_denied),
     Check("metrics", lambda argv: argv[0] == "curl" and argv[-1].endswith("/metrics"),
           metrics_served),
+    Check("web state", lambda argv: argv[0] == "curl" and argv[-1].endswith("/api/state"),
+          web_state_served),
     Check("service create", cmd("service", "create"), service_created),
     Check("service inspect", cmd("service", "inspect"), service_inspected),
     Check("apply", cmd("apply"), manifests_applied),

@@ -36,6 +36,7 @@ from plexus.observe.http import api_timer, docker_timer
 from plexus.observe.kernel import KernelFlows
 from plexus.observe.metrics import Metrics
 from plexus.observe.store import TimedStore, engine_of
+from plexus.observe.web import WebView
 from plexus.services import hosts
 from plexus.state.cache import Cache
 from plexus.store import open_store
@@ -98,7 +99,8 @@ async def run_agent(config: AgentConfig) -> None:
     flows: KernelFlows | None = None
     try:
         if metrics is not None:  # first: a taken port stops the agent before it starts
-            runners.append(await metrics_server.start(config.metrics_address, metrics))
+            view = WebView(agent.cache, lambda: agent.flows)
+            runners.append(await metrics_server.start(config.metrics_address, metrics, view))
             wiring.add_metrics(metrics, agent, firewall)
         # The API answers "starting" while the agent recovers (the CNI shim maps it to 11).
         api = agent.api().app()

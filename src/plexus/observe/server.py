@@ -1,5 +1,5 @@
-"""The opt-in TCP listener (``plexus agent --metrics-address``): ``GET /metrics`` now; the web
-view adds its routes in ``routes`` later, on the same listener.
+"""The opt-in TCP listener (``plexus agent --metrics-address``): ``GET /metrics``, and the web
+view's page and its JSON and streams (``observe.web``) on the same listener.
 
 Loopback by default: ``:9090`` or a bare ``9090`` means 127.0.0.1, so containers (which reach the
 host only through their bridge's address) never see it unless the operator names an address.
@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from plexus.errors import InvalidArgument
 from plexus.observe.metrics import Metrics
+from plexus.observe.web import WebView
 
 log = logging.getLogger("plexus.observe")
 LOOPBACK = "127.0.0.1"
@@ -46,14 +47,16 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def routes(app: web.Application, metrics: Metrics) -> None:
-    """Everything the listener serves (the web view's pages join here)."""
+def routes(app: web.Application, metrics: Metrics, view: WebView | None = None) -> None:
+    """Everything the listener serves: the metrics, and the web view's pages."""
 
     async def serve_metrics(request: web.Request) -> web.Response:
         body = await metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/metrics", serve_metrics)
+    if view is not None:
+        view.add_routes(app)
 
 
 @web.middleware
@@ -61,7 +64,8 @@ async def _not_found(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return web.Response(status=404, text=f"404: no page at {request.path} (try /metrics)\n")
+        return web.Response(status=404,
+                            text=f"404: no page at {request.path} (try / or /metrics)\n")
 
 
 def _why(exc: OSError) -> str:
@@ -72,13 +76,14 @@ def _why(exc: OSError) -> str:
     return f"cannot be listened on: {os.strerror(exc.errno or 0)}"
 
 
-async def start(address: str, metrics: Metrics) -> web.AppRunner:
+async def start(address: str, metrics: Metrics, view: WebView | None = None) -> web.AppRunner:
     """Listen on ``address``; a port already taken or an address this host lacks: one
     ``InvalidArgument`` line (the agent exits with it before it starts)."""
     host, port = parse_address(address)
     app = web.Application(middlewares=[_not_found])
-    routes(app, metrics)
-    runner = web.AppRunner(app, access_log=None)
+    routes(app, metrics, view)
+    # Open flow streams end on shutdown (``WebView``); the rest of a request is short.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=3.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
@@ -86,5 +91,6 @@ async def start(address: str, metrics: Metrics) -> web.AppRunner:
         await runner.cleanup()
         raise InvalidArgument("metrics-address", address,
                               f"{host}:{port} {_why(exc)}") from None
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on http://%s:%d/metrics, web view on http://%s:%d/", host, port, host,
+             port)
     return runner
