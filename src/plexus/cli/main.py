@@ -136,8 +136,8 @@ for _command in [*containers.COMMANDS, *flows.COMMANDS, *hosts.COMMANDS, *polici
 @click.option("--flow-rate", default=5000, show_default=True, type=click.IntRange(min=1),
               help="flow records made a second at most (the rest are counted, not kept)")
 @click.option("--metrics-address", default="",
-              help="serve Prometheus metrics at http://HOST:PORT/metrics "
-              "(PORT or :PORT: on 127.0.0.1; default: off)")
+              help="serve Prometheus metrics at http://HOST:PORT/metrics and the web view "
+              "at http://HOST:PORT/ (PORT or :PORT: on 127.0.0.1; default: off)")
 @click.option("-v", "--verbose", is_flag=True, help="log at debug level")
 @click.pass_context
 def agent(
