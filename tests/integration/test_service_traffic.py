@@ -113,3 +113,14 @@ def test_a_deleted_element_is_put_back_by_plexus_reconcile(
     assert tcp_probe(agent.netns("cli"), vip, 80, 1.0).outcome is not ANSWERED
     agent.cli("reconcile")
     assert tcp_probe(agent.netns("cli"), vip, 80, 2.0).outcome is ANSWERED
+
+
+def test_a_container_cannot_publish_a_port_the_service_publishes(
+        lab: tuple[World, Agent, str]) -> None:
+    _, agent, _ = lab
+    r = agent.cli("run", "-d", "--name", "squatter", "--network", "net", "-p", "8088:80",
+                  "--", "sleep", "30", check=False)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        "plexus: host port 8088/tcp is published by service default/web"], r.stderr
+    assert "squatter" not in agent.cli("ps").stdout

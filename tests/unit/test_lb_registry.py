@@ -16,16 +16,17 @@ from plexus.agent import wiring
 from plexus.agent.health import HealthProber
 from plexus.agent.wiring import Agent
 from plexus.config import AgentConfig
-from plexus.errors import AlreadyExists, InUse, InvalidArgument
+from plexus.errors import AlreadyExists, Conflict, InUse, InvalidArgument
 from plexus.lb import vips
 from plexus.lb.model import Backend
 from plexus.lb.spec import Health, Publish, Service, ServicePort
 from plexus.model import keys
-from plexus.model.types import Endpoint
+from plexus.model.types import Endpoint, PortMapping
 from plexus.services.lbservices import ServiceRegistry
 from plexus.services.manifests import Manifests
 from plexus.services.networks import NetworkSpec
 from plexus.services.policies import PolicyService
+from plexus.services.ports import PortChange, plan_ports
 from plexus.store.base import Put
 from plexus.store.memory import MemoryStore
 from plexus.testing import FakeFirewall, FakeHost, FakeKernel, fake_drivers
@@ -116,6 +117,16 @@ async def test_published_host_ports_are_claimed_once(agent: Agent) -> None:
     with pytest.raises(InvalidArgument, match="published by a container on n1"):
         await reg.create(web(name="c", publish=(Publish(9090, 80),)), [])
     await reg.create(web(name="d", publish=(Publish(9090, 80, "tcp", IP("10.0.0.5")),)), [])
+
+
+async def test_a_container_cannot_take_a_port_a_service_publishes(agent: Agent) -> None:
+    await registry(agent).create(web(publish=(Publish(8080, 80),)), [])
+    wants = PortChange("n1", "/plexus/endpoints/n1/c/eth0", new=(PortMapping(8080, 80),))
+    with pytest.raises(Conflict, match="host port 8080/tcp is published by service default/web"):
+        await plan_ports(agent.store, [wants])
+    udp = PortChange("n1", "/plexus/endpoints/n1/c/eth0", new=(PortMapping(8080, 80, "udp"),))
+    plan = await plan_ports(agent.store, [udp])  # another protocol: free, and guarded
+    assert keys.service_port("udp", 8080) in {c.key for c in plan.compares}
 
 
 FILE = """

@@ -63,6 +63,7 @@ async def plan_ports(store: Datastore, changes: Sequence[PortChange],
     A slot an owner no longer holds (a stale endpoint) is left alone."""
     plan = Plan()
     gone, wanted = _slots(changes, True), _slots(changes, False)
+    await _not_a_service_port(store, wanted, plan)
     for key in sorted(set(gone) | set(wanted)):
         kv = await store.get(key)
         held: dict[str, str] = json.loads(kv.value) if kv else {}
@@ -82,6 +83,18 @@ async def plan_ports(store: Datastore, changes: Sequence[PortChange],
         plan.compares.append(Compare.unchanged(kv, key))
         plan.ops.append(Put(key, json.dumps(held, sort_keys=True)) if held else Delete(key))
     return plan
+
+
+async def _not_a_service_port(store: Datastore, wanted: Slots, plan: Plan) -> None:
+    """A port a service publishes (on every host: ``--publish``, a NodePort) is not free for a
+    container: the services table would take its connections first. The key's absence is part
+    of the transaction, so a service claiming it meanwhile fails one of the two."""
+    for protocol, port in sorted({(p, n) for slots in wanted.values() for _, _, p, n in slots}):
+        key = keys.service_port(protocol, port)
+        kv = await store.get(key)
+        if kv is not None:
+            raise Conflict(f"host port {port}/{protocol} is published by service {kv.value}")
+        plan.compares.append(Compare.absent(key))
 
 
 def owners(value: str) -> list[str]:
