@@ -245,7 +245,9 @@ def _rules() -> Iterator[tuple[str, str]]:
 def _hooks() -> Iterator[tuple[str, str]]:
     for hook in ("prerouting", "output"):
         yield f"nat_{hook}", "jump services"
-        yield f"filter_{hook}", "jump noendpoints"
+        # Only a connection's first packet can be refused: the others skip the lookups (and
+        # the FIB lookup of ``fib daddr type local``), whatever traffic passes the host.
+        yield f"filter_{hook}", "ct state new jump noendpoints"
         yield f"unmark_{hook}", (f"meta mark & {OURS:#x} == {OURS:#x} "
                                  "meta mark set 0 ct mark set 0")
 
