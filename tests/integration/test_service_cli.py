@@ -17,7 +17,7 @@ from tests.harness.cluster import cluster
 from tests.harness.probes import ANSWERED, netns_path, tcp_probe, wait_for_answer
 from tests.harness.world import ECHO, Agent, World, sh
 
-from .helpers import wait_until
+from .helpers import store_rows, wait_until
 from .service_probes import backends
 
 SUBNET = "10.80.0.0/24"
@@ -280,3 +280,19 @@ def _health_listener(ns: str, name: str) -> subprocess.Popen[bytes]:
                              f"{name}-health", "81"], start_new_session=True)
     assert wait_for_answer(lambda: tcp_probe(ns, "127.0.0.1", 81, 0.5), 10), name
     return proc
+
+
+def test_the_default_range_is_chosen_by_the_first_service_not_by_the_agent(
+        agent: Agent) -> None:
+    """An agent that never gets a service reserves nothing: a network may take 10.96.0.0/16
+    (the first default candidate), and the first service's VIP then comes from the next one."""
+    assert store_rows(agent.state_dir, "/plexus/meta/service-range") == {}
+    agent.cli("network", "create", "net", "--subnet", "10.96.0.0/16")
+    assert store_rows(agent.state_dir, "/plexus/meta/service-range") == {}
+    vip = agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+                    "--port", "80").stdout.split()[1]
+    assert ipaddress.ip_address(vip) in ipaddress.ip_network("10.97.0.0/16")
+    assert store_rows(agent.state_dir, "/plexus/meta/service-range") == {
+        "/plexus/meta/service-range": "10.97.0.0/16,fd00:10:96::/112"}
+    r = agent.cli("network", "create", "late", "--subnet", "10.97.1.0/24", check=False)
+    assert r.returncode != 0 and "the service range" in r.stderr  # now it is taken

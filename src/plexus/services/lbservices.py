@@ -2,11 +2,12 @@
 a single transaction: the service, its VIP claims and its published host port claims together,
 or nothing (``keys.SERVICES``, ``keys.SERVICE_IPS``, ``keys.SERVICE_PORTS``).
 
-VIPs come from the cluster's service range (``lb.vips``); a VIP given with ``--ip`` must lie in
-it and be free. A service gets one VIP per family its network has and the range covers.
-Creating a service in a namespace that does not exist creates the namespace, as ``plexus run
---namespace`` does. What serves it is computed from the cache (``lb.members``) by the
-reconcilers; ``inspect`` computes the same from the cache.
+VIPs come from the cluster's service range (``lb.vips``), chosen when the first service needs
+one unless ``--service-cidr`` gave it; a VIP given with ``--ip`` must lie in it and be free. A
+service gets one VIP per family its network has and the range covers. Creating a service in a
+namespace that does not exist creates the namespace, as ``plexus run --namespace`` does. What
+serves it is computed from the cache (``lb.members``) by the reconcilers; ``inspect`` computes
+the same from the cache.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from plexus.services.context import Context
 from plexus.store.base import Compare, Delete, Op, Put, TxnResult
 
 log = logging.getLogger("plexus.services")
+RANGE_ATTEMPTS = 5  # another host storing the range at the same moment: read theirs
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # an RFC 1035 label, as Kubernetes
 
 
@@ -62,21 +64,41 @@ class ServiceRegistry:
     # -- the range ----------------------------------------------------------------------------
 
     async def ensure_range(self, given: Sequence[IPNetwork]) -> tuple[IPNetwork, ...]:
-        """The cluster's service range: ``given`` replaces the stored one; without it the
-        stored one stays, or the first agent stores the default (``lb.vips``)."""
-        stored = await self.ctx.store.get(keys.SERVICE_RANGE)
-        if not given and stored is not None:
-            return vips.loads(stored.value)
+        """At start-up: an explicit ``--service-cidr`` (``given``) replaces the stored range.
+        Without one nothing is written: the default is chosen when the first service needs a
+        VIP (``range``), so an agent that never serves reserves no addresses (a network may
+        still take 10.96.0.0/16, and the default then avoids it)."""
+        if not given:
+            return self.ctx.cache.service_range
         ranges = tuple(given)
-        if not ranges:
+        for _ in range(RANGE_ATTEMPTS):
+            stored = await self.ctx.store.get(keys.SERVICE_RANGE)
+            if stored is not None and stored.value == vips.dumps(ranges):
+                return ranges
+            result = await self.ctx.commit([Compare.unchanged(stored, keys.SERVICE_RANGE)],
+                                           [Put(keys.SERVICE_RANGE, vips.dumps(ranges))])
+            if result.succeeded:
+                return ranges
+        raise Conflict("the service range kept changing meanwhile; try again")
+
+    async def range(self) -> tuple[IPNetwork, ...]:
+        """The cluster's service range: the stored one, or (the first service anywhere) the
+        default, stored absent-only so that two hosts choosing at once agree on one."""
+        if self.ctx.cache.service_range:
+            return self.ctx.cache.service_range
+        for _ in range(RANGE_ATTEMPTS):
+            stored = await self.ctx.store.get(keys.SERVICE_RANGE)
+            if stored is not None:
+                return vips.loads(stored.value)
             ranges, crowded = vips.default(await self._avoid())
             for r in crowded:
                 log.warning("every default service range overlaps this host's routes or "
                             "networks; using %s (choose one with --service-cidr)", r)
-        if stored is None or stored.value != vips.dumps(ranges):
-            await self.ctx.commit([Compare.unchanged(stored, keys.SERVICE_RANGE)],
-                                  [Put(keys.SERVICE_RANGE, vips.dumps(ranges))])
-        return ranges
+            result = await self.ctx.commit([Compare.absent(keys.SERVICE_RANGE)],
+                                           [Put(keys.SERVICE_RANGE, vips.dumps(ranges))])
+            if result.succeeded:
+                return ranges
+        raise Conflict("the service range kept changing meanwhile; try again")
 
     async def _avoid(self) -> list[IPNetwork]:
         cfg = self.ctx.config
@@ -84,9 +106,6 @@ class ServiceRegistry:
         found += [s.cidr for n in self.ctx.cache.networks.values() for s in n.subnets]
         found += [p for p, _ in await self.ctx.host.local_prefixes()]
         return found
-
-    async def range(self) -> tuple[IPNetwork, ...]:
-        return self.ctx.cache.service_range or await self.ensure_range(())
 
     # -- reading ------------------------------------------------------------------------------
 
