@@ -242,6 +242,9 @@ async def test_the_default_range_is_stored_by_the_first_service_and_two_hosts_ag
         await agents[0].networks.create(NetworkSpec(name="net", subnets=["10.96.0.0/16"]))
         assert await store.get(keys.SERVICE_RANGE) is None  # nothing reserved at start
         await agents[1].ctx.settle((await store.list(keys.NETWORKS))[1])
+        with pytest.raises(InvalidArgument):  # a request that fails stores no range either
+            await registry(agents[0]).create(web(name="bad"), [IP("192.0.2.1")])
+        assert await store.get(keys.SERVICE_RANGE) is None
         made = await asyncio.gather(*(registry(a).create(web(name=f"s{i}"), [])
                                       for i, a in enumerate(agents)))
         kv = await store.get(keys.SERVICE_RANGE)

@@ -47,6 +47,8 @@ class Planned:
 
     vips: set[IPAddress] = field(default_factory=set)
     ports: set[tuple[str, int]] = field(default_factory=set)  # (protocol, host port)
+    new_range: tuple[IPNetwork, ...] = ()  # the default range, chosen by this transaction
+    range_written: bool = False  # ... and the plan that stores it made
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,24 +83,25 @@ class ServiceRegistry:
                 return ranges
         raise Conflict("the service range kept changing meanwhile; try again")
 
-    async def range(self) -> tuple[IPNetwork, ...]:
-        """The cluster's service range: the stored one, or (the first service anywhere) the
-        default, stored absent-only so that two hosts choosing at once agree on one."""
+    async def range(self, planned: Planned | None = None) -> tuple[IPNetwork, ...]:
+        """The cluster's service range: the stored one; else the one this transaction chose
+        already; else the default, which the transaction of the service that needs it stores
+        (``planned.new_range``, absent-only: of two hosts choosing at once, one wins and the
+        other retries with the stored range), so a request that fails stores no range."""
         if self.ctx.cache.service_range:
             return self.ctx.cache.service_range
-        for _ in range(RANGE_ATTEMPTS):
-            stored = await self.ctx.store.get(keys.SERVICE_RANGE)
-            if stored is not None:
-                return vips.loads(stored.value)
-            ranges, crowded = vips.default(await self._avoid())
-            for r in crowded:
-                log.warning("every default service range overlaps this host's routes or "
-                            "networks; using %s (choose one with --service-cidr)", r)
-            result = await self.ctx.commit([Compare.absent(keys.SERVICE_RANGE)],
-                                           [Put(keys.SERVICE_RANGE, vips.dumps(ranges))])
-            if result.succeeded:
-                return ranges
-        raise Conflict("the service range kept changing meanwhile; try again")
+        stored = await self.ctx.store.get(keys.SERVICE_RANGE)
+        if stored is not None:
+            return vips.loads(stored.value)
+        if planned is not None and planned.new_range:
+            return planned.new_range
+        ranges, crowded = vips.default(await self._avoid())
+        for r in crowded:
+            log.warning("every default service range overlaps this host's routes or "
+                        "networks; using %s (choose one with --service-cidr)", r)
+        if planned is not None:
+            planned.new_range = ranges
+        return ranges
 
     async def _avoid(self) -> list[IPNetwork]:
         cfg = self.ctx.config
@@ -191,6 +194,10 @@ class ServiceRegistry:
             if own_namespace else ([], [])
         compares.append(Compare.unchanged(kv, key))
         ops.append(Put(key, new.to_json()))
+        if planned.new_range and not planned.range_written:
+            compares.append(Compare.absent(keys.SERVICE_RANGE))
+            ops.append(Put(keys.SERVICE_RANGE, vips.dumps(planned.new_range)))
+            planned.range_written = True
         await self._claims(new, old, compares, ops)
         return Plan(new, compares, ops, "created" if old is None else "configured")
 
@@ -225,7 +232,7 @@ class ServiceRegistry:
             return old.vips
         if svc.headless:
             return ()
-        ranges = await self.range()
+        ranges = await self.range(planned)
         for ip in ips:
             if ip.version not in families:
                 raise InvalidArgument("ip", str(ip), f"network {svc.network} has no "
