@@ -90,6 +90,6 @@ def test_the_kernel_holds_one_element_per_foreign_address_and_no_rule_per_contai
     assert wait_until(lambda: clients(agent) == want | third)
     assert forward_rules(agent) == rules
     agent.wait_listening("third")
-    assert {k.split()[0] for k in answers(agent.netns("third"), vips["web"], 10)} == set(BACKENDS)
+    assert {k.split()[0] for k in answers(agent.netns("third"), vips["web"], 30)} == set(BACKENDS)
     agent.cli("rm", "-f", "third")
     assert wait_until(lambda: clients(agent) == want)  # its elements leave with it
