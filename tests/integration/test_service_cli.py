@@ -1,20 +1,24 @@
 """Services through the `plexus` command exactly as issue 11 spells it, against a sandboxed
 agent: what each verb prints and stores, names resolved by glibc inside a container, bad input,
-and VIPs kept across an agent restart. (Traffic through a VIP needs the nftables dataplane and
-is tested where that is wired in.)"""
+and VIPs kept across an agent restart; a failing readiness check seen by traffic. (The
+traffic tests proper: test_service_traffic.py and test_lb_dataplane.py.)"""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from tests.harness.cluster import cluster
-from tests.harness.world import Agent, World, sh
+from tests.harness.probes import ANSWERED, netns_path, tcp_probe, wait_for_answer
+from tests.harness.world import ECHO, Agent, World, sh
 
-from .helpers import wait_until
+from .helpers import store_rows, wait_until
+from .service_probes import backends
 
 SUBNET = "10.80.0.0/24"
 
@@ -231,3 +235,64 @@ def test_two_hosts_on_etcd_share_the_range_the_services_and_their_names(
         assert wait_until(lambda: getent(b, "client", "s0.default") == [vips[0]], timeout=20)
         [s0] = [s for s in a.json("service", "ls") if s["name"] == "s0"]
         assert s0["endpoints"] == 1
+
+
+def test_a_failing_check_takes_the_backend_out_of_the_traffic_within_interval_x_threshold(
+        agent: Agent) -> None:
+    """Observed by traffic: web2 keeps serving port 80 (a direct connection still gets in), but
+    once its health port stops answering, connections to the VIP stop landing on it within
+    interval x threshold (plus one interval until the first failed check, and a generous
+    margin for the watch and the kernel: the bound is a deadline, not a measurement)."""
+    two_webs(agent)
+    ns = {name: agent.netns(name) for name in ("web1", "web2", "client")}
+    health = {name: _health_listener(ns[name], name) for name in ("web1", "web2")}
+    try:
+        interval, threshold = 0.3, 3
+        vip = agent.cli("service", "create", "web", "--network", "net", "--selector",
+                        "app=web", "--port", "80", "--health-tcp", "81", "--health-interval",
+                        str(interval), "--health-threshold", str(threshold)).stdout.split()[1]
+        agent.wait_listening("web1")
+        agent.wait_listening("web2")
+        assert set(backends(ns["client"], vip, 30)) == {"web1", "web2"}  # the control
+        health.pop("web2").kill()
+        bound = interval * (threshold + 1) + MARGIN
+        deadline = time.monotonic() + bound
+        while set(backends(ns["client"], vip, 20)) != {"web1"}:
+            assert time.monotonic() < deadline, f"web2 still served after {bound} s"
+        assert set(backends(ns["client"], vip, 40)) == {"web1"}  # and stays out
+        assert tcp_probe(ns["client"], agent.address("web2"), 80).outcome is ANSWERED
+        health["web2"] = _health_listener(ns["web2"], "web2")  # passes again: back in
+        assert wait_until(lambda: set(backends(ns["client"], vip, 20)) == {"web1", "web2"},
+                          timeout=bound)
+    finally:
+        for proc in health.values():
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+MARGIN = 5.0  # seconds beyond interval x (threshold + 1): watch, reconcile, a loaded 2-core VM
+
+
+def _health_listener(ns: str, name: str) -> subprocess.Popen[bytes]:
+    """A second server in the container's namespace, on the health port 81 only, so that the
+    check can fail while port 80 still serves."""
+    proc = subprocess.Popen(["nsenter", f"--net={netns_path(ns)}", "--", sys.executable, ECHO,
+                             f"{name}-health", "81"], start_new_session=True)
+    assert wait_for_answer(lambda: tcp_probe(ns, "127.0.0.1", 81, 0.5), 10), name
+    return proc
+
+
+def test_the_default_range_is_chosen_by_the_first_service_not_by_the_agent(
+        agent: Agent) -> None:
+    """An agent that never gets a service reserves nothing: a network may take 10.96.0.0/16
+    (the first default candidate), and the first service's VIP then comes from the next one."""
+    assert store_rows(agent.state_dir, "/plexus/meta/service-range") == {}
+    agent.cli("network", "create", "net", "--subnet", "10.96.0.0/16")
+    assert store_rows(agent.state_dir, "/plexus/meta/service-range") == {}
+    vip = agent.cli("service", "create", "web", "--network", "net", "--selector", "app=web",
+                    "--port", "80").stdout.split()[1]
+    assert ipaddress.ip_address(vip) in ipaddress.ip_network("10.97.0.0/16")
+    assert store_rows(agent.state_dir, "/plexus/meta/service-range") == {
+        "/plexus/meta/service-range": "10.97.0.0/16,fd00:10:96::/112"}
+    r = agent.cli("network", "create", "late", "--subnet", "10.97.1.0/24", check=False)
+    assert r.returncode != 0 and "the service range" in r.stderr  # now it is taken

@@ -236,3 +236,31 @@ async def test_a_network_with_services_is_not_removed(agent: Agent) -> None:
         await agent.networks.remove("net", force=True)
     await registry(agent).remove("default", "web")
     await agent.networks.remove("net")
+
+
+async def test_the_default_range_is_stored_by_the_first_service_and_two_hosts_agree(
+        tmp_path: Path) -> None:
+    store = MemoryStore()
+    agents = []
+    for node in ("n1", "n2"):  # two agents of one cluster, neither given --service-cidr
+        cfg = AgentConfig(state_dir=tmp_path / node, socket=tmp_path / node / "s", node=node)
+        kernel = FakeKernel()
+        agents.append(wiring.build(cfg, store, fake_drivers(kernel), FakeFirewall(),
+                                   FakeHost(), kernel, lb_kernel=FakeServiceKernel()))
+    try:
+        for a in agents:
+            await a.start()
+        await agents[0].networks.create(NetworkSpec(name="net", subnets=["10.96.0.0/16"]))
+        assert await store.get(keys.SERVICE_RANGE) is None  # nothing reserved at start
+        await agents[1].ctx.settle((await store.list(keys.NETWORKS))[1])
+        with pytest.raises(InvalidArgument):  # a request that fails stores no range either
+            await registry(agents[0]).create(web(name="bad"), [IP("192.0.2.1")])
+        assert await store.get(keys.SERVICE_RANGE) is None
+        made = await asyncio.gather(*(registry(a).create(web(name=f"s{i}"), [])
+                                      for i, a in enumerate(agents)))
+        kv = await store.get(keys.SERVICE_RANGE)
+        assert kv is not None and kv.value.split(",")[0] == "10.97.0.0/16"  # avoids the net
+        assert all(s.vips[0] in ipaddress.ip_network("10.97.0.0/16") for s in made)
+    finally:
+        for a in agents:
+            await a.close()

@@ -66,7 +66,7 @@ async def agent(tmp_path: Path, store: MemoryStore, kernel: FakeKernel,
 
 NETNS = "/proc/self/ns/net"
 # Every agent has them (as Docker does), and its host's record and liveness key.
-BUILTIN = [keys.host_lease("n1"), keys.host("n1"), keys.SERVICE_RANGE, keys.network("host"),
+BUILTIN = [keys.host_lease("n1"), keys.host("n1"), keys.network("host"),
            keys.network("none")]
 
 

@@ -1,9 +1,11 @@
 """The service range: where VIPs come from, and picking a free one. Pure.
 
 One range per family for the whole cluster, stored once (``keys.SERVICE_RANGE``) so that every
-host hands out VIPs from the same place: the first agent writes it (``--service-cidr``, or the
-default below), later agents read it; an agent started with an explicit ``--service-cidr``
-replaces it (services keep the VIPs they have; new ones come from the new range).
+host hands out VIPs from the same place. An agent started with ``--service-cidr`` writes it
+(replacing a stored one: services keep the VIPs they have; new ones come from the new range);
+otherwise the default below is chosen and stored when the first service of the cluster needs a
+VIP, not when an agent starts: an agent that never serves reserves no addresses, and a network
+created before the first service is avoided like the host's routes.
 
 Default: the first of 10.96.0.0/16 .. 10.111.0.0/16, 172.30.0.0/16, 172.31.0.0/16 (Kubernetes'
 own default is 10.96.0.0/12) that overlaps none of the host's addresses and routes, no network's

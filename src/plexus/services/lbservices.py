@@ -2,11 +2,12 @@
 a single transaction: the service, its VIP claims and its published host port claims together,
 or nothing (``keys.SERVICES``, ``keys.SERVICE_IPS``, ``keys.SERVICE_PORTS``).
 
-VIPs come from the cluster's service range (``lb.vips``); a VIP given with ``--ip`` must lie in
-it and be free. A service gets one VIP per family its network has and the range covers.
-Creating a service in a namespace that does not exist creates the namespace, as ``plexus run
---namespace`` does. What serves it is computed from the cache (``lb.members``) by the
-reconcilers; ``inspect`` computes the same from the cache.
+VIPs come from the cluster's service range (``lb.vips``), chosen when the first service needs
+one unless ``--service-cidr`` gave it; a VIP given with ``--ip`` must lie in it and be free. A
+service gets one VIP per family its network has and the range covers. Creating a service in a
+namespace that does not exist creates the namespace, as ``plexus run --namespace`` does. What
+serves it is computed from the cache (``lb.members``) by the reconcilers; ``inspect`` computes
+the same from the cache.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from plexus.services.context import Context
 from plexus.store.base import Compare, Delete, Op, Put, TxnResult
 
 log = logging.getLogger("plexus.services")
+RANGE_ATTEMPTS = 5  # another host storing the range at the same moment: read theirs
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")  # an RFC 1035 label, as Kubernetes
 
 
@@ -45,6 +47,8 @@ class Planned:
 
     vips: set[IPAddress] = field(default_factory=set)
     ports: set[tuple[str, int]] = field(default_factory=set)  # (protocol, host port)
+    new_range: tuple[IPNetwork, ...] = ()  # the default range, chosen by this transaction
+    range_written: bool = False  # ... and the plan that stores it made
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,20 +66,41 @@ class ServiceRegistry:
     # -- the range ----------------------------------------------------------------------------
 
     async def ensure_range(self, given: Sequence[IPNetwork]) -> tuple[IPNetwork, ...]:
-        """The cluster's service range: ``given`` replaces the stored one; without it the
-        stored one stays, or the first agent stores the default (``lb.vips``)."""
-        stored = await self.ctx.store.get(keys.SERVICE_RANGE)
-        if not given and stored is not None:
-            return vips.loads(stored.value)
+        """At start-up: an explicit ``--service-cidr`` (``given``) replaces the stored range.
+        Without one nothing is written: the default is chosen when the first service needs a
+        VIP (``range``), so an agent that never serves reserves no addresses (a network may
+        still take 10.96.0.0/16, and the default then avoids it)."""
+        if not given:
+            return self.ctx.cache.service_range
         ranges = tuple(given)
-        if not ranges:
-            ranges, crowded = vips.default(await self._avoid())
-            for r in crowded:
-                log.warning("every default service range overlaps this host's routes or "
-                            "networks; using %s (choose one with --service-cidr)", r)
-        if stored is None or stored.value != vips.dumps(ranges):
-            await self.ctx.commit([Compare.unchanged(stored, keys.SERVICE_RANGE)],
-                                  [Put(keys.SERVICE_RANGE, vips.dumps(ranges))])
+        for _ in range(RANGE_ATTEMPTS):
+            stored = await self.ctx.store.get(keys.SERVICE_RANGE)
+            if stored is not None and stored.value == vips.dumps(ranges):
+                return ranges
+            result = await self.ctx.commit([Compare.unchanged(stored, keys.SERVICE_RANGE)],
+                                           [Put(keys.SERVICE_RANGE, vips.dumps(ranges))])
+            if result.succeeded:
+                return ranges
+        raise Conflict("the service range kept changing meanwhile; try again")
+
+    async def range(self, planned: Planned | None = None) -> tuple[IPNetwork, ...]:
+        """The cluster's service range: the stored one; else the one this transaction chose
+        already; else the default, which the transaction of the service that needs it stores
+        (``planned.new_range``, absent-only: of two hosts choosing at once, one wins and the
+        other retries with the stored range), so a request that fails stores no range."""
+        if self.ctx.cache.service_range:
+            return self.ctx.cache.service_range
+        stored = await self.ctx.store.get(keys.SERVICE_RANGE)
+        if stored is not None:
+            return vips.loads(stored.value)
+        if planned is not None and planned.new_range:
+            return planned.new_range
+        ranges, crowded = vips.default(await self._avoid())
+        for r in crowded:
+            log.warning("every default service range overlaps this host's routes or "
+                        "networks; using %s (choose one with --service-cidr)", r)
+        if planned is not None:
+            planned.new_range = ranges
         return ranges
 
     async def _avoid(self) -> list[IPNetwork]:
@@ -84,9 +109,6 @@ class ServiceRegistry:
         found += [s.cidr for n in self.ctx.cache.networks.values() for s in n.subnets]
         found += [p for p, _ in await self.ctx.host.local_prefixes()]
         return found
-
-    async def range(self) -> tuple[IPNetwork, ...]:
-        return self.ctx.cache.service_range or await self.ensure_range(())
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -172,6 +194,10 @@ class ServiceRegistry:
             if own_namespace else ([], [])
         compares.append(Compare.unchanged(kv, key))
         ops.append(Put(key, new.to_json()))
+        if planned.new_range and not planned.range_written:
+            compares.append(Compare.absent(keys.SERVICE_RANGE))
+            ops.append(Put(keys.SERVICE_RANGE, vips.dumps(planned.new_range)))
+            planned.range_written = True
         await self._claims(new, old, compares, ops)
         return Plan(new, compares, ops, "created" if old is None else "configured")
 
@@ -206,7 +232,7 @@ class ServiceRegistry:
             return old.vips
         if svc.headless:
             return ()
-        ranges = await self.range()
+        ranges = await self.range(planned)
         for ip in ips:
             if ip.version not in families:
                 raise InvalidArgument("ip", str(ip), f"network {svc.network} has no "

@@ -24,8 +24,11 @@ from plexus.dataplane.nft.state import (
     Publication,
     endpoint_publications,
     net_rule,
+    vip_clients,
 )
+from plexus.model import keys as store_keys
 from plexus.model.drivers import traits
+from plexus.model.types import IPAddress
 from plexus.state.cache import Cache
 from plexus.state.work import Reconciler
 
@@ -52,13 +55,47 @@ class FirewallReconciler(Reconciler):
         self._on_bridges = on_bridges  # the first filtered network appeared (DOCKER-USER)
         self._nets: tuple[NetRule, ...] | None = None  # None: not in step with the kernel
         self._pubs: dict[str, frozenset[Publication]] = {}
+        # Multi-homed containers of this host only: container id -> network -> the addresses
+        # it holds on its other networks (``NetRule.clients``), kept per container so that an
+        # endpoint's change costs O(that container's endpoints).
+        self._clients: dict[str, dict[str, frozenset[IPAddress]]] = {}
         self.repairs = 0
 
     # -- desired state -------------------------------------------------------------------------
 
     def _net_rules(self) -> tuple[NetRule, ...]:
+        clients: dict[str, set[IPAddress]] = {}
+        for per_net in self._clients.values():
+            for name, addresses in per_net.items():
+                clients.setdefault(name, set()).update(addresses)
         nets = (n for n in self._cache.networks.values() if traits(n.driver).filtered)
-        return tuple(sorted((net_rule(n) for n in nets), key=lambda r: r.bridge))
+        return tuple(sorted((net_rule(n, clients.get(n.name, ())) for n in nets),
+                            key=lambda r: r.bridge))
+
+    def _container_changed(self, key: str) -> bool:
+        """Refresh the multi-homed clients of the container of endpoint ``key`` (this host's
+        only); True if they changed."""
+        node, _, rest = key[len(store_keys.ENDPOINTS):].partition("/")
+        container_id = rest.partition("/")[0]
+        if node != self._cache.node or not container_id:
+            return False
+        new = vip_clients(self._cache.of_container(container_id))
+        if new == self._clients.get(container_id, {}):
+            return False
+        if new:
+            self._clients[container_id] = new
+        else:
+            self._clients.pop(container_id, None)
+        return True
+
+    def _all_clients(self) -> None:
+        """Every multi-homed container's clients, from the cache (a full comparison)."""
+        self._clients = {}
+        for ep in self._cache.local_endpoints():
+            if ep.container_id not in self._clients:
+                found = vip_clients(self._cache.of_container(ep.container_id))
+                if found:
+                    self._clients[ep.container_id] = found
 
     def _publications(self, key: str) -> frozenset[Publication]:
         ep = self._cache.endpoint(key)
@@ -87,6 +124,7 @@ class FirewallReconciler(Reconciler):
         return self._snapshot(parts)
 
     def _snapshot(self, parts: dict[str, frozenset[Publication]]) -> Snapshot:
+        self._all_clients()
         parts = {k: v for k, v in parts.items() if v}
         union = frozenset().union(*parts.values()) if parts else frozenset()
         return Snapshot(FirewallState(self._net_rules(), union).canonical(), parts)
@@ -105,7 +143,9 @@ class FirewallReconciler(Reconciler):
     async def _apply(self, keys: list[str]) -> None:
         assert self._nets is not None
         old_nets = self._nets
-        nets_changed = any(k.startswith("net:") for k in keys)
+        # (no short-circuit: every changed container's clients are refreshed)
+        multi_homed = [self._container_changed(k[3:]) for k in keys if k.startswith("ep:")]
+        nets_changed = any(k.startswith("net:") for k in keys) or any(multi_homed)
         new_nets = self._net_rules() if nets_changed else old_nets
         changed = {k[3:]: self._publications(k[3:]) for k in keys if k.startswith("ep:")}
         added: set[Publication] = set()

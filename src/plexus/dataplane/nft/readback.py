@@ -129,9 +129,14 @@ def _nets(elems: Mapping[str, list[Any]]) -> tuple[NetRule, ...]:
     masq = [_network(e) for v in (4, 6) for e in elems.get(f"masq{v}", [])]
     internal = set(elems.get("internal", []))
     tunnels = _tunnels(elems)
+    clients: dict[str, list[IPAddress]] = defaultdict(list)
+    for version in (4, 6):
+        for e in elems.get(f"vip_clients{version}", []):
+            ifname, address = _concat(e)
+            clients[ifname].append(ipaddress.ip_address(address))
     return tuple(
         NetRule(b, tuple(subnets[b]), b in internal, _masqueraded(subnets[b], masq),
-                tunnels.get(b, ""))
+                tunnels.get(b, ""), tuple(clients[b]))
         for b in elems.get("bridges", [])
         if b not in tunnels.values()
     )

@@ -56,6 +56,22 @@ and a container change is a one-element batch.
   its bridge, and ``intra`` holds (bridge, tunnel) and (tunnel, bridge). Not (tunnel, tunnel):
   every host sends straight to the host that holds a block, none relays. Two elements per
   network, whatever the number of hosts or containers.
+- Multi-homed clients of a service: a container on networks A (its default route) and B
+  connects to the VIP of a service on B. Its kernel routes the VIP by the default route, so
+  the connection leaves through A with the container's A address, and after DNAT it goes from
+  A's bridge to B's: the VIP isolation drop (judged by interface) would drop a client that may
+  call the same backend's own address (which it does through its B interface). Judging by
+  interface cannot tell it from a stranger on A; its source address can. ``vip_clients4`` /
+  ``vip_clients6`` hold ``ifname . address`` for every link of network B and every address
+  that a container attached to B (on this host) holds on its *other* networks
+  (``NetRule.clients``), and a VIP connection whose (output link, source address) is in them
+  is accepted before the drop. One hash lookup, only for VIP connections' first packets, and
+  elements only for multi-homed containers: single-homed ones cost nothing, the per-packet
+  cost does not grow with their number. The client's address on A is not masqueraded (it is
+  not in B's subnet), so the backend sees the client as it would on a direct call, and
+  answers through the host back to A. For an overlay network the element is keyed by its
+  tunnel as well: the client's host DNATs, the backend's host sees a plain packet from the
+  tunnel (``intra``).
 - The forward chain's drops count into named counters (``DROP_COUNTERS``): the metrics read
   them back with one ``list counters`` (drops by reason), and a named counter costs a packet
   what an anonymous one does. Replacing the table resets them; Prometheus takes a counter
@@ -106,6 +122,8 @@ NET_SETS = (
     SetSpec("masq6", "ipv6_addr", interval=True),
     SetSpec("bridge_nets4", ("ifname", "ipv4_addr"), interval=True),
     SetSpec("bridge_nets6", ("ifname", "ipv6_addr"), interval=True),
+    SetSpec("vip_clients4", ("ifname", "ipv4_addr")),
+    SetSpec("vip_clients6", ("ifname", "ipv6_addr")),
 )
 PUB_MAPS = tuple(
     SetSpec(f"{name}_{part}", key, data=f"ipv{version}_addr" if part == "addr" else "inet_service")
@@ -145,6 +163,8 @@ def net_elements(nets: Iterable[NetRule]) -> Elements:
         for version in (4, 6):
             subnets = _collapse(s for s in net.subnets if s.version == version)
             out[f"bridge_nets{version}"].update((net.bridge, s) for s in subnets)
+        for client in net.clients:
+            out[f"vip_clients{client.version}"].update((link, client) for link in links)
     for version in (4, 6):
         # Interval sets refuse overlapping elements: merge what several networks share.
         out[f"masq{version}"].update(_collapse(
@@ -312,8 +332,12 @@ def _forward() -> Iterator[list[Json]]:
     yield from _drop([j.match(IIF, internal)], "internal")
     yield from _drop([j.match(OIF, internal)], "internal")
     # A service's VIP leads to its backends, but only from their own network (or another host's
-    # part of it, through the tunnel: ``intra``), as if the client had called the backend.
+    # part of it, through the tunnel: ``intra``), as if the client had called the backend; a
+    # member of the network that sent from its address on another network included.
     vip = j.match(j.ct("label"), VIA_VIP, "in")
+    for version, ip in ((4, "ip"), (6, "ip6")):
+        client = j.concat(OIF, j.payload(ip, "saddr"))
+        yield [vip, j.match(client, j.ref(f"vip_clients{version}")), ACCEPT]
     yield from _drop([vip, j.match(IIF, bridges), j.match(OIF, bridges)], "isolation")
     yield [j.flags_in(j.ct("status"), "dnat"), j.match(OIF, bridges), ACCEPT]  # published
     yield from _drop([j.match(IIF, bridges), j.match(OIF, bridges)], "isolation")  # networks

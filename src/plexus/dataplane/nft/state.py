@@ -24,19 +24,26 @@ MASQUERADE_OPTIONS = ("com.docker.network.bridge.enable_ip_masquerade", "masquer
 class NetRule:
     """One bridge network as the firewall sees it. ``tunnel``: the network's other link on
     this host, if it has one (an overlay's VXLAN device, which carries its traffic to and from
-    the other hosts): part of the network for isolation and masquerade, as the bridge is."""
+    the other hosts): part of the network for isolation and masquerade, as the bridge is.
+    ``clients``: the addresses that this host's containers attached to this network hold on
+    their *other* networks (a multi-homed container's VIP connection leaves through its
+    default route's network, with that network's address; it is a member of this one all the
+    same: ``render.VIP_CLIENT_SETS``)."""
 
     bridge: str
     subnets: tuple[IPNetwork, ...]
     internal: bool = False
     masquerade: bool = True
     tunnel: str = ""
+    clients: tuple[IPAddress, ...] = ()
 
     def canonical(self) -> NetRule:
         # An internal network never reaches the outside, and a network without subnets has
         # nothing to masquerade: the flag cannot be observed (nor read back), so clear it.
         masq = self.masquerade and not self.internal and bool(self.subnets)
-        return NetRule(self.bridge, _sorted_nets(self.subnets), self.internal, masq, self.tunnel)
+        clients = tuple(sorted(set(self.clients), key=lambda a: (a.version, a)))
+        return NetRule(self.bridge, _sorted_nets(self.subnets), self.internal, masq, self.tunnel,
+                       clients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +122,34 @@ def firewall_state(networks: Iterable[Network], endpoints: Iterable[Endpoint]) -
     outside traffic).
     """
     filtered = {n.name: n for n in networks if traits(n.driver).filtered}
-    nets = tuple(net_rule(n) for n in filtered.values())
+    endpoints = list(endpoints)
+    by_container: dict[str, list[Endpoint]] = {}
+    for ep in endpoints:
+        by_container.setdefault(ep.container_id, []).append(ep)
+    clients: dict[str, set[IPAddress]] = {}
+    for eps in by_container.values():
+        for name, addresses in vip_clients(eps).items():
+            clients.setdefault(name, set()).update(addresses)
+    nets = tuple(net_rule(n, clients.get(n.name, ())) for n in filtered.values())
     pubs: list[Publication] = []
     for ep in endpoints:
         pubs.extend(endpoint_publications(filtered.get(ep.network), ep))
     return FirewallState(nets, frozenset(pubs)).canonical()
+
+
+def vip_clients(endpoints: Iterable[Endpoint]) -> dict[str, frozenset[IPAddress]]:
+    """One container's endpoints (on one host) → network name → the addresses the container
+    holds on its other networks (``NetRule.clients``); empty for a container on one network,
+    so that only multi-homed containers cost anything."""
+    eps = list(endpoints)
+    if len({ep.network for ep in eps}) < 2:
+        return {}
+    out: dict[str, frozenset[IPAddress]] = {}
+    for ep in eps:
+        others = frozenset(a.ip for o in eps if o.network != ep.network for a in o.addresses)
+        if others:
+            out[ep.network] = others
+    return out
 
 
 def endpoint_publications(net: Network | None, ep: Endpoint) -> frozenset[Publication]:
@@ -145,10 +175,11 @@ def _serves_family(pm: PortMapping, version: int) -> bool:
     return pm.host_ip is None or pm.host_ip.version == version
 
 
-def net_rule(net: Network) -> NetRule:
+def net_rule(net: Network, clients: Iterable[IPAddress] = ()) -> NetRule:
     masq = all(net.options.get(k, "true").lower() != "false" for k in MASQUERADE_OPTIONS)
     tunnel = device_name(net.id) if traits(net.driver).spans_hosts else ""
-    return NetRule(net.bridge, tuple(s.cidr for s in net.subnets), net.internal, masq, tunnel)
+    return NetRule(net.bridge, tuple(s.cidr for s in net.subnets), net.internal, masq, tunnel,
+                   tuple(clients))
 
 
 def _sorted_nets(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
