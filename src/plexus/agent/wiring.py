@@ -55,6 +55,7 @@ from plexus.model.types import Container, Host
 from plexus.observe.agent import AgentCollector
 from plexus.observe.dns import DnsCollector
 from plexus.observe.drops import DropCollector, DropCounters
+from plexus.observe.flowmetrics import FlowCollector
 from plexus.observe.flows import Directory, FlowLog
 from plexus.observe.metrics import Metrics
 from plexus.observe.model import ModelCollector
@@ -294,6 +295,8 @@ def add_metrics(metrics: Metrics, agent: Agent, firewall: DropCounters) -> None:
     metrics.add("traffic", TrafficCollector(agent.cache))
     metrics.add("drops", DropCollector(firewall, agent.policy_counters))
     metrics.add("agent", AgentCollector(lambda: agent.reconcilers, metrics.timings))
+    if agent.flows is not None:
+        metrics.add("flows", FlowCollector(agent.flows))
     if agent.dns is not None:
         metrics.add("dns", DnsCollector(agent.dns.stats))
 

@@ -10,7 +10,7 @@ No packet reaches Python but those logged, and the tables log at most ``render.L
 Bounded everywhere: the ring holds ``capacity`` records; at most ``rate`` records a second
 are made (the rest are counted in ``FlowLog.stats`` as ``suppressed``), a follower that does
 not read loses records (``lagged``), and connections open at once are tracked up to
-``capacity`` (older ones end without a duration).
+``capacity`` (older ones end without a duration). ``observe.flowmetrics`` serves these counts.
 """
 
 from __future__ import annotations
@@ -156,6 +156,10 @@ class FlowLog:
         self._followers: set[asyncio.Queue[Flow]] = set()
         self._export: TextIO | None = export.open("a", buffering=1) if export else None
         self.stats: collections.Counter[str] = collections.Counter()
+        self.verdicts: collections.Counter[str] = collections.Counter()  # records made
+        # The kernel sockets feeding the log (source -> inode, ``observe.kernel`` fills it): the
+        # kernel counts, per socket, the messages it dropped when the socket's buffer was full.
+        self.sockets: dict[str, int] = {}
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -202,6 +206,7 @@ class FlowLog:
         self._window = (second, made + 1)
         self._ring.append(flow)
         self.stats[flow.event] += 1
+        self.verdicts[flow.verdict] += 1
         for q in self._followers:
             if q.full():
                 self.stats["lagged"] += 1
@@ -224,6 +229,11 @@ class FlowLog:
 
     def unfollow(self, q: asyncio.Queue[Flow]) -> None:
         self._followers.discard(q)
+
+    def sizes(self) -> dict[str, int]:
+        """The ring's fill and bound, followers, and connections tracked as open."""
+        return {"records": len(self._ring), "capacity": self._capacity,
+                "followers": len(self._followers), "open": len(self._open)}
 
     def __iter__(self) -> Iterator[Flow]:
         return iter(list(self._ring))
