@@ -10,11 +10,17 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from plexus.lb.spec import Service, ServicePort
+from plexus.model import keys
 from plexus.model.types import Endpoint
 from plexus.observe import nfwire as w
 from plexus.observe.flowmetrics import FlowCollector, netlink_drops
 from plexus.observe.flows import Directory, FlowLog
 from plexus.observe.metrics import Metrics
+from plexus.observe.services import ServiceCollector
+from plexus.state.cache import Cache
+from plexus.store.base import KeyValue
+from plexus.store.informer import Change
 
 ip = ipaddress.ip_address
 NETLINK = """\
@@ -80,3 +86,35 @@ async def test_flow_records_by_verdict_suppressed_lost_and_the_ring(tmp_path: Pa
     s = await _scrape(metrics)
     assert _v(s, "plexus_flow_followers") == 0
     assert _v(s, "plexus_flow_records_lost_total", source="conntrack") is None
+
+
+def _put(key: str, value: str) -> Change:
+    return Change(key, KeyValue(key, value, 1, 1, 1), 1)
+
+
+async def test_services_count_their_endpoints_and_the_ready_ones() -> None:
+    cache = Cache("h1")
+    web = Service("shop", "web", "front", {"app": "web"}, (ServicePort(80),), (ip("10.96.0.1"),))
+    empty = Service("shop", "empty", "front", {"app": "none"}, (ServicePort(80),),
+                    (ip("10.96.0.2"),))
+    eps = [_ep(1, {"app": "web"}), _ep(2, {"app": "web", "tier": "x"}),
+           _ep(3, {"app": "web"}, state="pending"),
+           _ep(4, {"app": "web"}, namespace="other"),  # another namespace: not picked
+           _ep(5, {"app": "db"})]
+    changes = [_put(keys.service(s.namespace, s.name), s.to_json()) for s in (web, empty)]
+    cache.apply(changes + [_put(ep.store_key, ep.to_json()) for ep in eps])
+    metrics = Metrics()
+    metrics.add("services", ServiceCollector(cache))
+    s = await _scrape(metrics)
+    at = {"namespace": "shop", "service": "web", "network": "front"}
+    assert _v(s, "plexus_service_endpoints", **at) == 3
+    assert _v(s, "plexus_service_endpoints_ready", **at) == 2
+    none = {**at, "service": "empty"}
+    assert _v(s, "plexus_service_endpoints", **none) == 0
+    assert _v(s, "plexus_service_endpoints_ready", **none) == 0
+    assert _v(s, "plexus_services", network="front") == 2
+    # A readiness check failing takes an endpoint out of the ready ones only.
+    cache.failing.add((keys.service("shop", "web"), eps[0].store_key))
+    s = await _scrape(metrics)
+    assert _v(s, "plexus_service_endpoints_ready", **at) == 1
+    assert _v(s, "plexus_service_endpoints", **at) == 3
