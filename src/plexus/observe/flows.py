@@ -21,7 +21,7 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -117,21 +117,26 @@ def _verdict(value: str) -> str:
 
 
 class Directory:
-    """Address -> endpoint, rebuilt from the agent's cache when it may have changed (at most
-    once a second on a miss: most misses are the host's own traffic)."""
+    """Address -> endpoint, rebuilt from the agent's cache on a miss when it may have changed:
+    the number of endpoints differs from the last build (a container just started: its first
+    connections must not pass for the host's own), or a second has passed (an endpoint replaced
+    by another). Most misses are the host's own traffic: they rebuild at most once a second."""
 
-    def __init__(self, endpoints: Callable[[], Iterable[Endpoint]], node: str) -> None:
+    def __init__(self, endpoints: Callable[[], Collection[Endpoint]], node: str) -> None:
         self._endpoints = endpoints
         self.node = node
         self._by_address: dict[IPAddress, Endpoint] = {}
         self._built = -1.0
+        self._size = -1  # endpoints at the last build
 
     def find(self, address: IPAddress, now: float) -> Endpoint | None:
         ep = self._by_address.get(address)
-        if ep is None and now - self._built >= 1.0:
-            self._by_address = {i.ip: e for e in self._endpoints() for i in e.addresses}
-            self._built = now
-            ep = self._by_address.get(address)
+        if ep is None:
+            endpoints = self._endpoints()
+            if now - self._built >= 1.0 or len(endpoints) != self._size:
+                self._by_address = {i.ip: e for e in endpoints for i in e.addresses}
+                self._built, self._size = now, len(endpoints)
+                ep = self._by_address.get(address)
         return ep
 
     def side(self, address: IPAddress, port: int, now: float) -> Side:
