@@ -1,10 +1,14 @@
 """The flow log against real traffic: a connection between containers becomes a start record
 and, when conntrack forgets it, an end record with its bytes; a packet a policy drops (or would
-drop, audit) becomes a record naming the policy; filters and the JSON-lines export agree."""
+drop, audit) becomes a record naming the policy; filters and the JSON-lines export agree; and
+the kernel counts the events a socket too slow to read loses (what the lost-records metric
+reads)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.harness.probes import ANSWERED, DROPPED, tcp_probe
+from plexus.dataplane.netns import run_in_netns
+from plexus.observe import nfwire as w
+from plexus.observe.flowmetrics import netlink_drops
+from tests.harness.probes import ANSWERED, DROPPED, netns_path, tcp_probe
 from tests.harness.world import Agent, World, nsexec
 
 pytestmark = pytest.mark.privileged
@@ -129,3 +136,27 @@ def test_bad_filters_say_which_and_the_table_shows_records(lab: tuple[Agent, Pat
         assert out.returncode != 0 and word in out.stderr and len(out.stderr.splitlines()) == 1
     text = agent.cli("flows", "--from", "a", "--since", "10m").stdout
     assert "default/a (" in text and "forwarded" in text
+
+
+def _overrun_conntrack_socket(connections: int) -> int:
+    """In this thread's namespace: a socket subscribed to conntrack's new-connection events
+    with the smallest buffer the kernel allows, ``connections`` loopback connections, and what
+    /proc/net/netlink says the socket lost (read as the agent reads its own)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, w.NETLINK_NETFILTER) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        sock.bind((0, 1 << (w.NFNLGRP_CONNTRACK_NEW - 1)))
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(connections)
+            for _ in range(connections):
+                with socket.create_connection(server.getsockname(), timeout=2):
+                    pass
+        text = Path("/proc/thread-self/net/netlink").read_text()
+        return netlink_drops(text, {"mine": os.fstat(sock.fileno()).st_ino}).get("mine", -1)
+
+
+def test_the_kernel_counts_the_events_a_full_socket_loses(lab: tuple[Agent, Path]) -> None:
+    """The premise of plexus_flow_records_lost_total: conntrack's events to a socket that is
+    not read are dropped, each counted in the socket's Drops (the first fills the buffer)."""
+    lost = run_in_netns(netns_path("host1"), lambda: _overrun_conntrack_socket(200))
+    assert 150 <= lost <= 200, lost

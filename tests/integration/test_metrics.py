@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dns.message
@@ -20,7 +21,7 @@ import pytest
 from plexus.api.client import Client
 from plexus.dataplane.netns import run_in_netns
 from tests.harness.cluster import cluster
-from tests.harness.probes import DROPPED, netns_path, tcp_probe
+from tests.harness.probes import ANSWERED, DROPPED, netns_path, tcp_probe
 from tests.harness.prometheus import Prometheus, http_get
 from tests.harness.world import VENV_BIN, Agent, World, nsexec
 
@@ -84,6 +85,13 @@ def test_prometheus_scrapes_the_agent_and_sees_real_traffic(lab: Agent, tmp_path
         prom.wait_for('plexus_dropped_packets_total{reason="isolation"}', lambda v: v >= 1)
         prom.wait_for('sum(plexus_dropped_packets_total{reason="policy",policy=~".*lock.*"})',
                       lambda v: v >= 1)
+        # The flow log made records of both (and of the connection), none lost in the kernel.
+        prom.wait_for('plexus_flow_records_total{verdict="dropped"}', lambda v: v >= 2)
+        assert (prom.value('plexus_flow_records_total{verdict="forwarded"}') or 0) >= 1
+        assert prom.value("plexus_flow_records_suppressed_total") == 0
+        assert prom.value('plexus_flow_records_lost_total{source="conntrack"}') == 0
+        assert prom.value('plexus_flow_records_lost_total{source="nflog"}') == 0
+        assert (prom.value("plexus_flow_ring_records") or 0) >= 3
         # DNS from a container to its gateway, and a CNI call: by type and result, by command.
         gateway = agent.container("client")["endpoints"][0]["gateways"][0]
         assert _ask(agent.netns("client"), gateway, "web") == "NOERROR"
@@ -94,6 +102,8 @@ def test_prometheus_scrapes_the_agent_and_sees_real_traffic(lab: Agent, tmp_path
         Client(str(agent.socket)).post("/v1/cni", {"env": {"CNI_COMMAND": "ADD"}, "stdin": ""})
         prom.wait_for('plexus_dns_responses_total{type="A",rcode="NXDOMAIN"}', lambda v: v >= 1)
         assert (prom.value('plexus_dns_responses_total{type="A",rcode="NOERROR"}') or 0) >= 1
+        assert (prom.value('plexus_dns_query_duration_seconds_count'
+                           '{type="A",rcode="NXDOMAIN"}') or 0) >= 1
         prom.wait_for('plexus_cni_request_duration_seconds_count{command="ADD",result="error"}',
                       lambda v: v == 1)
         assert prom.value('plexus_cni_request_duration_seconds_count'
@@ -115,6 +125,49 @@ def test_prometheus_scrapes_the_agent_and_sees_real_traffic(lab: Agent, tmp_path
                 or 0) >= 4
 
 
+def test_flow_records_over_the_rate_limit_are_counted_as_suppressed(world: World) -> None:
+    """An agent that makes at most 2 flow records a second, 20 connections at once: the rest
+    are counted, not kept, and the records made are counted by verdict (each connection's start
+    record at least; its end comes when conntrack forgets it)."""
+    agent = world.add_host("host1", start_agent=False)
+    agent.start(extra=["--metrics-address", f":{METRICS_PORT}", "--flow-rate", "2"])
+    agent.cli("network", "create", "front")
+    for name in ("web", "client"):
+        agent.run_echo(name, "front")
+    agent.wait_listening("web")
+    ns, web = agent.netns("client"), agent.address("web")
+    with ThreadPoolExecutor(max_workers=20) as pool:  # at once: within a second or two
+        answered = list(pool.map(lambda _: tcp_probe(ns, web, 80, 2.0).outcome, range(20)))
+    assert answered.count(ANSWERED) == 20
+    for _ in range(50):  # the events reach the agent's loop in a moment (bounded)
+        output = _metrics(agent)[1]
+        made = _sample(output, "plexus_flow_records_total", verdict="forwarded")
+        suppressed = _sample(output, "plexus_flow_records_suppressed_total")
+        if made + suppressed >= 20:
+            break
+        time.sleep(0.2)
+    assert made >= 2 and suppressed >= 1
+    assert made + suppressed >= 20  # a start record each at least, made or suppressed
+    assert _sample(output, "plexus_flow_ring_records") == made  # what was made, no more
+
+
+def test_services_report_their_endpoints_and_the_ready_ones(lab: Agent) -> None:
+    lab.cli("service", "create", "locked", "--network", "front", "--selector", "role=locked",
+            "--port", "80")
+    lab.cli("service", "create", "nobody", "--network", "front", "--selector", "role=none",
+            "--port", "80")
+    output = _metrics(lab)[1]
+    for name, ready in (("locked", 1), ("nobody", 0)):
+        at = {"namespace": "default", "service": name, "network": "front"}
+        assert _sample(output, "plexus_service_endpoints", **at) == ready
+        assert _sample(output, "plexus_service_endpoints_ready", **at) == ready
+    assert _sample(output, "plexus_services", network="front") == 2
+    lab.cli("rm", "--force", "locked")  # its endpoint goes: the service has none left
+    output = _metrics(lab)[1]
+    assert _sample(output, "plexus_service_endpoints_ready", service="locked") == 0
+    assert _sample(output, "plexus_reconcile_duration_seconds_count", reconciler="lb") >= 1
+
+
 def _queried_metrics(dashboard: dict[str, object]) -> set[str]:
     text = json.dumps(dashboard)
     exprs = re.findall(r'"expr": "((?:[^"\\]|\\.)*)"', text)
@@ -124,12 +177,15 @@ def _queried_metrics(dashboard: dict[str, object]) -> set[str]:
 
 def _declared(output: str) -> set[str]:
     """Every name a query may use: the families (# TYPE, a histogram's with its series'
-    suffixes, which it has even before its first observation) and their samples' names."""
+    suffixes and a counter's with _total, which they have even before their first sample)
+    and their samples' names."""
     names = set(re.findall(r"^(plexus_[a-z0-9_]+)[{ ]", output, re.M))
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)", output, re.M):
         names.add(name)
         if kind == "histogram":
             names.update(f"{name}_{s}" for s in ("bucket", "count", "sum"))
+        if kind == "counter":  # declared without the suffix its samples have
+            names.add(f"{name}_total")
     return names
 
 
@@ -140,6 +196,8 @@ def test_every_metric_the_grafana_dashboard_queries_is_in_the_agents_output(
     assert status == 200
     queried = _queried_metrics(dashboard)
     assert len(queried) >= 25  # the parser found the queries at all
+    assert {"plexus_flow_records_total", "plexus_flow_records_lost_total",
+            "plexus_service_endpoints_ready", "plexus_dns_query_duration_seconds_bucket"} <= queried
     assert queried - _declared(output) == set()
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert all(p["targets"] and p["datasource"]["type"] == "prometheus" for p in panels)
@@ -200,7 +258,7 @@ def test_a_taken_metrics_port_stops_the_agent_before_it_starts(world: World) -> 
 def _sample(output: str, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples that carry ``labels`` (0 when there is none)."""
     total = 0.0
-    for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", output, re.M):
+    for found, value in re.findall(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", output, re.M):
         have = dict(re.findall(r'(\w+)="([^"]*)"', found))
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(value)

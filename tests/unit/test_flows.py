@@ -102,3 +102,15 @@ def test_the_ring_and_the_rate_are_bounded_and_counted() -> None:
     assert sum(1 for m in made if m is not None) == 5 and log.stats["suppressed"] == 3
     assert len(log.query(Filter(), limit=0)) == 3  # the ring keeps the newest
     assert log.connection(_event(9), now=201.0) is not None  # a new second
+
+
+def test_a_container_that_just_started_is_named_within_the_second() -> None:
+    """Its first connection comes right after the directory was last built (for another
+    miss): the number of endpoints changed, so the miss rebuilds it."""
+    eps: list[Endpoint] = []
+    log = FlowLog(Directory(lambda: eps, "n1"))
+    assert log.connection(_event(1), now=300.0) is None  # nobody there yet: the host's own
+    eps.append(Endpoint("c1", "eth0", "net", "n1", "/x", addresses=(
+        ipaddress.ip_interface("10.0.0.2/24"),), name="web"))
+    f = log.connection(_event(2), now=300.1)
+    assert f is not None and f.src.name == "web"

@@ -55,9 +55,11 @@ from plexus.model.types import Container, Host
 from plexus.observe.agent import AgentCollector
 from plexus.observe.dns import DnsCollector
 from plexus.observe.drops import DropCollector, DropCounters
+from plexus.observe.flowmetrics import FlowCollector
 from plexus.observe.flows import Directory, FlowLog
 from plexus.observe.metrics import Metrics
 from plexus.observe.model import ModelCollector
+from plexus.observe.services import ServiceCollector
 from plexus.observe.traffic import TrafficCollector
 from plexus.runtime.containers import ContainerRuntime
 from plexus.services import blocks, hosts
@@ -301,6 +303,9 @@ def add_metrics(metrics: Metrics, agent: Agent, firewall: DropCounters) -> None:
     metrics.add("traffic", TrafficCollector(agent.cache))
     metrics.add("drops", DropCollector(firewall, agent.policy_counters))
     metrics.add("agent", AgentCollector(lambda: agent.reconcilers, metrics.timings))
+    metrics.add("services", ServiceCollector(agent.cache))
+    if agent.flows is not None:
+        metrics.add("flows", FlowCollector(agent.flows))
     if agent.dns is not None:
         metrics.add("dns", DnsCollector(agent.dns.stats))
 

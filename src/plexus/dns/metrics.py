@@ -12,6 +12,14 @@ from typing import Any
 from plexus.histogram import LATENCY_BUCKETS as LATENCY_BUCKETS
 from plexus.histogram import Histogram as Histogram
 
+# Seconds, a query's time in the server: a local answer costs tens of microseconds (the fast
+# path's ready-made ones a few), a forwarded one an upstream round trip, a dead upstream the
+# forwarding timeout.
+QUERY_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+)
+
 
 def nested(counter: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
     """{(a, b): n} -> {a: {b: n}}, sorted, for JSON."""
@@ -50,7 +58,7 @@ def _merge_into(out: dict[str, Any], part: dict[str, Any]) -> None:
 
 
 def _merge_histograms(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    h = Histogram()
+    h = Histogram(tuple(float(bound) for bound, _ in a["buckets"][:-1]))
     h.merge(a)
     h.merge(b)
     return h.to_dict()

@@ -20,6 +20,12 @@ Robustness. Nothing a client sends may raise out of a protocol callback or stall
   close the connection; at most ``max_connections`` per listener and ``max_pipelined`` queries in
   flight per connection; a client that does not read its answers is dropped once
   ``write_timeout`` passes or its backlog exceeds ``max_write_buffer``.
+
+Latency (``stats()["latency"]``: type -> rcode -> histogram): from a query's arrival in Python to
+its answer being ready, upstream time included for a forwarded one. The fast path is not timed:
+two clock reads and a histogram update would add a tenth to its cost; its answers, ready-made
+and sent within microseconds, are counted in the lowest bucket at stats time and add nothing to
+the sum (``QUERY_BUCKETS`` starts well above what they cost).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import itertools
 import logging
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -38,7 +45,7 @@ from typing import Any
 
 from plexus.dataplane.netns import run_in_netns
 from plexus.dns.config import DNS_PORT
-from plexus.dns.metrics import nested
+from plexus.dns.metrics import QUERY_BUCKETS, Histogram, nested
 from plexus.dns.model import DnsChanges, Explanation, Resolution, View
 from plexus.dns.records import RecordTable
 from plexus.dns.upstream import Forwarder, ForwardOptions
@@ -165,6 +172,7 @@ class DnsServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counts: Counter[str] = Counter()
         self._answers: Counter[tuple[str, str]] = Counter()  # (qtype, rcode)
+        self._latency: dict[tuple[str, str], Histogram] = {}  # (qtype, rcode), slow path only
         self._outcomes: Counter[str] = Counter()
         self._retired_hits: Counter[tuple[str, str, str]] = Counter()
         self._cache_entries = 0
@@ -325,10 +333,11 @@ class DnsServer:
     # --- answering ---------------------------------------------------------------------------
 
     def _udp_slow(self, listener: _UdpListener, data: bytes, addr: Any) -> None:
+        started = time.perf_counter()
         try:
             view = listener.clients.get(addr[0], listener.default)
             self._counts["udp"] += 1
-            reply = self._prepare(data, view, udp=True, cache_key=data[2:])
+            reply = self._prepare(data, view, udp=True, cache_key=data[2:], started=started)
             if isinstance(reply, bytes):
                 if reply and listener.transport is not None:
                     listener.transport.sendto(reply, addr)
@@ -343,9 +352,11 @@ class DnsServer:
         if listener.transport is not None and not listener.transport.is_closing():
             listener.transport.sendto(reply, addr)
 
-    def _prepare(self, data: bytes, view: View, *, udp: bool,
-                 cache_key: bytes | None = None) -> bytes | _Forward | None:
-        """The immediate reply, a forwarding job, or None (drop)."""
+    def _prepare(self, data: bytes, view: View, *, udp: bool, cache_key: bytes | None = None,
+                 started: float | None = None) -> bytes | _Forward | None:
+        """The immediate reply, a forwarding job, or None (drop); ``started``: when the query
+        arrived (``time.perf_counter()``; None: now)."""
+        started = time.perf_counter() if started is None else started
         try:
             msg = parse_message(data)
         except WireError as exc:
@@ -353,7 +364,7 @@ class DnsServer:
             if exc.header is None or exc.header[1] & QR:
                 return None
             return error_response(exc.header[0], exc.header[1], Rcode.FORMERR)
-        refusal = self._refusal(msg)
+        refusal = self._refusal(msg, started)
         if refusal is not None:
             return refusal
         q = msg.question
@@ -363,8 +374,8 @@ class DnsServer:
         if resolution.outcome == "forward":
             if len(self._tasks) >= self.options.max_inflight:
                 self._counts["overload"] += 1
-                return self._count(msg, response(msg, Rcode.SERVFAIL, aa=False))
-            return _Forward(msg, data[:msg.size], resolution)  # without trailing bytes
+                return self._count(msg, response(msg, Rcode.SERVFAIL, aa=False), started)
+            return _Forward(msg, data[:msg.size], resolution, started)  # without trailing bytes
         bodies = self._render(msg, resolution, view, udp)
         if udp and cache_key is not None and msg.size == len(data):
             cached = _Cached([b[2:] for b in bodies], qtype_name(q.qtype),
@@ -376,30 +387,40 @@ class DnsServer:
             reply = data[:2] + cached.next_body()
         else:
             reply = bodies[0]
-        self._answers[(qtype_name(q.qtype), rcode_name(resolution.rcode))] += 1
+        self._answered(qtype_name(q.qtype), rcode_name(resolution.rcode), started)
         return reply
 
-    def _refusal(self, msg: Message) -> bytes | None:
+    def _refusal(self, msg: Message, started: float) -> bytes | None:
         """A reply for queries we do not serve (or b"" to drop), None for the rest."""
         if msg.is_response:
             self._counts["responses_dropped"] += 1
             return b""
         if msg.opcode != 0:
-            return self._count(msg, error_response(msg.id, msg.flags, Rcode.NOTIMP))
+            return self._count(msg, error_response(msg.id, msg.flags, Rcode.NOTIMP), started)
         if msg.question is None:
-            return self._count(msg, error_response(msg.id, msg.flags, Rcode.FORMERR))
+            return self._count(msg, error_response(msg.id, msg.flags, Rcode.FORMERR), started)
         if msg.question.qtype in ZONE_TRANSFERS:
-            return self._count(msg, response(msg, Rcode.REFUSED, aa=False))
+            return self._count(msg, response(msg, Rcode.REFUSED, aa=False), started)
         if msg.edns is not None and msg.edns.version > 0:
-            return self._count(msg, response(msg, Rcode.BADVERS, aa=False), Rcode.BADVERS)
+            return self._count(msg, response(msg, Rcode.BADVERS, aa=False), started,
+                               Rcode.BADVERS)
         return None
 
-    def _count(self, msg: Message, reply: bytes, rcode: int | None = None) -> bytes:
+    def _count(self, msg: Message, reply: bytes, started: float,
+               rcode: int | None = None) -> bytes:
         qtype = qtype_name(msg.question.qtype) if msg.question else "NONE"
         if rcode is None:
             rcode = (reply[3] & 0x0F) if len(reply) > 3 else 0
-        self._answers[(qtype, rcode_name(rcode))] += 1
+        self._answered(qtype, rcode_name(rcode), started)
         return reply
+
+    def _answered(self, qtype: str, rcode: str, started: float) -> None:
+        key = (qtype, rcode)
+        self._answers[key] += 1
+        h = self._latency.get(key)
+        if h is None:
+            h = self._latency[key] = Histogram(QUERY_BUCKETS)
+        h.observe(time.perf_counter() - started)
 
     def _render(self, msg: Message, res: Resolution, view: View, udp: bool) -> list[bytes]:
         """The response, and for round-robin answers one per rotation."""
@@ -431,11 +452,11 @@ class DnsServer:
         reply = result.response
         if reply is None:
             self._counts["forward_servfail"] += 1
-            return self._count(msg, response(msg, Rcode.SERVFAIL, aa=False))
+            return self._count(msg, response(msg, Rcode.SERVFAIL, aa=False), job.started)
         if not tcp and len(reply) > msg.udp_limit:
             self._counts["truncated_for_client"] += 1
             reply = truncated_copy(reply, msg)
-        return self._count(msg, reply)
+        return self._count(msg, reply, job.started)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -482,9 +503,10 @@ class DnsServer:
                 frame = await self._read_frame(reader)
                 if frame is None:
                     break
+                started = time.perf_counter()
                 view = self.table.view(listener.key.network, client)
                 self._counts["tcp"] += 1
-                reply = self._prepare(frame, view, udp=False)
+                reply = self._prepare(frame, view, udp=False, started=started)
                 if isinstance(reply, bytes):
                     if reply:
                         await self._tcp_write(writer, reply)
@@ -560,11 +582,13 @@ class DnsServer:
             answers[(qtype, rcode)] += n
             outcomes[outcome] += n
             fast += n
+        latency = self._latency_stats(hits)
         c = self._counts
         return {
             "queries": {"udp": c["udp"] + fast, "tcp": c["tcp"], "fast_path": fast,
                         "total": c["udp"] + fast + c["tcp"]},
             "responses": nested(answers),  # qtype -> rcode -> count
+            "latency": latency,  # qtype -> rcode -> histogram (seconds)
             "outcomes": dict(sorted(outcomes.items())),
             "dropped": {"malformed": c["malformed"], "responses": c["responses_dropped"],
                         "overload": c["overload"], "internal_errors": c["internal_errors"],
@@ -580,11 +604,28 @@ class DnsServer:
         }
 
 
+    def _latency_stats(self, hits: Counter[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
+        """Each (type, rcode)'s histogram, the fast path's answers in its lowest bucket."""
+        merged = {k: Histogram(h.bounds, list(h.counts), h.total, h.count)
+                  for k, h in self._latency.items()}
+        for (qtype, rcode, _), n in hits.items():
+            h = merged.get((qtype, rcode))
+            if h is None:
+                h = merged[(qtype, rcode)] = Histogram(QUERY_BUCKETS)
+            h.counts[0] += n
+            h.count += n
+        out: dict[str, dict[str, Any]] = {}
+        for (qtype, rcode), h in sorted(merged.items()):
+            out.setdefault(qtype, {})[rcode] = h.to_dict()
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class _Forward:
     msg: Message
     data: bytes
     resolution: Resolution
+    started: float  # when the query arrived (``time.perf_counter()``)
 
 
 def _replace(found: Explanation, **changes: Any) -> Explanation:

@@ -1,6 +1,6 @@
 """The embedded DNS server's counters (``DnsServer.stats``, already plain data shaped for this)
-as Prometheus families: queries by type and result, drops, and each upstream's health, answers,
-failures and latency.
+as Prometheus families: queries by type and result with their latency, drops, and each
+upstream's health, answers, failures and latency.
 
 Labels: query types (the named ones, a handful in practice), rcodes (at most 16), outcomes and
 upstreams (configuration): never clients or names.
@@ -31,6 +31,13 @@ class DnsCollector:
         if not s:
             return
         yield _responses(s.get("responses", {}))
+        yield histogram_family(
+            "plexus_dns_query_duration_seconds",
+            "Time from a query's arrival to its answer, by query type and response code "
+            "(upstream time included when forwarded; answers served ready-made count in the "
+            "lowest bucket).", ["type", "rcode"],
+            (((qtype, rcode), h) for qtype, rcodes in sorted(s.get("latency", {}).items())
+             for rcode, h in sorted(rcodes.items())))
         yield _by("plexus_dns_queries_total", "Queries received, by transport.", "transport",
                   {k: v for k, v in s.get("queries", {}).items() if k in ("udp", "tcp")})
         yield _by("plexus_dns_outcomes_total", "How queries were answered (local, forwarded, "

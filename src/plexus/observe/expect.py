@@ -18,17 +18,19 @@ Which ports: the default probe port (80/tcp), the target's exposed ports (``--ex
 published container ports and every port policies name (a range: its two ends), at most
 ``MAX_PORTS`` per target. Only endpoints of filtered networks (bridge, overlay) whose container
 lives on this host are sources: a network namespace is only reachable on its own host, so each
-host verifies the pairs whose source it holds. Services (load-balanced frontends) will add their
-expectations here as another generator over the same snapshot.
+host verifies the pairs whose source it holds. Services (load-balanced VIPs) are another
+generator over the same snapshot: ``observe.expect_services``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from plexus.lb.spec import Service
 from plexus.model.drivers import traits
 from plexus.model.types import Endpoint, IPAddress, Network, PortMapping
+from plexus.observe.services import ready
 from plexus.policy.evaluate import Evaluator, Flow, Party, Verdict
 from plexus.policy.model import Direction, Policy
 from plexus.services.explain import workload
@@ -41,6 +43,15 @@ PROTOCOLS = ("tcp", "udp")  # what a socket can probe without the application's 
 
 
 @dataclass(frozen=True, slots=True)
+class Served:
+    """A service with a VIP, and its ready endpoints (every host's) as the load balancer has
+    them (``lb.members.serving``)."""
+
+    service: Service
+    ready: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     """What verify reads of the cache, copied on the event loop so that the computation can run
     on another thread while the cache moves on."""
@@ -50,21 +61,26 @@ class Model:
     endpoints: tuple[Endpoint, ...]  # every node's, ready
     policies: tuple[Policy, ...] = ()
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    services: tuple[Served, ...] = ()
 
     @staticmethod
     def of(cache: Cache) -> Model:
         eps = tuple(e for e in cache.endpoints.values() if e.state == "ready")
+        served = tuple(Served(svc, tuple(ready(cache, key, svc)))
+                       for key, svc in sorted(cache.services.items())
+                       if svc.vips and not svc.headless)
         return Model(cache.node, dict(cache.networks), eps, tuple(cache.policies.values()),
-                     {n: ns.all_labels for n, ns in cache.namespaces.items()})
+                     {n: ns.all_labels for n, ns in cache.namespaces.items()}, served)
 
 
 @dataclass(frozen=True, slots=True)
 class Expectation:
     """One probe and what the model says of it. ``src`` is None for a probe from the host
-    itself; ``port`` is what the packet asks for (the host port of a publication)."""
+    itself; ``port`` is what the packet asks for (the host port of a publication); ``dst`` is
+    None for a probe of a service's VIP (``service`` says which)."""
 
     src: Endpoint | None
-    dst: Endpoint
+    dst: Endpoint | None
     address: IPAddress
     port: int
     protocol: str
@@ -72,21 +88,28 @@ class Expectation:
     reason: str
     container_port: int = 0  # a publication's: the port the container serves
     decidable: str = ""  # why not, when known before probing ("" if it is)
+    service: Service | None = None  # the service whose VIP ``address`` is
+    # A VIP's ready endpoints for this port, with the container port each serves it on.
+    backends: tuple[tuple[Endpoint, int], ...] = ()
+    refused: bool = False  # the model expects a reset (a service without ready endpoints)
 
     @property
     def published(self) -> bool:
         return self.container_port != 0
 
+    @property
+    def target(self) -> Endpoint:
+        """The container probed (not for a VIP: ``service``, ``backends``)."""
+        assert self.dst is not None
+        return self.dst
+
 
 def expectations(model: Model, network: str | None = None) -> list[Expectation]:
     """Every probe this host can make, and its expected outcome; ``network``: only those whose
     source or destination is on it."""
-    nets = {n: net for n, net in model.networks.items() if traits(net.driver).filtered}
+    nets = filtered(model)
     eps = [e for e in model.endpoints if e.network in nets and e.addresses]
-    by_container: dict[str, list[Endpoint]] = {}
-    for e in eps:
-        if e.node == model.node and e.netns:
-            by_container.setdefault(e.container_id, []).append(e)
+    by_container = sources(model, eps)
     ev = Evaluator(model.policies, model.namespaces)
     ports = policy_ports(model.policies)
     out: list[Expectation] = []
@@ -102,6 +125,21 @@ def expectations(model: Model, network: str | None = None) -> list[Expectation]:
                 and network in (None, dst.network):
             out.extend(_published(ev, nets, by_container, dst))
     return out
+
+
+def filtered(model: Model) -> dict[str, Network]:
+    """The networks whose traffic the firewall judges (bridge, overlay): the only ones
+    verified."""
+    return {n: net for n, net in model.networks.items() if traits(net.driver).filtered}
+
+
+def sources(model: Model, eps: Iterable[Endpoint]) -> dict[str, list[Endpoint]]:
+    """This host's containers among ``eps`` (by container ID): the probes' sources."""
+    by_container: dict[str, list[Endpoint]] = {}
+    for e in eps:
+        if e.node == model.node and e.netns:
+            by_container.setdefault(e.container_id, []).append(e)
+    return by_container
 
 
 def _wanted(network: str | None, mine: list[Endpoint], dst: Endpoint) -> bool:
@@ -148,10 +186,10 @@ def _pair(ev: Evaluator, nets: Mapping[str, Network], mine: list[Endpoint], dst:
             continue
         for port, proto in target_ports(dst, ports):
             if src.network == dst.network:
-                verdict = ev.verdict(_flow(src, dst, address, port, proto))
+                verdict = ev.verdict(flow(src, dst, address, port, proto))
                 ok, why = verdict.allowed, f"network {dst.network}; {because(verdict)}"
             else:
-                ok, why = False, _apart(nets[src.network], nets[dst.network])
+                ok, why = False, apart(nets[src.network], nets[dst.network])
             out = Expectation(src, dst, address, port, proto, ok, why)
             if proto == "udp" and dst.node != src.node:
                 out = _undecidable(out, "UDP to another host's container (its sockets unseen)")
@@ -159,8 +197,7 @@ def _pair(ev: Evaluator, nets: Mapping[str, Network], mine: list[Endpoint], dst:
 
 
 def _undecidable(e: Expectation, why: str) -> Expectation:
-    return Expectation(e.src, e.dst, e.address, e.port, e.protocol, e.reachable, e.reason,
-                       e.container_port, why)
+    return replace(e, decidable=why)
 
 
 def _leaving(mine: list[Endpoint], network: str, version: int) -> Endpoint | None:
@@ -174,7 +211,7 @@ def _leaving(mine: list[Endpoint], network: str, version: int) -> Endpoint | Non
     return next(iter(routed or having), None)
 
 
-def _apart(src: Network, dst: Network) -> str:
+def apart(src: Network, dst: Network) -> str:
     if dst.internal:
         return f"internal network {dst.name}"
     if src.internal:
@@ -182,7 +219,7 @@ def _apart(src: Network, dst: Network) -> str:
     return f"isolation: networks {src.name} and {dst.name}"
 
 
-def _flow(src: Endpoint, dst: Endpoint, address: IPAddress, port: int, proto: str) -> Flow:
+def flow(src: Endpoint, dst: Endpoint, address: IPAddress, port: int, proto: str) -> Flow:
     src_ip = src.address_of(address.version)
     assert src_ip is not None
     return Flow(Party(src_ip, workload(src)), Party(address, workload(dst)), proto, port)
@@ -223,7 +260,7 @@ def _publication(ev: Evaluator, nets: Mapping[str, Network], src: Endpoint | Non
                            "no host address to call it on")
     ok = True
     if src is not None:
-        verdict = ev.verdict(_flow(src, dst, container, port, mapping.protocol))
+        verdict = ev.verdict(flow(src, dst, container, port, mapping.protocol))
         ok, why = verdict.allowed, f"{why}; {because(verdict)}"
     out = Expectation(src, dst, target, host_port, mapping.protocol, ok, why, port)
     if mapping.protocol != "tcp":

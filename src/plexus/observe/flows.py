@@ -10,7 +10,7 @@ No packet reaches Python but those logged, and the tables log at most ``render.L
 Bounded everywhere: the ring holds ``capacity`` records; at most ``rate`` records a second
 are made (the rest are counted in ``FlowLog.stats`` as ``suppressed``), a follower that does
 not read loses records (``lagged``), and connections open at once are tracked up to
-``capacity`` (older ones end without a duration).
+``capacity`` (older ones end without a duration). ``observe.flowmetrics`` serves these counts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -117,21 +117,26 @@ def _verdict(value: str) -> str:
 
 
 class Directory:
-    """Address -> endpoint, rebuilt from the agent's cache when it may have changed (at most
-    once a second on a miss: most misses are the host's own traffic)."""
+    """Address -> endpoint, rebuilt from the agent's cache on a miss when it may have changed:
+    the number of endpoints differs from the last build (a container just started: its first
+    connections must not pass for the host's own), or a second has passed (an endpoint replaced
+    by another). Most misses are the host's own traffic: they rebuild at most once a second."""
 
-    def __init__(self, endpoints: Callable[[], Iterable[Endpoint]], node: str) -> None:
+    def __init__(self, endpoints: Callable[[], Collection[Endpoint]], node: str) -> None:
         self._endpoints = endpoints
         self.node = node
         self._by_address: dict[IPAddress, Endpoint] = {}
         self._built = -1.0
+        self._size = -1  # endpoints at the last build
 
     def find(self, address: IPAddress, now: float) -> Endpoint | None:
         ep = self._by_address.get(address)
-        if ep is None and now - self._built >= 1.0:
-            self._by_address = {i.ip: e for e in self._endpoints() for i in e.addresses}
-            self._built = now
-            ep = self._by_address.get(address)
+        if ep is None:
+            endpoints = self._endpoints()
+            if now - self._built >= 1.0 or len(endpoints) != self._size:
+                self._by_address = {i.ip: e for e in endpoints for i in e.addresses}
+                self._built, self._size = now, len(endpoints)
+                ep = self._by_address.get(address)
         return ep
 
     def side(self, address: IPAddress, port: int, now: float) -> Side:
@@ -156,6 +161,10 @@ class FlowLog:
         self._followers: set[asyncio.Queue[Flow]] = set()
         self._export: TextIO | None = export.open("a", buffering=1) if export else None
         self.stats: collections.Counter[str] = collections.Counter()
+        self.verdicts: collections.Counter[str] = collections.Counter()  # records made
+        # The kernel sockets feeding the log (source -> inode, ``observe.kernel`` fills it): the
+        # kernel counts, per socket, the messages it dropped when the socket's buffer was full.
+        self.sockets: dict[str, int] = {}
 
     # -- ingest ----------------------------------------------------------------------------
 
@@ -202,6 +211,7 @@ class FlowLog:
         self._window = (second, made + 1)
         self._ring.append(flow)
         self.stats[flow.event] += 1
+        self.verdicts[flow.verdict] += 1
         for q in self._followers:
             if q.full():
                 self.stats["lagged"] += 1
@@ -224,6 +234,11 @@ class FlowLog:
 
     def unfollow(self, q: asyncio.Queue[Flow]) -> None:
         self._followers.discard(q)
+
+    def sizes(self) -> dict[str, int]:
+        """The ring's fill and bound, followers, and connections tracked as open."""
+        return {"records": len(self._ring), "capacity": self._capacity,
+                "followers": len(self._followers), "open": len(self._open)}
 
     def __iter__(self) -> Iterator[Flow]:
         return iter(list(self._ring))

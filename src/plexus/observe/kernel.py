@@ -4,7 +4,9 @@ tables log to ``flows.LOG_GROUP``, each read on the event loop as it arrives (``
 Conntrack accounting (``net.netfilter.nf_conntrack_acct``) is turned on in the agent's
 namespace while flows are on, so that an ended connection says its bytes and packets; it was
 off here by default. If the kernel's socket buffer overflows (a burst of connections faster
-than the loop reads), the kernel says so (ENOBUFS): the records are lost, and counted.
+than the loop reads), the kernel says so (ENOBUFS, counted here as ``lost`` once per overrun)
+and counts every message it dropped on that socket (the Drops column of /proc/net/netlink, which
+``observe.flowmetrics`` reads by the sockets' inodes): those records are lost.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -44,6 +47,7 @@ class KernelFlows:
         _bind_log(self._log, LOG_GROUP)
         self._ct.setblocking(False)
         self._log.setblocking(False)
+        self._flows.sockets = {"conntrack": _inode(self._ct), "nflog": _inode(self._log)}
         loop.add_reader(self._ct.fileno(), self._read, self._ct)
         loop.add_reader(self._log.fileno(), self._read, self._log)
 
@@ -78,6 +82,7 @@ class KernelFlows:
                 loop.remove_reader(sock.fileno())
                 sock.close()
         self._ct = self._log = None
+        self._flows.sockets = {}
         self._flows.close()
 
 
@@ -89,6 +94,10 @@ def _socket(groups: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
     sock.bind((0, groups))
     return sock
+
+
+def _inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
 
 
 def _bind_log(sock: socket.socket, group: int) -> None:

@@ -8,7 +8,10 @@ that is not DNATed is the host's own, which refuses too), so it is decidable onl
 container listens on the port and the host does not. UDP reached it when refused (ICMP port
 unreachable) or answered; its silence is a drop only when nothing listens on the port, and a
 UDP probe to another host's container, whose sockets this host cannot see, is reported but not
-judged. Silence and "unreachable" mean it did not.
+judged. Silence and "unreachable" mean it did not. A VIP (``observe.expect_services``) is
+reached when the connection completes; one that does not tells only when every ready endpoint
+is on this host and listens on its port (a refusal may be an endpoint's own); a VIP without
+endpoints must refuse, and anything else (silence, a connection) disagrees.
 
 Order: the probes that leave the source's segment (isolation, published ports) all at once;
 those to a neighbour on the segment in rounds that bound the neighbour entries they make, taken
@@ -37,7 +40,8 @@ from plexus.dataplane.netns import run_in_netns
 from plexus.errors import PlexusError
 from plexus.model.types import Endpoint
 from plexus.observe import probe
-from plexus.observe.expect import Expectation, Model, expectations
+from plexus.observe.expect import Expectation, Model
+from plexus.observe.expect_services import expected
 from plexus.observe.neigh import BUDGET, Entry, Neighbours
 from plexus.observe.probe import Outcome, Result, Target
 
@@ -59,7 +63,7 @@ class Checked:
 
 
 def reached(e: Expectation, r: Result) -> bool:
-    if e.published:
+    if e.published or e.service is not None:
         return r.outcome is Outcome.CONNECTED
     return r.outcome in (Outcome.CONNECTED, Outcome.REFUSED)
 
@@ -70,13 +74,17 @@ def judge(e: Expectation, r: Result, listeners: Listeners) -> Checked:
     why = e.decidable or _ambiguous(e, r, listeners)
     if why:
         return Checked(e, r, got, None, why)
+    if e.refused:
+        return Checked(e, r, got, r.outcome is Outcome.REFUSED)
     return Checked(e, r, got, got == e.reachable)
 
 
 def _ambiguous(e: Expectation, r: Result, listeners: Listeners) -> str:
     if r.outcome is Outcome.ERROR:
         return f"could not probe: {r.detail}"
-    serving = listeners.get(e.dst.netns, set()) if e.dst.netns else set()
+    if e.service is not None:
+        return _unseen(e, r, listeners)
+    serving = listeners.get(e.target.netns, set()) if e.target.netns else set()
     if e.published:
         if ("tcp", e.container_port) not in serving:
             return f"nothing listens on {e.container_port}/tcp in the container"
@@ -88,6 +96,19 @@ def _ambiguous(e: Expectation, r: Result, listeners: Listeners) -> str:
     return ""
 
 
+def _unseen(e: Expectation, r: Result, listeners: Listeners) -> str:
+    """Why a VIP probe that did not connect cannot tell, if it cannot: an endpoint it may have
+    been sent to would not have accepted it either."""
+    if e.refused or r.outcome is Outcome.CONNECTED:
+        return ""
+    for ep, port in e.backends:
+        if ep.netns not in listeners or not ep.netns:
+            return f"endpoint {name(ep)} is on another host (its sockets unseen)"
+        if ("tcp", port) not in listeners[ep.netns]:
+            return f"nothing listens on {port}/tcp in endpoint {name(ep)}"
+    return ""
+
+
 async def verify(model: Model, network: str | None = None,
                  timeout: float = TIMEOUT) -> dict[str, Any]:
     """Probe every expectation of this host; the report (``report``). A disagreement is
@@ -96,7 +117,7 @@ async def verify(model: Model, network: str | None = None,
     loop = asyncio.get_running_loop()
     neighbours = Neighbours()
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="verify") as pool:
-        wanted = await loop.run_in_executor(pool, expectations, model, network)
+        wanted = await loop.run_in_executor(pool, expected, model, network)
         listeners = await _listeners(pool, model, wanted)
         try:
             results = await _probe_all(pool, wanted, range(len(wanted)), timeout, neighbours,
@@ -144,8 +165,10 @@ def _plan(wanted: list[Expectation], which: list[int],
 async def _listeners(pool: ThreadPoolExecutor, model: Model,
                      wanted: list[Expectation]) -> Listeners:
     loop = asyncio.get_running_loop()
-    needs = {e.dst.netns for e in wanted if e.dst.node == model.node and e.dst.netns
-             and (e.published or e.protocol == "udp")}
+    needs = {e.dst.netns for e in wanted if e.dst is not None and e.dst.node == model.node
+             and e.dst.netns and (e.published or e.protocol == "udp")}
+    needs |= {ep.netns for e in wanted for ep, _ in e.backends
+              if ep.node == model.node and ep.netns}
     found = dict(zip(needs, await asyncio.gather(
         *(loop.run_in_executor(pool, _listening, ns) for ns in needs)), strict=True))
     found[""] = await loop.run_in_executor(pool, probe.listening)
@@ -175,7 +198,8 @@ def _group(wanted: list[Expectation], which: Iterable[int]) -> Groups:
 
 def on_link(e: Expectation) -> bool:
     """A probe to a neighbour of the source's own segment (which makes neighbour entries)."""
-    return e.src is not None and not e.published and e.src.network == e.dst.network
+    return (e.src is not None and e.dst is not None and not e.published
+            and e.src.network == e.dst.network)
 
 
 def made(e: Expectation, node: str) -> list[Entry]:
@@ -183,8 +207,9 @@ def made(e: Expectation, node: str) -> list[Entry]:
     assert e.src is not None
     out: list[Entry] = [(e.src.netns, e.src.ifname, e.address)]
     mine = e.src.address_of(e.address.version)
-    if e.dst.node == node and e.dst.netns and mine is not None:
-        out.append((e.dst.netns, e.dst.ifname, mine))
+    dst = e.target
+    if dst.node == node and dst.netns and mine is not None:
+        out.append((dst.netns, dst.ifname, mine))
     return out
 
 
@@ -196,12 +221,12 @@ def rounds(wanted: list[Expectation], linked: list[int], node: str) -> list[list
     destination's namespace each round: N x N requests)."""
     side = max(1, math.isqrt(BUDGET // 2))
     srcs = sorted({(_src(wanted[i]).network, _src(wanted[i]).netns) for i in linked})
-    dsts = sorted({(wanted[i].dst.network, wanted[i].dst.store_key) for i in linked})
+    dsts = sorted({(wanted[i].target.network, wanted[i].target.store_key) for i in linked})
     src_tile = {ns: n // side for n, (_, ns) in enumerate(srcs)}
     dst_tile = {key: n // side for n, (_, key) in enumerate(dsts)}
     tiles: dict[tuple[int, int], list[int]] = {}
     for i in linked:
-        tile = (src_tile[_src(wanted[i]).netns], dst_tile[wanted[i].dst.store_key])
+        tile = (src_tile[_src(wanted[i]).netns], dst_tile[wanted[i].target.store_key])
         tiles.setdefault(tile, []).append(i)
     out: list[list[int]] = []
     size = 0
@@ -262,15 +287,31 @@ def name(e: Any) -> str:
     return "host" if e is None else (e.name or e.container_id[:12])
 
 
+def _to(e: Expectation) -> tuple[str, str, str]:
+    """Who a probe calls: a container (name, network, node), or a service (NS/NAME, its
+    network, no node)."""
+    if e.service is not None:
+        return e.service.ref, e.service.network, ""
+    return name(e.target), e.target.network, e.target.node
+
+
+def _observed(e: Expectation, c: Checked) -> str:
+    if e.service is not None and c.result.outcome is Outcome.REFUSED:
+        return "refused"  # a VIP's reset: no endpoint (or one that does not listen)
+    return "reachable" if c.reached else "blocked"
+
+
 def view(c: Checked) -> dict[str, Any]:
     e = c.expected
+    to, to_network, to_node = _to(e)
     return {
         "from": name(e.src), "from_network": e.src.network if e.src else "",
-        "to": name(e.dst), "to_network": e.dst.network, "to_node": e.dst.node,
+        "to": to, "to_network": to_network, "to_node": to_node,
+        "service": e.service.ref if e.service is not None else "",
         "address": str(e.address), "port": e.port, "protocol": e.protocol,
         "container_port": e.container_port or e.port,
-        "expected": "reachable" if e.reachable else "blocked", "reason": e.reason,
-        "observed": "reachable" if c.reached else "blocked",
+        "expected": "refused" if e.refused else "reachable" if e.reachable else "blocked",
+        "reason": e.reason, "observed": _observed(e, c),
         "outcome": c.result.outcome.value, "detail": c.result.detail, "ms": c.result.ms,
         "agrees": c.agrees, "undecided": c.undecided,
     }
