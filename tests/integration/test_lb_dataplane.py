@@ -233,6 +233,21 @@ def test_a_client_keeps_its_backend_with_affinity(table: ServiceTable) -> None:
     assert len(many("c1", VIP, 80, 40)) > 1  # without affinity the same client moves (control)
 
 
+async def test_affinity_over_ipv6(table: ServiceTable) -> None:
+    """Also when its backend leaves: the client's entry (keyed by the last 96 bits of its
+    address, see nft.lb) is forgotten and it keeps the new one."""
+    six = Frontend("ns/six-sticky", "", "tcp", ip("fd96::2"), 80,
+                   tuple(Backend(ip(f"fd01::{i}"), 80) for i in range(2, 6)), affinity=600)
+    await table.change(diff({}, index([six])))
+    (mine,) = many("c1", "fd96::2", 80, 20)
+    assert mine in BACKENDS
+    address = ip(f"fd01::{sorted(BACKENDS).index(mine) + 2}")  # as build_world numbers them
+    gone = replace(six, backends=tuple(b for b in six.backends if b.address != address))
+    await table.change(diff(index([six]), index([gone])))
+    moved = many("c1", "fd96::2", 80, 20)
+    assert len(moved) == 1 and mine not in moved, moved
+
+
 async def test_affinity_outlives_other_backends_changes_not_its_own_backend(
         table: ServiceTable) -> None:
     """Removing another backend keeps the client where it was; removing its own sends it to a

@@ -163,3 +163,14 @@ def test_vip_outcomes_are_judged_as_the_load_balancer_means_them() -> None:
     assert _judge(empty, Outcome.SILENT) == (False, "refused", "blocked")
     assert _judge(empty, Outcome.CONNECTED) == (False, "refused", "reachable")
     assert view(judge(empty, Result(Outcome.REFUSED), {}))["to"] == "default/none"
+
+
+def test_an_ipv6_vip_needs_endpoints_listening_over_ipv6() -> None:
+    """A server bound to 0.0.0.0 (``python3 -m http.server``) refuses an IPv6 client itself:
+    a refused IPv6 VIP probe then says nothing about the network."""
+    vip6 = ipaddress.ip_address("fd00:10:96::5")
+    ok = replace(_of(vips(_model(*WORLD)), "a1", "web"), address=vip6)
+    assert judge(ok, Result(Outcome.REFUSED), SERVING).undecided == \
+        "nothing listens on 80/tcp over IPv6 in endpoint web1"
+    dual = {ns: {*ports, ("tcp6", 80)} for ns, ports in SERVING.items()}
+    assert _judge(ok, Outcome.REFUSED, dual) == (False, "reachable", "refused")

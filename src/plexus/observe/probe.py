@@ -159,10 +159,14 @@ def _finish(item: _Live, target: Target) -> Result:
 
 def listening() -> set[tuple[str, int]]:
     """(protocol, port) of every TCP listener and bound UDP socket of this thread's network
-    namespace (/proc/thread-self/net: /proc/self/net would show the process's namespace)."""
+    namespace (/proc/thread-self/net: /proc/self/net would show the process's namespace).
+    "tcp"/"udp": one of either family (an IPv6 socket takes IPv4 too, unless v6only);
+    "tcp6"/"udp6" also for an IPv6 socket: what an IPv6 client can reach (a server bound to
+    0.0.0.0 only, as ``python3 -m http.server`` is, refuses it)."""
     found: set[tuple[str, int]] = set()
     for proto, name, state in (("tcp", "tcp", "0A"), ("tcp", "tcp6", "0A"),
-                               ("udp", "udp", ""), ("udp", "udp6", "")):
+                               ("tcp6", "tcp6", "0A"), ("udp", "udp", ""), ("udp", "udp6", ""),
+                               ("udp6", "udp6", "")):
         try:
             lines = Path(f"/proc/thread-self/net/{name}").read_text().splitlines()[1:]
         except OSError:

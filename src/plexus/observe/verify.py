@@ -101,11 +101,13 @@ def _unseen(e: Expectation, r: Result, listeners: Listeners) -> str:
     been sent to would not have accepted it either."""
     if e.refused or r.outcome is Outcome.CONNECTED:
         return ""
+    proto = "tcp6" if e.address.version == 6 else "tcp"
     for ep, port in e.backends:
         if ep.netns not in listeners or not ep.netns:
             return f"endpoint {name(ep)} is on another host (its sockets unseen)"
-        if ("tcp", port) not in listeners[ep.netns]:
-            return f"nothing listens on {port}/tcp in endpoint {name(ep)}"
+        if (proto, port) not in listeners[ep.netns]:
+            family = " over IPv6" if e.address.version == 6 else ""
+            return f"nothing listens on {port}/tcp{family} in endpoint {name(ep)}"
     return ""
 
 

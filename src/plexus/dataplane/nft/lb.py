@@ -24,7 +24,12 @@ only elements, written over netlink (``setelem``), and a packet finds its backen
 4. ``pick_N_aff_T`` first asks ``aff4``/``aff6`` (``id . saddr`` to B, timeout T, written by
    the packet path) for the client's backend, refreshes the entry and DNATs there; a client it
    does not know (or whose backend is gone) draws as in 3 and is remembered. A gone backend's
-   entries are deleted by the applier after the change.
+   entries are deleted by the applier after the change. An IPv6 client is keyed by the last
+   96 bits of its address (``@nh,96,96``), not all 128: nft 1.0.6 gives a map update whose key
+   is longer than 16 bytes a data register that overlaps the key's tail (checked with
+   ``--debug=netlink``: ``id . ip6 saddr`` was stored with its last 4 bytes replaced by B, so
+   no lookup ever matched). Two clients that differ only in their first 32 bits share one
+   entry (one backend), nothing worse.
 
 A new connection costs five hash lookups whatever the number of services or backends
 (kube-proxy's nftables mode: one vmap, one numgen vmap; its iptables mode walks a chain per
@@ -104,12 +109,16 @@ SETS: dict[str, SetType] = {
     **{f"noep{v}": SetType((ADDR[v], "inet_proto", "inet_service")) for v in (4, 6)},
     **{f"noports{v}": SetType(("inet_proto", "inet_service")) for v in (4, 6)},
     **{f"backends{v}": SetType(("mark",), (ADDR[v], "inet_service")) for v in (4, 6)},
-    **{f"aff{v}": SetType(("mark", ADDR[v]), "mark") for v in (4, 6)},
+    "aff4": SetType(("mark", "ipv4_addr"), "mark"),
+    "aff6": SetType(("mark", "raw96"), "mark"),
     "slots": SetType(("mark", "mark"), "mark"),
     "pick": SetType(("mark",), "verdict"),
 }
 # Written by the packet path: a full write empties them, nothing else adds to them.
 DYNAMIC = ("aff4", "aff6")
+# The client's part of an affinity key (and ``aff6``'s declaration, which needs ``typeof``).
+CLIENT = {4: "ip saddr", 6: "@nh,96,96"}
+TYPEOF = {"aff6": "meta mark . @nh,96,96 : meta mark"}
 SIZED = ("vips4", "vips6", "ports4", "ports6", "noep4", "noep6", "noports4", "noports6")
 
 
@@ -213,6 +222,9 @@ def render_hooks() -> str:
 
 def _declare(name: str, t: SetType) -> str:
     kind = "set" if t.data is None else "map"
+    if name in TYPEOF:
+        return (f"add {kind} {_q(name)} {{ typeof {TYPEOF[name]}; flags timeout; "
+                f"size {AFFINITY_SIZE}; }}")
     data = "" if t.data is None else \
         " : " + (t.data if isinstance(t.data, str) else " . ".join(t.data))
     extra = f" flags timeout; size {AFFINITY_SIZE};" if name in DYNAMIC else ""
@@ -264,9 +276,10 @@ def render_pick(n: int, timeout: int) -> str:
         if not timeout:
             lines.append(f"add rule {_q(name)} {draw} {dnat}")
             continue
-        remember = f"update @aff{v} {{ {own} . {ip} saddr timeout {timeout}s : ct mark }}"
-        lines.append(f"add rule {_q(name)} {_L4} ct mark set {own} . {ip} saddr map @aff{v} "
-                     f"{remember} {dnat}")
+        client = f"{own} . {CLIENT[v]}"
+        remember = f"update @aff{v} {{ {client} timeout {timeout}s : ct mark }}"
+        lines.append(f"add rule {_q(name)} meta nfproto {NFPROTO[v]} {_L4} "
+                     f"ct mark set {client} map @aff{v} {remember} {dnat}")
         lines.append(f"add rule {_q(name)} {draw} {remember} {dnat}")
     return "\n".join(lines) + "\n"
 

@@ -131,7 +131,7 @@ class ServiceTable:
                 self._channel.send(render.FAMILY, render.TABLE, [ElementChange(
                     name, render.SETS[name], False, stale, how="destroy")])
 
-    def _entries(self, name: str) -> list[tuple[tuple[int, str], int]]:
+    def _entries(self, name: str) -> list[tuple[tuple[int, str | int], int]]:
         try:
             out = self._nft.run_sync([{"list": {"map": {
                 "family": render.FAMILY, "table": render.TABLE, "name": name}}}])
@@ -221,12 +221,13 @@ def _shape(chain: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2) or 0)
 
 
-def _entry(elem: Any) -> tuple[tuple[int, str], int] | None:
-    """((frontend id bits, client), backend number) of a listed affinity entry."""
+def _entry(elem: Any) -> tuple[tuple[int, str | int], int] | None:
+    """((frontend id bits, client), backend number) of a listed affinity entry: the client an
+    IPv4 address, or the 96 bits of an IPv6 one as an int (``lb.CLIENT``)."""
     try:
         key, data = elem
         val = key["elem"]["val"] if isinstance(key, dict) and "elem" in key else key
         mark, client = val["concat"]
-        return (int(mark), str(client)), int(data)
+        return (int(mark), client if isinstance(client, int) else str(client)), int(data)
     except (TypeError, ValueError, KeyError):
         return None

@@ -103,6 +103,8 @@ def _field(kind: str, value: object, interval: bool = False) -> bytes:
         return _BE16.pack(int(value))  # type: ignore[call-overload]
     if kind in ("ipv4_addr", "ipv6_addr"):
         return _packed(value)
+    if kind == "raw96":
+        return _raw96(value)
     raise DataplaneError(f"no netlink encoding for set field type {kind!r}")
 
 
@@ -161,8 +163,14 @@ _FIELDS: dict[str, tuple[str, str, Callable[[Any], Any] | None]] = {
     "inet_service": ("H", "H2x", lambda v: socket.htons(int(v))),
     "ipv4_addr": ("4s", "4s", lambda v: _packed(v)),
     "ipv6_addr": ("16s", "16s", lambda v: _packed(v)),
+    "raw96": ("12s", "12s", lambda v: _raw96(v)),  # 96 bits of a header (``@nh,96,96``)
 }
 Packer = Callable[[Any, Any], bytes]
+
+
+def _raw96(value: Any) -> bytes:
+    """12 bytes as the packet holds them: bytes, or an int as nft lists them (big-endian)."""
+    return value if isinstance(value, bytes) else int(value).to_bytes(12, "big")
 
 
 def _packed(address: Any) -> bytes:
