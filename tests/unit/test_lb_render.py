@@ -77,7 +77,7 @@ def test_affinity_has_a_class_and_its_own_chain() -> None:
 def test_the_body_declares_every_set_and_hooks_last() -> None:
     body = lb.render_body(hooked=False)
     for name in lb.SETS:
-        assert f" {name} {{ type " in body
+        assert f" {name} {{ type " in body or f" {name} {{ typeof " in body
     assert "hook" not in body
     assert "flags timeout; size" in body and lb.LAYOUT in body
     assert lb.render_hooks().count("hook") == 6
