@@ -114,3 +114,27 @@ def test_a_container_that_just_started_is_named_within_the_second() -> None:
         ipaddress.ip_interface("10.0.0.2/24"),), name="web"))
     f = log.connection(_event(2), now=300.1)
     assert f is not None and f.src.name == "web"
+
+
+def test_the_ipv4_fast_path_reads_what_the_general_parser_reads() -> None:
+    raw = tuple_attr(w.CTA_TUPLE_ORIG, "10.0.0.2", "192.0.2.1", 40000, 8080)
+    view = memoryview(raw)[4:]  # the nest's content
+    assert w._tuple(view) == w._tuple_any(view) == w.Tuple5(
+        ip("10.0.0.2"), ip("192.0.2.1"), "tcp", 40000, 8080)
+    six = nest(w.CTA_TUPLE_ORIG,
+               nest(w.CTA_TUPLE_IP, attr(w.CTA_IP_V6_SRC, ip("fd00::2").packed),
+                    attr(w.CTA_IP_V6_DST, ip("fd00::9").packed)),
+               nest(w.CTA_TUPLE_PROTO, attr(w.CTA_PROTO_NUM, bytes([17])),
+                    attr(w.CTA_PROTO_SRC_PORT, struct.pack(">H", 5353)),
+                    attr(w.CTA_PROTO_DST_PORT, struct.pack(">H", 53))))
+    assert w._tuple(memoryview(six)[4:]) == w.Tuple5(ip("fd00::2"), ip("fd00::9"), "udp",
+                                                      5353, 53)
+
+
+def test_events_over_the_rate_are_counted_without_being_read() -> None:
+    log = _log(rate=2)
+    assert log.room(300.0)
+    for i in range(2):
+        log.connection(_event(i), now=300.0)
+    assert not log.room(300.0) and log.stats["suppressed"] == 1
+    assert log.room(301.0)

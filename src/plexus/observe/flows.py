@@ -200,6 +200,15 @@ class FlowLog:
                               _direction(src, dst, self._dir.node), verdict,
                               self._reason_of(lg.prefix, lg.mark)), now)
 
+    def room(self, now: float) -> bool:
+        """Whether this second's budget of records has room; if not, the event is counted as
+        suppressed without being parsed (a flood then costs the agent almost nothing)."""
+        second, made = self._window
+        if int(now) == second and made >= self._rate:
+            self.stats["suppressed"] += 1
+            return False
+        return True
+
     def _add(self, flow: Flow, now: float) -> Flow | None:
         second, made = self._window
         if int(now) != second:

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from plexus.dataplane.nft import setelem
@@ -66,7 +67,10 @@ class KernelFlows:
             self._handle(data)
 
     def _handle(self, data: bytes) -> None:
+        now = time.time()
         for kind, _, family, body in w.messages(data):
+            if kind >> 8 == w.NFNL_SUBSYS_CTNETLINK and not self._flows.room(now):
+                continue
             ev = w.ct_event(kind, body)
             if ev is not None:
                 self._flows.connection(ev)
