@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,14 @@ def test_prometheus_scrapes_the_agent_and_sees_real_traffic(lab: Agent, tmp_path
         assert tcp_probe(agent.netns("client"), agent.address("locked"), 80,
                          0.5).outcome is DROPPED
         prom.wait_for('plexus_dropped_packets_total{reason="isolation"}', lambda v: v >= 1)
+        # The host has no IPv6 route out: a datagram it sends there is a "no route" drop.
+        unrouted = prom.wait_for('plexus_dropped_packets_total{reason="no_route"}',
+                                 lambda v: v >= 0)
+        send = ("import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                "try: s.sendto(b'x', ('2001:db8::1', 9))\nexcept OSError as e: print(e.errno)")
+        assert nsexec(agent.host, sys.executable, "-c", send).stdout.strip() == "101"
+        prom.wait_for('plexus_dropped_packets_total{reason="no_route"}',
+                      lambda v: v >= unrouted + 1)
         prom.wait_for('sum(plexus_dropped_packets_total{reason="policy",policy=~".*lock.*"})',
                       lambda v: v >= 1)
         # The flow log made records of both (and of the connection), none lost in the kernel.
