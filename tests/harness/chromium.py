@@ -139,7 +139,11 @@ class Browser:
         return found
 
     def __enter__(self) -> Browser:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # a browser that did not come up is not left running
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

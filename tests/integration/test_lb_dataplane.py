@@ -178,12 +178,15 @@ def who(answer: str) -> tuple[str, str]:
     return name, peer
 
 
-def many(ns: str, addr: str, port: int, count: int) -> collections.Counter[str]:
-    """``count`` TCP connections from ``ns``, one after the other: who answered how often."""
+def many(ns: str, addr: str, port: int, count: int,
+         source: str | None = None) -> collections.Counter[str]:
+    """``count`` TCP connections from ``ns`` (from ``source``, if given), one after the other:
+    who answered how often."""
     def go() -> collections.Counter[str]:
         seen: collections.Counter[str] = collections.Counter()
         for _ in range(count):
-            with socket.create_connection((addr, port), timeout=2) as s:
+            with socket.create_connection((addr, port), timeout=2,
+                                          source_address=(source, 0) if source else None) as s:
                 seen[who(s.recv(100).decode().strip())[0]] += 1
         return seen
 
@@ -246,6 +249,38 @@ async def test_affinity_over_ipv6(table: ServiceTable) -> None:
     await table.change(diff(index([six]), index([gone])))
     moved = many("c1", "fd96::2", 80, 20)
     assert len(moved) == 1 and mine not in moved, moved
+
+
+async def test_affinity_of_a_client_whose_address_is_listed_in_hex(table: ServiceTable) -> None:
+    """nft lists an IPv6 client's 96 bits as a number up to 64 bits and as a hex string
+    beyond: a client with high bits set (fd02:0:1::2) is forgotten too when its backend
+    leaves."""
+    client = "fd02:0:1::2"
+    sh("ip", "-n", "c1", "addr", "add", f"{client}/128", "dev", "eth0", "nodad")
+    sh("ip", "-n", "host", "route", "add", f"{client}/128", "dev", "pxbr-c")
+    try:
+        six = Frontend("ns/hex", "", "tcp", ip("fd96::3"), 80,
+                       tuple(Backend(ip(f"fd01::{i}"), 80) for i in range(2, 6)), affinity=600)
+        await table.change(diff({}, index([six])))
+        (mine,) = many("c1", "fd96::3", 80, 10, source=client)
+        address = ip(f"fd01::{sorted(BACKENDS).index(mine) + 2}")
+        gone = replace(six, backends=tuple(b for b in six.backends if b.address != address))
+        await table.change(diff(index([six]), index([gone])))
+        moved = many("c1", "fd96::3", 80, 10, source=client)
+        assert len(moved) == 1 and mine not in moved, moved
+    finally:
+        sh("ip", "-n", "host", "route", "del", f"{client}/128", check=False)
+        sh("ip", "-n", "c1", "addr", "del", f"{client}/128", "dev", "eth0", check=False)
+
+
+async def test_a_missing_base_chain_is_noticed_and_written_again(table: ServiceTable) -> None:
+    sh("ip", "netns", "exec", "host", "nft", "delete", "chain", "inet", "plexus_services",
+       "nat_prerouting")
+    assert tcp_probe("c1", VIP, 80, 0.5).outcome is not ANSWERED
+    assert not await table.intact()
+    await table.replace(ALL)
+    assert await table.intact()
+    assert who(tcp_probe("c1", VIP, 80).answer)[0] in BACKENDS
 
 
 async def test_affinity_outlives_other_backends_changes_not_its_own_backend(

@@ -114,6 +114,16 @@ def test_a_refused_batch_changes_nothing_and_names_its_set(
     with pytest.raises(DataplaneError, match="nosuch"):
         channel.send(render.FAMILY, render.TABLE, [good, bad])
     assert nft_list()["ep4"] == []
+    # Every message of the refused batch was answered: none of those answers is taken for
+    # the next batches' (each of which the kernel applies).
+    missing = Change("ep4", SetType(("ipv4_addr",), "mark"), False,
+                     {ip(f"10.9.1.{i}"): None for i in range(1, 4)})
+    with pytest.raises(DataplaneError, match="ep4"):
+        channel.send(render.FAMILY, render.TABLE, [missing])
+    for i in range(3):
+        channel.send(render.FAMILY, render.TABLE, [
+            Change("ep4", SetType(("ipv4_addr",), "mark"), True, {ip(f"10.9.2.{i}"): 30})])
+    assert len(nft_list()["ep4"]) == 3
 
 
 def test_the_world_interval_maps_stay_with_libnftables() -> None:

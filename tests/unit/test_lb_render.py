@@ -124,11 +124,21 @@ def test_an_unchanged_state_needs_nothing_and_removal_frees_the_id() -> None:
     assert V6.key not in p.held and fid in p.free_ids
 
 
-def test_a_refused_plan_leaves_the_placement_as_it_was() -> None:
+def test_a_plan_takes_nothing_until_it_is_committed() -> None:
+    """What the applier relies on when the kernel refuses a plan's transaction."""
     p = placed(*ALL)
-    held, nxt = dict(p.held), p.next_backend
-    p.plan(diff(index([WEB]), index([replace(WEB, backends=backends("10.9.0.1"))])))
-    assert (p.held, p.next_backend) == (held, nxt)  # nothing taken until commit
+    before = (dict(p.held), set(p.chains), set(p.picks), dict(p.classes), list(p.free_ids),
+              p.next_backend, p.next_id)
+    p.plan(Change((V6,), (replace(WEB, backends=backends("10.9.0.1")),
+                          replace(STICKY, vip=ip("10.96.0.9"), affinity=60))))
+    assert (dict(p.held), set(p.chains), set(p.picks), dict(p.classes), list(p.free_ids),
+            p.next_backend, p.next_id) == before
+
+
+def test_the_expected_key_counts_follow_the_frontends() -> None:
+    p = placed(*ALL)
+    assert p.keys() == {"vips4": 2, "vips6": 1, "ports4": 1, "ports6": 0,
+                        "noep4": 2, "noep6": 0, "noports4": 0, "noports6": 0}
 
 
 def test_more_than_fifteen_affinity_timeouts_is_an_error() -> None:

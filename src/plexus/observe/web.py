@@ -135,8 +135,8 @@ class WebView:
                     continue
                 if flt.matches(flow) and flow.time > after:
                     await resp.write(_event(flow, render))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the browser went away (a cancellation, the server's, goes on up)
         finally:
             log_.unfollow(queue)
         return resp

@@ -285,7 +285,7 @@ class ServiceRegistry:
 
     async def _no_container_port(self, p: Publish) -> None:
         """A service's host port is open on every host: no container may publish it on one
-        (``services.ports``; a container published after the service is not checked yet)."""
+        (``services.ports``, which refuses a container a port a service publishes)."""
         nodes = sorted({self.ctx.node, *self.ctx.cache.hosts})
         for node in nodes:
             kv = await self.ctx.store.get(keys.port(node, p.protocol, p.host_port))

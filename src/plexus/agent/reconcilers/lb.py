@@ -37,7 +37,6 @@ VERIFY = PREFIX + "verify"
 Key = tuple[IPAddress, Proto, int]
 
 
-
 class LbReconciler(Reconciler):
     name = "lb"
     batch = True
@@ -95,8 +94,7 @@ class LbReconciler(Reconciler):
             log.warning("services change refused, writing the whole table: %s", e.message)
             self._active = False
             await self._everything()
-            return
-        await self._forget_udp(old, new)
+        await self._forget_udp(old, new)  # the backends that left are gone either way
 
     def _render(self, key: str) -> dict[Key, Frontend]:
         svc = self._cache.services.get(key)

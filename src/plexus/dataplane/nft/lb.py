@@ -31,9 +31,12 @@ only elements, written over netlink (``setelem``), and a packet finds its backen
    no lookup ever matched). Two clients that differ only in their first 32 bits share one
    entry (one backend), nothing worse.
 
-A new connection costs five hash lookups whatever the number of services or backends
+A new connection to a service costs a handful of hash lookups (two in ``vips``, ``pick``,
+``slots``, ``backends``; with affinity ``aff`` too) whatever the number of services or backends
 (kube-proxy's nftables mode: one vmap, one numgen vmap; its iptables mode walks a chain per
-service). Only the first packet of a connection passes NAT chains.
+service); a new connection that is no service's, the misses of ``vips``/``ports``/``noep``
+(the route lookup of ``fib daddr type local`` only after a hit). Only the first packet of a
+connection passes NAT chains, and the refusal chain sees new connections only.
 
 Why two registers, and why marks: a map key that concatenates ``numgen`` must be declared
 ``typeof``, and the rule that writes ``aff4`` from the packet path has no JSON form in nft
@@ -98,7 +101,6 @@ PICK_MASK = (1 << ID_SHIFT) - 1
 ID_MASK = MAX_ID << ID_SHIFT
 AFFINITY_SIZE = 1 << 20  # clients remembered per family
 
-Key = tuple[object, ...] | object
 Elements = dict[str, dict[object, object]]  # set name -> key -> data (None in a plain set)
 ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
 IP = {4: "ip", 6: "ip6"}
@@ -205,17 +207,22 @@ def render_body(hooked: bool = True) -> str:
     return "\n".join(lines) + "\n" + (render_hooks() if hooked else "")
 
 
+HOOKS = (("nat_prerouting", "nat", "prerouting", PRIO_DSTNAT),
+         ("nat_output", "nat", "output", PRIO_DSTNAT),
+         ("filter_prerouting", "filter", "prerouting", PRIO_FILTER),
+         ("filter_output", "filter", "output", PRIO_FILTER),
+         ("unmark_prerouting", "filter", "prerouting", PRIO_UNMARK),
+         ("unmark_output", "filter", "output", PRIO_UNMARK))
+
+
 def render_hooks() -> str:
-    """The base chains: until they exist, the table acts on nothing."""
+    """The base chains (emptied first, so that writing them again is harmless): until they
+    exist, the table acts on nothing."""
     lines = []
-    for name, kind, hook, prio in (("nat_prerouting", "nat", "prerouting", PRIO_DSTNAT),
-                                   ("nat_output", "nat", "output", PRIO_DSTNAT),
-                                   ("filter_prerouting", "filter", "prerouting", PRIO_FILTER),
-                                   ("filter_output", "filter", "output", PRIO_FILTER),
-                                   ("unmark_prerouting", "filter", "prerouting", PRIO_UNMARK),
-                                   ("unmark_output", "filter", "output", PRIO_UNMARK)):
+    for name, kind, hook, prio in HOOKS:
         lines.append(f"add chain {_q(name)} {{ type {kind} hook {hook} priority {prio}; "
                      "policy accept; }")
+        lines.append(f"flush chain {_q(name)}")
     lines += [f"add rule {_q(chain)} {rule}" for chain, rule in _hooks()]
     return "\n".join(lines) + "\n"
 
@@ -237,19 +244,22 @@ _LOCAL = {4: "fib daddr type local ip daddr != 127.0.0.0/8",
 
 
 def _rules() -> Iterator[tuple[str, str]]:
+    """Set lookups before ``fib`` (a route lookup): a new connection that is no service's
+    pays hash lookups only."""
     for v in (4, 6):
-        ip = IP[v]
+        ip, fam = IP[v], f"meta nfproto {NFPROTO[v]}"
         keyed = f"{ip} daddr . meta l4proto . th dport"
         any_addr = "meta l4proto . th dport"
         # A VIP (not a local address): isolation between networks still applies (VIA_VIP).
-        yield "services", (f"fib daddr type != local {_L4} {keyed} @vips{v} "
+        yield "services", (f"{_L4} {keyed} @vips{v} fib daddr type != local "
                            f"ct label set {VIA_VIP}")
         yield "services", (f"{_L4} meta mark set {keyed} map @vips{v} "
                            f"meta mark & {PICK_MASK:#x} vmap @pick")
-        yield "services", (f"{_LOCAL[v]} {_L4} meta mark set {any_addr} map @ports{v} "
+        yield "services", (f"{fam} {_L4} {any_addr} @ports{v} {_LOCAL[v]} "
+                           f"meta mark set {any_addr} map @ports{v} "
                            f"meta mark & {PICK_MASK:#x} vmap @pick")
         yield "noendpoints", f"{_L4} {keyed} @noep{v} goto refuse"
-        yield "noendpoints", f"{_LOCAL[v]} {_L4} {any_addr} @noports{v} goto refuse"
+        yield "noendpoints", f"{fam} {_L4} {any_addr} @noports{v} {_LOCAL[v]} goto refuse"
     yield "refuse", "meta l4proto tcp reject with tcp reset"
     yield "refuse", "reject with icmpx type port-unreachable"
 
@@ -267,7 +277,7 @@ def _hooks() -> Iterator[tuple[str, str]]:
 def render_pick(n: int, timeout: int) -> str:
     """The shared chain of frontends with ``n`` backends (and affinity ``timeout``)."""
     name = pick_chain(n, timeout)
-    lines = [f"add chain {_q(name)}"]
+    lines = [f"add chain {_q(name)}", f"flush chain {_q(name)}"]  # again: no rule twice
     for v in (4, 6):
         ip, own = IP[v], f"meta mark & {ID_MASK:#x}"
         draw = (f"meta nfproto {NFPROTO[v]} {_L4} ct mark set numgen random mod {n} "

@@ -103,6 +103,19 @@ class Placement:
         self.next_backend, self.next_id = plan.next_backend, plan.next_id
         self.free_ids, self.classes = plan.free_ids, plan.classes
 
+    def keys(self) -> dict[str, int]:
+        """The elements each map of frontend keys (``lb.SIZED``) holds, by the frontends held:
+        a VIP and each published address, a key each; a port published everywhere, one."""
+        out = dict.fromkeys(lb.SIZED, 0)
+        for p in self.held.values():
+            f, v = p.frontend, p.frontend.vip.version
+            keyed, anywhere = (f"vips{v}", f"ports{v}") if p.slots else (f"noep{v}",
+                                                                        f"noports{v}")
+            out[keyed] += 1 + sum(1 for x in f.published
+                                  if x.address is not None and x.address.version == v)
+            out[anywhere] += sum(1 for x in f.published if x.address is None)
+        return out
+
     def everything(self, frontends: Iterable[Frontend]) -> Plan:
         """A fresh placement of ``frontends`` (the caller starts from an empty ``Placement``):
         every element to add."""

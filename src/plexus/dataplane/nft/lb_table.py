@@ -85,7 +85,9 @@ class ServiceTable:
         self._add_chains(plan, placement)
         flush = [ElementChange(n, t, False, {}, how="flush") for n, t in render.SETS.items()]
         self._channel.send(render.FAMILY, render.TABLE, [*flush, *plan.elements])
-        if fresh:
+        # Base chains last, and whenever one is missing (a first attempt that failed after the
+        # body, or a chain deleted by hand): a table without them serves nothing.
+        if not _hooked(chains):
             self._nft.run_text_sync(render.render_hooks())
         placement.commit(plan)
         self._placement = placement
@@ -100,7 +102,10 @@ class ServiceTable:
         self._channel.send(render.FAMILY, render.TABLE, plan.elements)
         self._placement.commit(plan)
         if plan.dead and self._placement.classes:
-            self._forget_affinity(plan.dead)
+            try:
+                self._forget_affinity(plan.dead)
+            except DataplaneError as exc:  # the change is in: stale entries only age out
+                log.warning("services: affinity entries of removed backends kept: %s", exc)
 
     async def remove(self) -> None:
         await asyncio.to_thread(self._nft.run_text_sync, render.render_teardown())
@@ -161,11 +166,14 @@ class ServiceTable:
                 await self._conntrack_delete([*where, "--orig-port-dst", str(p.port), *reply])
 
     async def intact(self) -> bool:
-        sizes = await self.sizes(render.SIZED)
-        if sizes is None:
+        """Its base chains and pick chains are there, and the maps of frontend keys hold as
+        many elements as were applied (counted without rendering them again)."""
+        chains = await asyncio.to_thread(self._chains)
+        wanted = {render.pick_chain(*shape) for shape in self._placement.chains}
+        if chains is None or not _hooked(chains) or not wanted <= chains:
             return False
-        expected = render.merge(p.elements() for p in self._placement.held.values())
-        return all(sizes.get(n, 0) == len(expected.get(n, {})) for n in render.SIZED)
+        sizes = await self.sizes(render.SIZED)
+        return sizes is not None and sizes == {"chains": len(chains), **self._placement.keys()}
 
     async def sizes(self, names: Iterable[str] = tuple(render.SETS)) -> dict[str, int] | None:
         return await asyncio.to_thread(self._sizes, list(names))
@@ -215,6 +223,10 @@ def _paused_gc(fn: Callable[[list[Frontend]], Plan], frontends: list[Frontend]) 
             gc.enable()
 
 
+def _hooked(chains: set[str]) -> bool:
+    return all(name in chains for name, *_ in render.HOOKS)
+
+
 def _shape(chain: str) -> tuple[int, int]:
     m = _PICK.match(chain)
     assert m is not None
@@ -223,7 +235,8 @@ def _shape(chain: str) -> tuple[int, int]:
 
 def _entry(elem: Any) -> tuple[tuple[int, str | int], int] | None:
     """((frontend id bits, client), backend number) of a listed affinity entry: the client an
-    IPv4 address, or the 96 bits of an IPv6 one as an int (``lb.CLIENT``)."""
+    IPv4 address, or the 96 bits of an IPv6 one (``lb.CLIENT``) as nft lists them: a number,
+    or a hex string beyond 64 bits (``setelem`` reads both)."""
     try:
         key, data = elem
         val = key["elem"]["val"] if isinstance(key, dict) and "elem" in key else key

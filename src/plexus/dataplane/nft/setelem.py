@@ -28,6 +28,7 @@ import errno
 import functools
 import ipaddress
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -169,8 +170,12 @@ Packer = Callable[[Any, Any], bytes]
 
 
 def _raw96(value: Any) -> bytes:
-    """12 bytes as the packet holds them: bytes, or an int as nft lists them (big-endian)."""
-    return value if isinstance(value, bytes) else int(value).to_bytes(12, "big")
+    """12 bytes as the packet holds them: bytes, or a number as nft lists them (big-endian)."""
+    if isinstance(value, bytes):
+        return value
+    # nft lists such a key as a number while it fits 64 bits, else as a hex string
+    number = int(value, 0) if isinstance(value, str) else int(value)
+    return number.to_bytes(12, "big")
 
 
 def _packed(address: Any) -> bytes:
@@ -356,29 +361,52 @@ class ElementChannel:
             return
         data, seqs = batch(family, table, todo, self._seq)
         self._seq = (self._seq + len(seqs) + 2) % 0x7FFF0000
+        self._drain()
         try:
             self._sock.send(data)
         except OSError as exc:
             raise DataplaneError(f"nftables element batch not sent: {exc.strerror}") from exc
         self._wait(seqs, todo)
 
+    def _drain(self) -> None:
+        """Answers left from an earlier batch (one that failed midway) are not this one's."""
+        for _ in range(1024):  # bounded
+            if not self._pending():
+                return
+            self._sock.recv(1 << 20)
+
+    def _pending(self) -> bool:
+        """An answer waits to be read (the socket has a timeout: a read would wait for one)."""
+        return bool(select.select([self._sock], [], [], 0)[0])
+
     def _wait(self, seqs: list[int], todo: list[Change]) -> None:
+        """Every message of the batch is answered (an error, or the acknowledgement asked
+        for), all at the end of the batch: read them all, so that none is left for the next
+        batch to mistake for its own; the first error is the batch's."""
         waiting = set(seqs)
         first = seqs[0]
+        error: tuple[int, int] | None = None
         for _ in range(len(seqs) + 64):
+            if error is not None and not self._pending():
+                break  # after an error, what did not come will not
             try:
                 data = self._sock.recv(1 << 20)
             except OSError as exc:
                 raise DataplaneError(f"no answer to an nftables element batch: {exc}") from exc
             for seq, code in answers(data):
-                if code:
-                    name = _set_of(todo, seq - first)
-                    raise DataplaneError(f"nftables refused elements of set {name}: "
-                                         f"{os.strerror(code)} ({errno.errorcode.get(code)})")
+                if seq not in waiting:
+                    continue  # not this batch's
                 waiting.discard(seq)
+                if code and error is None:
+                    error = (seq, code)
             if not waiting:
-                return
-        raise DataplaneError("nftables element batch: acknowledgements missing")
+                break
+        if error is not None:
+            seq, code = error
+            raise DataplaneError(f"nftables refused elements of set {_set_of(todo, seq - first)}: "
+                                 f"{os.strerror(code)} ({errno.errorcode.get(code)})")
+        if waiting:
+            raise DataplaneError("nftables element batch: acknowledgements missing")
 
     def close(self) -> None:
         self._sock.close()

@@ -28,7 +28,7 @@ class NetRule:
     ``clients``: the addresses that this host's containers attached to this network hold on
     their *other* networks (a multi-homed container's VIP connection leaves through its
     default route's network, with that network's address; it is a member of this one all the
-    same: ``render.VIP_CLIENT_SETS``)."""
+    same: ``vip_clients4``/``vip_clients6`` in ``render``)."""
 
     bridge: str
     subnets: tuple[IPNetwork, ...]
