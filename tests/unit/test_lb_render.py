@@ -71,7 +71,8 @@ def test_affinity_has_a_class_and_its_own_chain() -> None:
     assert p.chains == {(3, 0), (2, 600), (1, 0)}
     text = lb.render_pick(2, 600)
     assert "update @aff4 { meta mark & 0x7fffc000 . ip saddr timeout 600s : ct mark }" in text
-    assert "numgen random mod 2" in text
+    assert "jhash ip saddr mod 2" in text and "numgen" not in text  # first connections agree
+    assert "numgen random mod 3" in lb.render_pick(3, 0)
 
 
 def test_the_body_declares_every_set_and_hooks_last() -> None:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from plexus.errors import PlexusError
-from plexus.lb.members import backs, running
+from plexus.lb.members import backs, running, selected
 from plexus.lb.spec import Health, Service
 from plexus.model import keys
 from plexus.model.types import Endpoint
@@ -107,9 +107,7 @@ class HealthProber:
         found = []
         for key in sorted(cache.checked):
             svc = cache.services[key]
-            candidates = cache.labelled(svc.network, *min(svc.selector.items())) \
-                if svc.selector else []
-            for ep in candidates:
+            for ep in selected(cache, svc):
                 if ep.node == cache.node and backs(svc, ep) and running(cache, ep):
                     found.append(((key, ep.store_key), svc, ep))
         return found

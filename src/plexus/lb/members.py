@@ -27,6 +27,16 @@ def backs(svc: Service, ep: Endpoint) -> bool:
             and all(ep.labels.get(k) == v for k, v in svc.selector.items()))
 
 
+def selected(cache: Cache, svc: Service) -> list[Endpoint]:
+    """Every host's endpoints ``svc``'s selector picks, ready or not (none without one): the
+    endpoints indexed under its first selector pair, then the rest of the selector."""
+    if not svc.selector:
+        return []
+    return [ep for ep in cache.labelled(svc.network, *min(svc.selector.items()))
+            if ep.policy_namespace == svc.namespace
+            and all(ep.labels.get(k) == v for k, v in svc.selector.items())]
+
+
 def running(cache: Cache, ep: Endpoint) -> bool:
     """Not an endpoint of a `plexus run` container that exited (kept until `plexus rm`)."""
     return (ep.node, ep.container_id) not in cache.stopped

@@ -18,20 +18,10 @@ from collections.abc import Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from plexus.lb.members import serving
+from plexus.lb.members import selected, serving
 from plexus.lb.spec import Service
 from plexus.model.types import Endpoint
 from plexus.state.cache import Cache
-
-
-def selected(cache: Cache, svc: Service) -> list[Endpoint]:
-    """Every host's endpoints ``svc``'s selector picks, ready or not (none without one)."""
-    if not svc.selector:
-        return []
-    first = min(svc.selector.items())
-    return [ep for ep in cache.labelled(svc.network, *first)
-            if ep.policy_namespace == svc.namespace
-            and all(ep.labels.get(k) == v for k, v in svc.selector.items())]
 
 
 def ready(cache: Cache, key: str, svc: Service) -> list[Endpoint]:

@@ -127,11 +127,7 @@ class ServiceRegistry:
     def endpoints(self, svc: Service) -> list[Endpoint]:
         """Every endpoint its selector matches, ready or not (``members.serving`` says which
         serve)."""
-        if not svc.selector:
-            return []
-        return [ep for ep in self.ctx.cache.labelled(svc.network, *min(svc.selector.items()))
-                if ep.policy_namespace == svc.namespace
-                and all(ep.labels.get(k) == v for k, v in svc.selector.items())]
+        return members.selected(self.ctx.cache, svc)
 
     def unresolved(self, svc: Service) -> list[str]:
         key = keys.service(svc.namespace, svc.name)

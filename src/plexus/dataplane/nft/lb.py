@@ -21,15 +21,16 @@ only elements, written over netlink (``setelem``), and a packet finds its backen
 3. ``pick_N`` draws ``numgen random mod N`` into ``ct mark``, maps ``id . draw`` through
    ``slots`` to the backend's number B (in ``ct mark`` again), and DNATs to
    ``backends4``/``backends6``'s B: address . port.
-4. ``pick_N_aff_T`` first asks ``aff4``/``aff6`` (``id . saddr`` to B, timeout T, written by
-   the packet path) for the client's backend, refreshes the entry and DNATs there; a client it
-   does not know (or whose backend is gone) draws as in 3 and is remembered. A gone backend's
-   entries are deleted by the applier after the change. An IPv6 client is keyed by the last
-   96 bits of its address (``@nh,96,96``), not all 128: nft 1.0.6 gives a map update whose key
-   is longer than 16 bytes a data register that overlaps the key's tail (checked with
-   ``--debug=netlink``: ``id . ip6 saddr`` was stored with its last 4 bytes replaced by B, so
-   no lookup ever matched). Two clients that differ only in their first 32 bits share one
-   entry (one backend), nothing worse.
+4. ``pick_N_aff_T`` first asks ``aff4``/``aff6`` (``id . saddr`` to B, timeout T, written by the
+   packet path) for the client's backend, refreshes the entry and DNATs there; a client it does
+   not know (or whose backend is gone) gets slot ``jhash(saddr) mod N`` (so that its first
+   connections, sent at once before the entry exists, agree) and is remembered. A gone backend's
+   entries are deleted by the applier after the change. An IPv6 client is keyed by the last 96
+   bits of its address (``@nh,96,96``), not all 128: nft 1.0.6 gives a map update whose key is
+   longer than 16 bytes a data register that overlaps the key's tail (checked with
+   ``--debug=netlink``: ``id . ip6 saddr`` was stored with its last 4 bytes replaced by B, so no
+   lookup ever matched). Two clients that differ only in their first 32 bits share one entry (one
+   backend), nothing worse.
 
 A new connection to a service costs a handful of hash lookups (two in ``vips``, ``pick``,
 ``slots``, ``backends``; with affinity ``aff`` too) whatever the number of services or backends
@@ -50,8 +51,8 @@ would see it.
 
 Numbers: ids are 17 bits (131,071 frontends: a service has one per port and family), N at most
 1,024 (a frontend with more backends uses the first 1,024 in address order), 15 distinct
-affinity timeouts, backend numbers 32 bits and never reused while the table lives (so an
-affinity entry can never lead to a newcomer by mistake).
+affinity timeouts, backend numbers 32 bits and never reused between two full writes of the
+table (which empty the affinity maps), so an affinity entry never leads to a newcomer.
 
 No backends: the frontend's keys go to the sets ``noep4``/``noep6`` and
 ``noports4``/``noports6``; ``filter_prerouting``/``filter_output`` (priority -110) send them to
@@ -280,7 +281,11 @@ def render_pick(n: int, timeout: int) -> str:
     lines = [f"add chain {_q(name)}", f"flush chain {_q(name)}"]  # again: no rule twice
     for v in (4, 6):
         ip, own = IP[v], f"meta mark & {ID_MASK:#x}"
-        draw = (f"meta nfproto {NFPROTO[v]} {_L4} ct mark set numgen random mod {n} "
+        # With affinity, a new client's backend is a hash of its address, not a draw: its
+        # first connections, sent at once, all miss the map before the first one writes it,
+        # and must not land on different backends (a random draw did, 1 time in 30).
+        pick = f"jhash {ip} saddr mod {n}" if timeout else f"numgen random mod {n}"
+        draw = (f"meta nfproto {NFPROTO[v]} {_L4} ct mark set {pick} "
                 f"ct mark set {own} . ct mark map @slots")
         dnat = f"dnat {ip} to ct mark map @backends{v}"
         if not timeout:

@@ -223,7 +223,8 @@ class NftCli:
     def __init__(self, netns: str | None = None, *, nft: str = "nft") -> None:
         path = netns_path(netns)
         enter = ["nsenter", f"--net={path}"] if path is not None else []
-        self._argv = [*enter, nft, "-j", "-f", "-"]
+        self._prefix = [*enter, nft]
+        self._argv = [*self._prefix, "-j", "-f", "-"]
 
     async def run(self, cmds: list[Json]) -> Json:
         proc = await asyncio.create_subprocess_exec(
@@ -237,7 +238,7 @@ class NftCli:
         return self._result(proc.returncode, proc.stdout, proc.stderr)
 
     def run_text_sync(self, text: str) -> None:
-        proc = subprocess.run([*self._argv[:-3], "-f", "-"], input=text.encode(),
+        proc = subprocess.run([*self._prefix, "-f", "-"], input=text.encode(),
                               capture_output=True)
         self._result(proc.returncode, b"", proc.stderr)
 
